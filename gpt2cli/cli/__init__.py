@@ -1,0 +1,1 @@
+"""The command-line layer: Typer commands that parse, build settings, call the core and present results."""

@@ -1,0 +1,39 @@
+"""Shared option definitions. Defaults and validation live in `gpt2cli.settings`; flags only override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+
+from gpt2cli.settings import CONFIG_ENV_VAR
+
+
+def setting_help(section: type[BaseModel], field: str) -> str:
+    """The help text of a flag, taken from its settings field, with the field's default."""
+    info = section.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    shown = "" if default in (None, [], "") else f" [default: {default}]"
+    return f"{info.description}{shown}"
+
+
+def overrides(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`{"section": {"field": value}}` for the flags actually given (None means 'not given')."""
+    return {
+        name: given
+        for name, values in sections.items()
+        if (given := {key: value for key, value in values.items() if value is not None})
+    }
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help=f"TOML settings file (tables \\[model], \\[data], \\[train]); or the seed YAML. Also ${CONFIG_ENV_VAR}.",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]

@@ -1,0 +1,123 @@
+"""`gpt2 tokenize`: text to GPT-2 token ids, token shards or counts, and back."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gpt2cli.cli.options import ConfigOption, JsonOption, overrides, setting_help
+from gpt2cli.cli.output import byte_progress, info, print_json
+from gpt2cli.errors import UsageError
+from gpt2cli.settings import DataSettings
+
+
+def command(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Text files (one document each), .jsonl files (one document per line), or - for stdin. "
+            "With --decode: .bin shards or files of ids.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Write an llm.c token shard (.bin) instead of printing ids.", show_default=False
+        ),
+    ] = None,
+    decode: Annotated[bool, typer.Option("--decode", help="Turn ids (stdin, files) or .bin shards back into text.")] = False,
+    count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
+    text_field: Annotated[
+        str | None, typer.Option(help=setting_help(DataSettings, "text_field"), show_default=False)
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help=setting_help(DataSettings, "workers"), show_default=False)] = None,
+    shard_size: Annotated[
+        int | None, typer.Option(help=setting_help(DataSettings, "shard_size"), show_default=False)
+    ] = None,
+    errors: Annotated[str | None, typer.Option(help=setting_help(DataSettings, "errors"), show_default=False)] = None,
+    special: Annotated[
+        bool | None,
+        typer.Option("--special/--no-special", help=setting_help(DataSettings, "allow_special"), show_default=False),
+    ] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Encode text with GPT-2's tokenizer: ids on stdout, a token shard with -o, or a count.
+
+    Examples:
+      printf 'Hello world' | gpt2 tokenize          # 15496 995
+      gpt2 tokenize corpus.txt -o corpus.bin        # llm.c shard, <|endoftext|> before each document
+      gpt2 tokenize corpus.bin --decode | head      # back to text
+    """
+    from gpt2cli.data import EncodeOptions, check_sources
+    from gpt2cli.settings import load_settings
+    from gpt2cli.tokenization import count_tokens, decode_sources, ids_as_lines, tokenize_to_shards
+
+    settings = load_settings(
+        config,
+        overrides(
+            data=dict(
+                text_field=text_field, workers=workers, shard_size=shard_size, errors=errors, allow_special=special
+            )
+        ),
+    ).data
+    names = inputs or ["-"]
+    to_stdout = output is None or str(output) == "-"
+    if sum((decode, count)) > 1:
+        raise UsageError("--decode and --count cannot be combined")
+    if (decode or count) and not to_stdout:
+        raise UsageError("-o writes token shards; it does not go with --decode or --count")
+    if json_output and to_stdout and not count:
+        raise UsageError("--json reports --count or -o results; ids are already machine-readable")
+
+    sources = check_sources(names)
+    if decode:
+        _write_stdout(decode_sources(names))
+        return
+
+    options = EncodeOptions(text_field=settings.text_field, errors=settings.errors, allow_special=settings.allow_special)
+    total = sum(size for source in sources if (size := source.size()) is not None) or None
+    started = time.perf_counter()
+    with byte_progress("tokenizing", total) as progress:
+        task = progress.task_ids[0]
+
+        def advance(done: int) -> None:
+            progress.advance(task, done)
+
+        if count:
+            summary = count_tokens(sources, options, settings.workers, advance)
+        elif to_stdout:
+            _write_stdout(ids_as_lines(sources, options, settings.workers, advance))
+            return
+        else:
+            assert output is not None
+            summary = tokenize_to_shards(sources, output, options, settings.shard_size, settings.workers, advance)
+    seconds = time.perf_counter() - started
+
+    result = {
+        "tokens": summary.tokens,
+        "documents": summary.documents,
+        "bytes": summary.bytes,
+        "seconds": round(seconds, 3),
+    }
+    if summary.shards:
+        result["shards"] = [str(path) for path in summary.shards]
+        where = summary.shards[0] if len(summary.shards) == 1 else f"{len(summary.shards)} shards ({output} …)"
+        info(f"wrote {summary.tokens:,} tokens from {summary.documents:,} documents to {where} in {seconds:.2f} s")
+    if json_output:
+        print_json(result)
+    elif count:
+        sys.stdout.write(f"{summary.tokens}\n")
+
+
+def _write_stdout(pieces: object) -> None:
+    """Stream text to stdout as it is produced (so `| head` and terminals see it at once)."""
+    out = sys.stdout
+    for piece in pieces:  # type: ignore[attr-defined]
+        out.write(piece)
+    out.flush()

@@ -1,0 +1,241 @@
+"""Every option of every command, validated in one place.
+
+Sources, lowest to highest priority: field defaults < a TOML file (`--config FILE` or `GPT2_CONFIG`;
+the seed project's YAML layout is accepted too) < environment variables (`GPT2_` prefix, `__`
+between levels: `GPT2_DATA__WORKERS=4`) < command-line flags (passed as init values).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gpt2cli.errors import UsageError
+
+CONFIG_ENV_VAR = "GPT2_CONFIG"
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+MAX_SHARD_TOKENS = 2**31 - 1  # the shard header stores the token count as an int32
+
+Preset = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    """One table of the configuration file; a misspelt key is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSettings(Section):
+    """The network's shape. Unset dimensions come from `preset` (default `gpt2`, the 124M model)."""
+
+    preset: Preset = Field("gpt2", description="Named GPT-2 shape: gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl.")
+    n_layer: int | None = Field(None, ge=1, description="Transformer blocks (default: the preset's).")
+    n_head: int | None = Field(None, ge=1, description="Attention heads per block (default: the preset's).")
+    n_embd: int | None = Field(None, ge=1, description="Model width (default: the preset's).")
+    block_size: int | None = Field(None, ge=1, description="Context length in tokens (default: the preset's, 1024).")
+    vocab_size: int | None = Field(None, ge=1, description="Vocabulary size (default: 50257).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability, 0 for pretraining.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSettings:
+        width = self.n_embd or _PRESET_WIDTHS[self.preset][1]
+        heads = self.n_head or _PRESET_WIDTHS[self.preset][0]
+        if width % heads:
+            raise ValueError(f"n_embd ({width}) must be divisible by n_head ({heads})")
+        return self
+
+    def to_config(self) -> Any:
+        """The `GPT2Config` these settings describe (imports torch)."""
+        from gpt2cli.model import GPT2Config
+
+        explicit = {
+            name: getattr(self, name)
+            for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+            if getattr(self, name) is not None
+        }
+        return GPT2Config.from_preset(self.preset, dropout=self.dropout, **explicit)
+
+
+# (n_head, n_embd) per preset, kept here so validation needs no torch import; checked against model.PRESETS in tests.
+_PRESET_WIDTHS: dict[str, tuple[int, int]] = {
+    "gpt2": (12, 768),
+    "gpt2-medium": (16, 1024),
+    "gpt2-large": (20, 1280),
+    "gpt2-xl": (25, 1600),
+}
+
+
+class DataSettings(Section):
+    """How text becomes tokens: shared by `tokenize` and every command that reads text."""
+
+    paths: list[str] = Field(default_factory=list, description="Input files (text, .jsonl or .bin shards).")
+    text_field: str = Field("text", min_length=1, description="Field holding the document in .jsonl input.")
+    workers: int = Field(0, ge=0, description="Tokenizer threads; 0 uses every core.")
+    shard_size: int | None = Field(
+        None, ge=1, le=MAX_SHARD_TOKENS, description="Tokens per output shard (default: a single file)."
+    )
+    errors: Literal["strict", "replace"] = Field(
+        "strict", description="Bytes that are not UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD."
+    )
+    allow_special: bool = Field(False, description="Encode '<|endoftext|>' in the text as the special token 50256.")
+
+
+class TrainSettings(Section):
+    """Optimisation and run bookkeeping for `gpt2 train` (the llm.c GPT-2 recipe by default)."""
+
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Dtype = Field("auto", description="Compute dtype: auto, float32, bfloat16 or float16.")
+    compile: bool = Field(False, description="Compile the model with torch.compile.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    seq_len: int | None = Field(None, ge=1, description="Tokens per sequence (default: the block size).")
+    total_batch_tokens: int | None = Field(
+        None, ge=1, description="Tokens per optimizer step; gradient accumulation makes up the difference."
+    )
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    min_lr: float | None = Field(None, ge=0, description="Final learning rate (default: lr / 10).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (default: from the run length).")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field("cosine", description="Learning-rate schedule.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training tokens.")
+    max_tokens: int | None = Field(None, ge=1, description="Training tokens to process.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on 2-D weights only.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of tokens held out for validation.")
+    out: str | None = Field(None, description="Run folder (default: a new folder under runs/).")
+    log_interval: int = Field(10, ge=1, description="Steps between log lines.")
+    eval_interval: int = Field(250, ge=1, description="Steps between validation passes.")
+    eval_tokens: int = Field(65536, ge=1, description="Validation tokens per evaluation.")
+    save_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
+    keep: int = Field(1, ge=1, description="Checkpoints to keep.")
+    seed: int = Field(1337, ge=0, description="Random seed.")
+
+    @model_validator(mode="after")
+    def _one_run_length(self) -> TrainSettings:
+        given = [name for name in ("max_steps", "epochs", "max_tokens") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of max_steps, epochs, max_tokens (got {', '.join(given)})")
+        return self
+
+
+class Settings(BaseSettings):
+    """All sections. Build it with `load_settings`, which applies the configuration file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPT2_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+
+# ---------------------------------------------------------------- configuration files
+
+# The seed project's YAML: (section, key) -> (our section, our field).
+_SEED_YAML_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("model", "block_size"): ("model", "block_size"),
+    ("model", "vocab_size"): ("model", "vocab_size"),
+    ("model", "n_layer"): ("model", "n_layer"),
+    ("model", "n_head"): ("model", "n_head"),
+    ("model", "n_embd"): ("model", "n_embd"),
+    ("training", "num_epochs"): ("train", "epochs"),
+    ("training", "batch_size"): ("train", "batch_size"),
+    ("training", "sequence_length"): ("train", "seq_len"),
+    ("training", "learning_rate"): ("train", "lr"),
+    ("training", "device"): ("train", "device"),
+    ("data", "input_file"): ("data", "paths"),
+    ("logging", "log_interval"): ("train", "log_interval"),
+    ("logging", "save_interval"): ("train", "save_interval"),
+    ("logging", "model_save_path"): ("train", "out"),
+}
+
+
+def _map_seed_yaml(raw: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    mapped: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if not isinstance(values, Mapping):
+            raise UsageError(f"{path}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            target = _SEED_YAML_KEYS.get((section, key))
+            if target is None:
+                raise UsageError(f"{path}: unknown key {section}.{key}")
+            if target == ("data", "paths"):
+                value = [value]
+            elif target == ("train", "out") and isinstance(value, str) and Path(value).suffix:
+                value = str(Path(value).with_suffix(""))  # a weights file name becomes its run folder
+            mapped.setdefault(target[0], {})[target[1]] = value
+    return mapped
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The values of a TOML file, or of the seed project's YAML file mapped onto our sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise UsageError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(raw, Mapping):
+            raise UsageError(f"{path}: expected a mapping of sections")
+        return _map_seed_yaml(raw, path)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"{path}: invalid TOML ({error})") from None
+
+
+class SettingsError(UsageError):
+    """Invalid settings; the message holds one line per problem."""
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown setting"
+    value = error.get("input")
+    shown = "" if isinstance(value, Mapping) else f" (got {value!r})"
+    return f"{location}: {message}{shown}" if location else f"{message}{shown}"
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve every source into one validated `Settings`.
+
+    `overrides` are the command-line flags actually given, as `{"section": {"field": value}}`.
+    """
+    config_file = config_file or os.environ.get(CONFIG_ENV_VAR) or None
+    file_values = read_config_file(config_file) if config_file else {}
+
+    class ResolvedSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, InitSettingsSource(settings_cls, file_values)
+
+    try:
+        return ResolvedSettings(**dict(overrides or {}))
+    except ValidationError as error:
+        raise SettingsError("\n".join(_describe(e) for e in error.errors(include_url=False))) from None

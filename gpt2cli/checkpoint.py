@@ -87,11 +87,7 @@ def from_checkpoint_tensors(
     """Check names and shapes against `config` and return a state dict for `GPT2`."""
     tensors = normalize_names(tensors)
     lm_head = tensors.pop("lm_head.weight", None)
-    expected = {
-        name: tuple(shape)
-        for name, shape in _expected_shapes(config).items()
-        if name != "lm_head.weight"
-    }
+    expected = {name: tuple(shape) for name, shape in _expected_shapes(config).items() if name != "lm_head.weight"}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
@@ -107,7 +103,9 @@ def from_checkpoint_tensors(
             want = tuple(reversed(expected[name])) if _is_conv1d(name) else expected[name]
             raise CheckpointError(f"{source}: tensor {name} has shape {list(shape)} but the config needs {list(want)}")
         state[name] = tensor
-    if lm_head is not None and not torch.equal(lm_head.to(state["transformer.wte.weight"].dtype), state["transformer.wte.weight"]):
+    if lm_head is not None and not torch.equal(
+        lm_head.to(state["transformer.wte.weight"].dtype), state["transformer.wte.weight"]
+    ):
         raise CheckpointError(f"{source}: lm_head.weight differs from transformer.wte.weight; GPT-2 ties them")
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
@@ -260,7 +258,9 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
         return [path / name for name in sorted(set(weight_map.values()))], config
     if (path / "pytorch_model.bin").is_file():
         return [path / "pytorch_model.bin"], config
-    raise CheckpointError(f"{path}: no {WEIGHTS_NAME}, model.safetensors.index.json or pytorch_model.bin in this folder")
+    raise CheckpointError(
+        f"{path}: no {WEIGHTS_NAME}, model.safetensors.index.json or pytorch_model.bin in this folder"
+    )
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], GPT2Config]:

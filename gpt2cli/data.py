@@ -96,7 +96,7 @@ class ShardWriter:
         final = self._shard_path(len(self.finished))
         temporary = temporary_sibling(final)
         self._current = (temporary, final)
-        self._handle = open(temporary, "wb")
+        self._handle = open(temporary, "wb")  # noqa: SIM115 (closed by _close_current or abort)
         self._handle.write(shard_header(0))
         self._count = 0
 
@@ -116,9 +116,7 @@ class ShardWriter:
             room = self.limit - self._count
             if room == 0:
                 if self.shard_size is None:
-                    raise DataError(
-                        f"more than {MAX_SHARD_TOKENS} tokens do not fit in one shard; use --shard-size"
-                    )
+                    raise DataError(f"more than {MAX_SHARD_TOKENS} tokens do not fit in one shard; use --shard-size")
                 self._close_current()
                 continue
             part = tokens[:room]

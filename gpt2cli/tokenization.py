@@ -14,8 +14,8 @@ import numpy as np
 from gpt2cli.data import (
     HEADER_BYTES,
     SHARD_MAGIC,
-    TOKEN_DTYPE,
     STDIN,
+    TOKEN_DTYPE,
     EncodedDocument,
     EncodeOptions,
     ShardWriter,
@@ -40,9 +40,7 @@ class TokenizeSummary:
     shards: list[Path] = field(default_factory=list)
 
 
-def _counted(
-    documents: Iterable[EncodedDocument], summary: TokenizeSummary
-) -> Iterator[EncodedDocument]:
+def _counted(documents: Iterable[EncodedDocument], summary: TokenizeSummary) -> Iterator[EncodedDocument]:
     for document in documents:
         summary.documents += document.starts_document
         summary.tokens += document.tokens.size

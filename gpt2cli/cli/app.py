@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from gpt2cli import __version__
+from gpt2cli.cli.output import OutputClosed
 from gpt2cli.errors import Gpt2Error
 
 PLUGIN_GROUP = "gpt2cli.commands"
@@ -33,10 +34,14 @@ def _root(
         typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    """From raw text to a trained GPT-2, and from any GPT-2 checkpoint to samples, scores and speed numbers.
+    """The root command: its options only; the subcommands do the work."""
 
-    Data goes to stdout; progress, logs and warnings to stderr. Exit codes: 0 success, 1 failure, 2 invalid usage or settings, 130 interrupted. Set GPT2_DEBUG=1 for full tracebacks.
-    """
+
+ROOT_HELP = (
+    "From raw text to a trained GPT-2, and from any GPT-2 checkpoint to samples, scores and speed numbers.\n\n"
+    "Data goes to stdout; progress, logs and warnings to stderr. Exit codes: 0 success, 1 failure, "
+    "2 invalid usage or settings, 130 interrupted. Set GPT2_DEBUG=1 for full tracebacks."
+)
 
 
 def warn(message: str) -> None:
@@ -61,7 +66,7 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
-    app.callback()(_root)
+    app.callback(help=ROOT_HELP)(_root)
     for entry_point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
         try:
             _register(app, entry_point.name, entry_point.load())
@@ -106,7 +111,7 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
+    except (OutputClosed, BrokenPipeError):
         _silence_stdout()  # the reader went away (`| head`): not an error
         return 0
     except Gpt2Error as error:

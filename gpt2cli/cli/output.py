@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -30,10 +30,26 @@ def info(message: str) -> None:
     stderr_console().print(message, highlight=False)
 
 
+class OutputClosed(Exception):
+    """The reader of stdout went away (`| head`): the command stops quietly with exit code 0.
+
+    Not an OSError on purpose: click would turn a BrokenPipeError into exit code 1.
+    """
+
+
+def write_stdout(pieces: Iterable[str]) -> None:
+    """Stream text to stdout as it is produced, so pipes and terminals see it at once."""
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise OutputClosed from None
+
+
 def print_json(document: Any) -> None:
     """One JSON document on stdout."""
-    sys.stdout.write(json.dumps(document) + "\n")
-    sys.stdout.flush()
+    write_stdout([json.dumps(document) + "\n"])
 
 
 @contextmanager

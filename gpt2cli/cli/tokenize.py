@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +9,7 @@ from typing import Annotated
 import typer
 
 from gpt2cli.cli.options import ConfigOption, JsonOption, overrides, setting_help
-from gpt2cli.cli.output import byte_progress, info, print_json
+from gpt2cli.cli.output import byte_progress, info, print_json, write_stdout
 from gpt2cli.errors import UsageError
 from gpt2cli.settings import DataSettings
 
@@ -30,7 +29,9 @@ def command(
             "-o", "--output", help="Write an llm.c token shard (.bin) instead of printing ids.", show_default=False
         ),
     ] = None,
-    decode: Annotated[bool, typer.Option("--decode", help="Turn ids (stdin, files) or .bin shards back into text.")] = False,
+    decode: Annotated[
+        bool, typer.Option("--decode", help="Turn ids (stdin, files) or .bin shards back into text.")
+    ] = False,
     count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
     text_field: Annotated[
         str | None, typer.Option(help=setting_help(DataSettings, "text_field"), show_default=False)
@@ -51,7 +52,7 @@ def command(
 
     Examples:
       printf 'Hello world' | gpt2 tokenize          # 15496 995
-      gpt2 tokenize corpus.txt -o corpus.bin        # llm.c shard, <|endoftext|> before each document
+      gpt2 tokenize corpus.txt -o corpus.bin        # an llm.c token shard
       gpt2 tokenize corpus.bin --decode | head      # back to text
     """
     from gpt2cli.data import EncodeOptions, check_sources
@@ -77,10 +78,12 @@ def command(
 
     sources = check_sources(names)
     if decode:
-        _write_stdout(decode_sources(names))
+        write_stdout(decode_sources(names))
         return
 
-    options = EncodeOptions(text_field=settings.text_field, errors=settings.errors, allow_special=settings.allow_special)
+    options = EncodeOptions(
+        text_field=settings.text_field, errors=settings.errors, allow_special=settings.allow_special
+    )
     total = sum(size for source in sources if (size := source.size()) is not None) or None
     started = time.perf_counter()
     with byte_progress("tokenizing", total) as progress:
@@ -92,7 +95,7 @@ def command(
         if count:
             summary = count_tokens(sources, options, settings.workers, advance)
         elif to_stdout:
-            _write_stdout(ids_as_lines(sources, options, settings.workers, advance))
+            write_stdout(ids_as_lines(sources, options, settings.workers, advance))
             return
         else:
             assert output is not None
@@ -112,12 +115,4 @@ def command(
     if json_output:
         print_json(result)
     elif count:
-        sys.stdout.write(f"{summary.tokens}\n")
-
-
-def _write_stdout(pieces: object) -> None:
-    """Stream text to stdout as it is produced (so `| head` and terminals see it at once)."""
-    out = sys.stdout
-    for piece in pieces:  # type: ignore[attr-defined]
-        out.write(piece)
-    out.flush()
+        write_stdout([f"{summary.tokens}\n"])

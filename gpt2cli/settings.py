@@ -77,7 +77,7 @@ class DataSettings(Section):
 
     paths: list[str] = Field(default_factory=list, description="Input files (text, .jsonl or .bin shards).")
     text_field: str = Field("text", min_length=1, description="Field holding the document in .jsonl input.")
-    workers: int = Field(0, ge=0, description="Tokenizer threads; 0 uses every core.")
+    workers: int = Field(0, ge=0, description="Tokenizer processes; 0 uses one per core.")
     shard_size: int | None = Field(
         None, ge=1, le=MAX_SHARD_TOKENS, description="Tokens per output shard (default: a single file)."
     )

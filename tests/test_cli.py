@@ -120,10 +120,16 @@ def test_broken_plugin_warns_once_and_the_rest_works(plugin_site):
         "raise ImportError('needs a package that is not installed')\n",
     )
     env = cli_env(PYTHONPATH=str(plugin_site))
-    result = run_cli("tokenize", env=env, input="Hello world")
-    assert result.returncode == 0
-    assert result.stdout == b"15496 995\n"
-    warnings = result.stderr.decode().splitlines()
+    listing = run_cli("--help", env=env)
+    assert listing.returncode == 0
+    assert b"tokenize" in listing.stdout and b"hello" in listing.stdout
+    warnings = listing.stderr.decode().splitlines()
     assert len(warnings) == 1
     assert warnings[0].startswith("gpt2: warning: command 'broken'") and "not installed" in warnings[0]
+    # Only the command asked for is imported, so the broken one costs the others nothing.
+    result = run_cli("tokenize", env=env, input="Hello world")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"15496 995\n", b"")
     assert run_cli("hello", env=env).stdout == b"hello world\n"
+    broken = run_cli("broken", env=env)
+    assert broken.returncode == 2
+    assert broken.stderr.decode().splitlines()[0].startswith("gpt2: warning: command 'broken'")

@@ -221,3 +221,11 @@ def test_conflicting_flags_are_usage_errors(tmp_path):
     assert_one_line_error(run_cli("tokenize", "--decode", "--count"), 2, "cannot be combined")
     assert_one_line_error(run_cli("tokenize", "--count", "-o", tmp_path / "x.bin"), 2, "-o writes token shards")
     assert_one_line_error(run_cli("tokenize", "-o", tmp_path / "no" / "x.bin", input="hi"), 2, "does not exist")
+
+
+def test_jsonl_error_line_number_counts_across_chunks(tmp_path):
+    path = tmp_path / "many.jsonl"
+    lines = [json.dumps({"text": f"document number {i} " * 20}) for i in range(5000)]  # ~2 MB: many chunks
+    lines[4321] = '{"text": broken'
+    path.write_text("\n".join(lines) + "\n")
+    assert_one_line_error(run_cli("tokenize", path, "--workers", "2"), 1, "many.jsonl:4322: invalid JSON")

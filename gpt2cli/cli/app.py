@@ -57,8 +57,8 @@ def _register(app: typer.Typer, name: str, command: Any) -> None:
         raise TypeError(f"entry point must be a function or a typer.Typer, got {type(command).__name__}")
 
 
-def build_app() -> typer.Typer:
-    """The root app with every installed command; a broken plugin is skipped with one warning."""
+def build_app(only: str | None = None) -> typer.Typer:
+    """The root app with every installed command (or just `only`); a broken plugin is skipped with one warning."""
     app = typer.Typer(
         name=PROG,
         no_args_is_help=True,
@@ -67,7 +67,10 @@ def build_app() -> typer.Typer:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     app.callback(help=ROOT_HELP)(_root)
-    for entry_point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
+    commands = sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)
+    if only is not None and any(ep.name == only for ep in commands):
+        commands = [ep for ep in commands if ep.name == only]  # importing the other commands is wasted start-up
+    for entry_point in commands:
         try:
             _register(app, entry_point.name, entry_point.load())
         except Exception as error:  # a third-party plugin can fail in any way; the rest must still work
@@ -104,9 +107,11 @@ def _command_line_error_types() -> tuple[type[BaseException], ...]:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (errors rendered on stderr)."""
     debug = os.environ.get("GPT2_DEBUG", "") not in ("", "0")
-    command = typer.main.get_command(build_app())
+    args = sys.argv[1:] if argv is None else argv
+    requested = args[0] if args and not args[0].startswith("-") else None
+    command = typer.main.get_command(build_app(only=requested))
     try:
-        result = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+        result = command.main(args=args, prog_name=PROG, standalone_mode=False)
         return result if isinstance(result, int) else 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -4,30 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:  # Rich is imported on first use: a command that prints only data never pays for it
+    from rich.console import Console
 
 
 @lru_cache(maxsize=1)
 def stderr_console() -> Console:
+    from rich.console import Console
+
     return Console(stderr=True)
 
 
 def info(message: str) -> None:
     """A human-readable message on stderr (never on stdout, which carries data)."""
-    stderr_console().print(message, highlight=False)
+    print(message, file=sys.stderr, flush=True)
 
 
 class OutputClosed(Exception):
@@ -53,19 +48,21 @@ def print_json(document: Any) -> None:
 
 
 @contextmanager
-def byte_progress(description: str, total: int | None) -> Iterator[Progress]:
-    """A transient bytes / MB/s / ETA bar on stderr, shown only when stderr is a terminal."""
-    console = stderr_console()
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
+def byte_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """Yield `advance(n_bytes)`: a transient bytes / MB/s / ETA bar on stderr when it is a terminal, else a no-op."""
+    if not sys.stderr.isatty():
+        yield lambda _: None  # no bar, and no Rich import either: pipelines start faster
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
     )
-    with progress:
-        progress.add_task(description, total=total)
-        yield progress
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=stderr_console(), transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda done: progress.advance(task, done)

@@ -86,12 +86,7 @@ def command(
     )
     total = sum(size for source in sources if (size := source.size()) is not None) or None
     started = time.perf_counter()
-    with byte_progress("tokenizing", total) as progress:
-        task = progress.task_ids[0]
-
-        def advance(done: int) -> None:
-            progress.advance(task, done)
-
+    with byte_progress("tokenizing", total) as advance:
         if count:
             summary = count_tokens(sources, options, settings.workers, advance)
         elif to_stdout:

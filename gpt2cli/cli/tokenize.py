@@ -106,7 +106,8 @@ def command(
     if summary.shards:
         result["shards"] = [str(path) for path in summary.shards]
         where = summary.shards[0] if len(summary.shards) == 1 else f"{len(summary.shards)} shards ({output} …)"
-        info(f"wrote {summary.tokens:,} tokens from {summary.documents:,} documents to {where} in {seconds:.2f} s")
+        documents = f"{summary.documents:,} document" + ("s" if summary.documents != 1 else "")
+        info(f"wrote {summary.tokens:,} tokens from {documents} to {where} in {seconds:.2f} s")
     if json_output:
         print_json(result)
     elif count:

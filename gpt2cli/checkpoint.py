@@ -304,7 +304,12 @@ def load_model(
         model = GPT2(config)
     if dtype is None:
         dtype = state["transformer.wte.weight"].dtype
-    state = {name: tensor.to(device=device or "cpu", dtype=dtype) for name, tensor in state.items()}
+    # Fresh contiguous copies: Conv1D weights arrive transposed (views), and a parameter left as a strided view of
+    # the file's buffer computes (and updates) differently from one the model allocated itself.
+    state = {
+        name: torch.empty(tensor.shape, dtype=dtype, device=device or "cpu").copy_(tensor)
+        for name, tensor in state.items()
+    }
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, assign=True)
     model.tie_weights()

@@ -8,6 +8,7 @@ placed before each one, as llm.c's and modded-nanogpt's FineWeb shards are.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import multiprocessing
 import os
@@ -158,21 +159,29 @@ STDIN = "-"
 
 @dataclass(frozen=True)
 class Source:
-    """One input: a text file (one document) or a .jsonl file (one document per line)."""
+    """One input: a text file (one document) or a .jsonl file (one document per line), optionally gzipped."""
 
     name: str  # a path, or "-" for stdin
 
     @property
     def is_jsonl(self) -> bool:
-        return self.name.endswith(".jsonl")
+        return self.name.removesuffix(".gz").endswith(".jsonl")
+
+    @property
+    def is_gzip(self) -> bool:
+        return self.name.endswith(".gz")
 
     def size(self) -> int | None:
-        return None if self.name == STDIN else Path(self.name).stat().st_size
+        """Bytes to read, where known in advance (not for stdin or compressed files)."""
+        return None if self.name == STDIN or self.is_gzip else Path(self.name).stat().st_size
 
     @contextlib.contextmanager
     def open(self) -> Iterator[BinaryIO]:
         if self.name == STDIN:
             yield sys.stdin.buffer  # not ours to close
+        elif self.is_gzip:
+            with gzip.open(self.name, "rb") as handle:
+                yield handle  # type: ignore[misc]
         else:
             with open(self.name, "rb") as handle:
                 yield handle

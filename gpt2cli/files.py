@@ -13,10 +13,17 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def commit(temporary: Path, path: Path) -> None:
-    """Flush `temporary` to disk and move it onto `path` in one step."""
+    """Flush `temporary` to disk and move it onto `path` in one step, with the permissions of a plain new file."""
     with open(temporary, "rb+") as handle:
         os.fsync(handle.fileno())
+    os.chmod(temporary, _DEFAULT_MODE)  # some writers (safetensors) create private 0600 files
     os.replace(temporary, path)
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
         directory = os.open(path.parent, os.O_RDONLY)
@@ -24,6 +31,9 @@ def commit(temporary: Path, path: Path) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+_DEFAULT_MODE = _default_mode()
 
 
 @contextlib.contextmanager

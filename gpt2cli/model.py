@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2cli.errors import ConfigError, UsageError
-
-IGNORE_INDEX = -1
+from gpt2cli.losses import IGNORE_INDEX, fused_linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -164,12 +163,36 @@ class GPT2(nn.Module):
             total -= self.transformer.wpe.weight.numel()
         return total
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, nanoGPT's estimate: 6·N + 12·L·H·Q·T.
+
+        N counts the parameters without the position embeddings (the tied token embedding once, as the output
+        projection's matmul); the second term is attention's score and value products.
+        """
+        config = self.config
+        return 6 * self.num_parameters(exclude_positions=True) + 12 * config.n_layer * config.n_embd * seq_len
+
+    def set_dropout(self, probability: float) -> None:
+        """Change dropout after construction (e.g. when fine-tuning a loaded checkpoint)."""
+        self.config = dataclasses.replace(self.config, dropout=probability)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = probability
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = probability
+
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        return_logits: bool = True,
+        compiled_loss: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits `(B, T, vocab)` for token ids `idx` `(B, T)`; with `targets`, also the mean cross-entropy.
 
-        Targets equal to -1 are ignored in the loss.
+        Targets equal to -1 are ignored in the loss. With targets and `return_logits=False` (training), the loss is
+        computed chunk by chunk without storing the logits (see `losses.py`) and the logits returned are None.
         """
         if idx.dim() != 2:
             raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
@@ -181,6 +204,11 @@ class GPT2(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits:
+            flat = x.view(-1, x.size(-1))  # (B*T, C)
+            return None, fused_linear_cross_entropy(
+                flat, self.lm_head.weight, targets.reshape(-1), compiled=compiled_loss
+            )
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None

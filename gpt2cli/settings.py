@@ -85,6 +85,9 @@ class DataSettings(Section):
         "strict", description="Bytes that are not UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD."
     )
     allow_special: bool = Field(False, description="Encode '<|endoftext|>' in the text as the special token 50256.")
+    cache_dir: str | None = Field(
+        None, description="Where tokenized text is cached (default: $XDG_CACHE_HOME/gpt2cli or ~/.cache/gpt2cli)."
+    )
 
 
 class TrainSettings(Section):
@@ -92,7 +95,7 @@ class TrainSettings(Section):
 
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
     dtype: Dtype = Field("auto", description="Compute dtype: auto, float32, bfloat16 or float16.")
-    compile: bool = Field(False, description="Compile the model with torch.compile.")
+    compile: bool = Field(False, description="Compile the transformer blocks and the loss with torch.compile.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     seq_len: int | None = Field(None, ge=1, description="Tokens per sequence (default: the block size).")
     total_batch_tokens: int | None = Field(
@@ -109,7 +112,15 @@ class TrainSettings(Section):
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value.")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of tokens held out for validation.")
+    schedule_steps: int | None = Field(
+        None, ge=1, description="Steps the learning-rate schedule spans (default: the run's length)."
+    )
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of the training tokens held out (from the end) for validation."
+    )
+    val_data: list[str] = Field(default_factory=list, description="Validation files instead of a held-out share.")
+    init_from: str | None = Field(None, description="Start from this checkpoint (ours, a run folder or transformers').")
+    resume: bool = Field(False, description="Continue the run in --out from its last checkpoint.")
     out: str | None = Field(None, description="Run folder (default: a new folder under runs/).")
     log_interval: int = Field(10, ge=1, description="Steps between log lines.")
     eval_interval: int = Field(250, ge=1, description="Steps between validation passes.")
@@ -215,10 +226,12 @@ def _describe(error: dict[str, Any]) -> str:
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    profile: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Resolve every source into one validated `Settings`.
 
-    `overrides` are the command-line flags actually given, as `{"section": {"field": value}}`.
+    `overrides` are the command-line flags actually given, as `{"section": {"field": value}}`; `profile` replaces
+    field defaults (lowest priority), as the embedded default training run does.
     """
     config_file = config_file or os.environ.get(CONFIG_ENV_VAR) or None
     file_values = read_config_file(config_file) if config_file else {}
@@ -233,7 +246,8 @@ def load_settings(
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return init_settings, env_settings, InitSettingsSource(settings_cls, file_values)
+            file_source = InitSettingsSource(settings_cls, file_values)
+            return init_settings, env_settings, file_source, InitSettingsSource(settings_cls, dict(profile or {}))
 
     try:
         return ResolvedSettings(**dict(overrides or {}))

@@ -1,0 +1,322 @@
+"""`gpt2 train`: pretrain or fine-tune GPT-2; with no arguments, a small model on the bundled Shakespeare."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gpt2cli.cli.options import ConfigOption, JsonOption, overrides, setting_help
+from gpt2cli.cli.output import info, print_json
+from gpt2cli.settings import DataSettings, ModelSettings, TrainSettings
+
+# The embedded default run: a model small enough to train on two CPU cores in about five minutes.
+DEFAULT_RUN: dict[str, dict[str, Any]] = {
+    "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
+    "train": {
+        "batch_size": 8,
+        "lr": 1e-3,
+        "max_steps": 500,
+        "warmup_steps": 25,
+        "eval_interval": 100,
+        "eval_tokens": 32768,
+        "log_interval": 10,
+        "save_interval": 100,
+    },
+}
+SAMPLE_PROMPT = "ROMEO:"
+
+
+def _m(field: str) -> str:
+    return setting_help(ModelSettings, field)
+
+
+def _t(field: str) -> str:
+    return setting_help(TrainSettings, field)
+
+
+def command(
+    data: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Text, .jsonl or .gz files, llm.c .bin shards, folders of shards, or quoted globs. "
+            "None: the bundled Shakespeare corpus with a small model (the default run).",
+            show_default=False,
+        ),
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help=_m("preset"), show_default=False)] = None,
+    n_layer: Annotated[int | None, typer.Option(help=_m("n_layer"), show_default=False)] = None,
+    n_head: Annotated[int | None, typer.Option(help=_m("n_head"), show_default=False)] = None,
+    n_embd: Annotated[int | None, typer.Option(help=_m("n_embd"), show_default=False)] = None,
+    block_size: Annotated[int | None, typer.Option(help=_m("block_size"), show_default=False)] = None,
+    dropout: Annotated[float | None, typer.Option(help=_m("dropout"), show_default=False)] = None,
+    init_from: Annotated[str | None, typer.Option(help=_t("init_from"), show_default=False)] = None,
+    val_data: Annotated[list[str] | None, typer.Option(help=_t("val_data"), show_default=False)] = None,
+    val_fraction: Annotated[float | None, typer.Option(help=_t("val_fraction"), show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_t("batch_size"), show_default=False)] = None,
+    seq_len: Annotated[int | None, typer.Option(help=_t("seq_len"), show_default=False)] = None,
+    total_batch_tokens: Annotated[int | None, typer.Option(help=_t("total_batch_tokens"), show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(help=_t("lr"), show_default=False)] = None,
+    min_lr: Annotated[float | None, typer.Option(help=_t("min_lr"), show_default=False)] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help=_t("warmup_steps"), show_default=False)] = None,
+    schedule: Annotated[str | None, typer.Option(help=_t("schedule"), show_default=False)] = None,
+    schedule_steps: Annotated[int | None, typer.Option(help=_t("schedule_steps"), show_default=False)] = None,
+    max_steps: Annotated[int | None, typer.Option(help=_t("max_steps"), show_default=False)] = None,
+    epochs: Annotated[float | None, typer.Option(help=_t("epochs"), show_default=False)] = None,
+    max_tokens: Annotated[int | None, typer.Option(help=_t("max_tokens"), show_default=False)] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=_t("weight_decay"), show_default=False)] = None,
+    beta1: Annotated[float | None, typer.Option(help=_t("beta1"), show_default=False)] = None,
+    beta2: Annotated[float | None, typer.Option(help=_t("beta2"), show_default=False)] = None,
+    grad_clip: Annotated[float | None, typer.Option(help=_t("grad_clip"), show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(help=_t("device"), show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option(help=_t("dtype"), show_default=False)] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help=_t("compile"), show_default=False)
+    ] = None,
+    out: Annotated[str | None, typer.Option(help=_t("out"), show_default=False)] = None,
+    log_interval: Annotated[int | None, typer.Option(help=_t("log_interval"), show_default=False)] = None,
+    eval_interval: Annotated[int | None, typer.Option(help=_t("eval_interval"), show_default=False)] = None,
+    eval_tokens: Annotated[int | None, typer.Option(help=_t("eval_tokens"), show_default=False)] = None,
+    save_interval: Annotated[int | None, typer.Option(help=_t("save_interval"), show_default=False)] = None,
+    keep: Annotated[int | None, typer.Option(help=_t("keep"), show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help=_t("seed"), show_default=False)] = None,
+    resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help=_t("resume"), show_default=False)] = None,
+    text_field: Annotated[
+        str | None, typer.Option(help=setting_help(DataSettings, "text_field"), show_default=False)
+    ] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Train GPT-2 from scratch or fine-tune a checkpoint; resumable exactly, Ctrl-C saves before stopping.
+
+    With no DATA it trains a small model on the bundled Shakespeare corpus (about five minutes on two CPU
+    cores) and prints the command that samples from it.
+    """
+    flags = overrides(
+        model=dict(
+            preset=preset, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout
+        ),
+        data=dict(text_field=text_field, paths=data or None),
+        train=dict(
+            init_from=init_from,
+            val_data=val_data or None,
+            val_fraction=val_fraction,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            total_batch_tokens=total_batch_tokens,
+            lr=lr,
+            min_lr=min_lr,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            schedule_steps=schedule_steps,
+            max_steps=max_steps,
+            epochs=epochs,
+            max_tokens=max_tokens,
+            weight_decay=weight_decay,
+            beta1=beta1,
+            beta2=beta2,
+            grad_clip=grad_clip,
+            device=device,
+            dtype=dtype,
+            compile=compile,
+            out=out,
+            log_interval=log_interval,
+            eval_interval=eval_interval,
+            eval_tokens=eval_tokens,
+            save_interval=save_interval,
+            keep=keep,
+            seed=seed,
+            resume=resume,
+        ),
+    )
+    run_training_command(config, flags, json_output)
+
+
+def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], json_output: bool) -> None:
+    from gpt2cli.corpus import bundled_corpus, default_cache_dir, load_token_data
+    from gpt2cli.data import EncodeOptions
+    from gpt2cli.devices import resolve_device, resolve_precision
+    from gpt2cli.training import Trainer
+
+    settings, bundled = _resolve_settings(config, flags)
+    out = Path(settings.train.out or _new_run_folder())
+    settings.train.out = str(out)
+
+    device = resolve_device(settings.train.device)
+    precision = resolve_precision(settings.train.dtype, device)
+    options = EncodeOptions(
+        text_field=settings.data.text_field, errors=settings.data.errors, allow_special=settings.data.allow_special
+    )
+    started = time.perf_counter()
+    data = load_token_data(
+        [str(bundled_corpus())] if bundled else settings.data.paths,
+        settings.train.val_data,
+        settings.train.val_fraction,
+        options,
+        Path(settings.data.cache_dir) if settings.data.cache_dir else default_cache_dir(),
+        settings.data.workers,
+    )
+    source = "the bundled Shakespeare corpus" if bundled else f"{len(data.sources)} source(s)"
+    display = TrainingDisplay(
+        f"tokens: {data.train_tokens:,} for training, {data.val_tokens:,} for validation, from {source} "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
+    with _graceful_interrupt() as stop:
+        trainer = Trainer(settings, data, out, precision, report=display.report, should_stop=stop)
+        try:
+            summary = trainer.run()
+        finally:
+            display.close()
+    _print_summary(summary)
+    if json_output:
+        print_json(summary)
+
+
+def _resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> tuple[Any, bool]:
+    """The run's settings, and whether it is the embedded default run (no data given anywhere).
+
+    `--resume` reads the run's own saved settings (unless --config is given); flags given now still win.
+    """
+    from gpt2cli.errors import UsageError
+    from gpt2cli.settings import load_settings
+
+    probe = load_settings(config, flags)
+    bundled = not probe.data.paths
+    if probe.train.resume:
+        if probe.train.out is None:
+            raise UsageError("--resume needs --out, the folder of the run to continue")
+        saved = Path(probe.train.out) / "config.toml"
+        if config is None and saved.is_file():
+            config = saved
+            bundled = not load_settings(config, flags).data.paths
+    return load_settings(config, flags, profile=DEFAULT_RUN if bundled else None), bundled
+
+
+def _new_run_folder() -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = Path("runs") / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = Path("runs") / f"{stamp}-{n}"
+    return str(candidate)
+
+
+class _graceful_interrupt:
+    """First Ctrl-C: finish the step, save, exit 130. Second Ctrl-C: stop at once (the last checkpoint is intact)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        info("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> Any:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return lambda: self.requested
+
+    def __exit__(self, *_: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _print_settings(settings: dict[str, dict[str, Any]]) -> None:
+    for section, values in settings.items():
+        shown = " ".join(f"{key}={value}" for key, value in values.items() if value not in (None, []))
+        info(f"{section}: {shown}")
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
+    )
+
+
+class TrainingDisplay:
+    """A live line on a terminal (Rich), plain log lines otherwise; both on stderr."""
+
+    def __init__(self, data_line: str) -> None:
+        self.data_line = data_line  # shown with the settings once the run is under way (errors come alone)
+        self.interactive = sys.stderr.isatty()
+        self.live: Any = None
+        self.started_step = 0
+
+    def report(self, event: str, payload: dict[str, Any]) -> None:
+        if event == "start":
+            _print_settings(payload["settings"])
+            info(self.data_line)
+            self.started_step = payload["resumed_at"]
+            plan = payload["plan"]
+            resumed = f", resuming at step {payload['resumed_at']}" if payload["resumed_at"] else ""
+            info(
+                f"model: {payload['parameters'] / 1e6:.2f}M parameters on {payload['device']} ({payload['dtype']}"
+                f"{', compiled' if payload['compile'] else ''}); {plan['total_steps']} steps of "
+                f"{plan['tokens_per_step']:,} tokens (batch {plan['batch_size']} × {plan['seq_len']}"
+                f" × {plan['grad_accum']} accumulation){resumed}; run folder {payload['out']}"
+            )
+            if self.interactive:
+                from rich.live import Live
+
+                from gpt2cli.cli.output import stderr_console
+
+                self.live = Live("", console=stderr_console(), transient=True, refresh_per_second=4)
+                self.live.start()
+        elif event == "log":
+            line = self._line(payload)
+            if self.live is not None:
+                self.live.update(line)
+                if "val_loss" in payload:
+                    self.live.console.print(line, highlight=False)
+            else:
+                info(line)
+
+    def _line(self, payload: dict[str, Any]) -> str:
+        step, total = payload["step"], payload["total_steps"]
+        done = step - self.started_step
+        eta = payload["elapsed_s"] / max(done, 1) * (total - step) if done else 0.0
+        parts = [
+            f"step {step}/{total}",
+            f"loss {payload['loss']:.4f}",
+            f"val {payload['val_loss']:.4f}" if "val_loss" in payload else None,
+            f"lr {payload['lr']:.2e}",
+            f"{payload['tok_per_s']:,.0f} tok/s",
+            f"MFU {payload['mfu'] * 100:.1f}%" if payload.get("mfu") is not None else None,
+            f"{_format_duration(payload['elapsed_s'])} elapsed",
+            f"ETA {_format_duration(eta)}",
+        ]
+        return " | ".join(part for part in parts if part)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from gpt2cli.cli.output import stderr_console
+
+    table = Table(title="training finished", show_header=False, title_justify="left")
+    rows = [
+        ("steps", f"{summary['steps']:,}"),
+        ("tokens", f"{summary['tokens']:,}"),
+        ("wall time", _format_duration(summary["elapsed_s"])),
+        ("final train loss", f"{summary['train_loss']:.4f}" if summary["train_loss"] is not None else "-"),
+        ("final val loss", f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "-"),
+        ("mean tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+        ("weights", summary["model"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    stderr_console().print(table)
+    info(f'sample from it: gpt2 sample {summary["model"]} --prompt "{SAMPLE_PROMPT}"')

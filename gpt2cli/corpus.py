@@ -1,0 +1,164 @@
+"""Training data: files, folders and globs resolved to token arrays, text tokenized once and cached by content."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.resources
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpt2cli.data import (
+    EncodeOptions,
+    ShardWriter,
+    Source,
+    check_sources,
+    encode_sources,
+    read_shard,
+    with_document_separators,
+)
+from gpt2cli.errors import DataError, UsageError
+
+BUNDLED_CORPUS = "shakespeare.txt.gz"
+CACHE_FORMAT = 1  # bump when the cached token layout changes
+SHARD_SUFFIX = ".bin"
+
+
+def bundled_corpus() -> Path:
+    """The Shakespeare corpus shipped in the package (gzip)."""
+    path = importlib.resources.files("gpt2cli.assets").joinpath(BUNDLED_CORPUS)
+    return Path(str(path))
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpt2cli"
+
+
+def resolve_inputs(patterns: list[str]) -> list[Path]:
+    """Files for each pattern: a file, a folder (its `.bin` shards), or a glob (quoted, so the shell leaves it)."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            shards = sorted(path.glob(f"*{SHARD_SUFFIX}"))
+            if not shards:
+                raise UsageError(f"{pattern}: folder holds no {SHARD_SUFFIX} token shards")
+            paths.extend(shards)
+        elif path.exists():
+            check_sources([pattern])
+            paths.append(path)
+        elif glob.has_magic(pattern):
+            matches = sorted(Path(match) for match in glob.glob(pattern) if Path(match).is_file())
+            if not matches:
+                raise UsageError(f"{pattern}: no files match")
+            paths.extend(matches)
+        else:
+            raise UsageError(f"{pattern}: no such file or folder")
+    return paths
+
+
+def _content_key(path: Path, options: EncodeOptions, jsonl: bool) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    recipe = {"format": CACHE_FORMAT, "errors": options.errors, "special": options.allow_special}
+    if jsonl:
+        recipe["text_field"] = options.text_field
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def tokens_of(
+    path: Path,
+    options: EncodeOptions,
+    cache_dir: Path,
+    workers: int = 0,
+    on_bytes: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """The tokens of one input: a shard is memory-mapped; text is tokenized once and cached by its content."""
+    with open(path, "rb") as handle:
+        if handle.read(4) == np.array([20240520], dtype="<i4").tobytes() or path.suffix == SHARD_SUFFIX:
+            return read_shard(path)
+    source = Source(str(path))
+    cached = cache_dir / "tokens" / f"{_content_key(path, options, source.is_jsonl)}{SHARD_SUFFIX}"
+    if not cached.exists():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"token cache {cached.parent} is not writable ({error.strerror})") from None
+        with ShardWriter(cached) as writer:
+            documents = encode_sources([source], options, workers, on_bytes)
+            for tokens in with_document_separators(documents):
+                writer.write(tokens)
+            writer.close()
+    return read_shard(cached)
+
+
+@dataclass
+class TokenData:
+    """Training and validation tokens as lists of segments (windows never cross a segment's end)."""
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    sources: list[str]
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(segment.size for segment in self.train)
+
+    @property
+    def val_tokens(self) -> int:
+        return sum(segment.size for segment in self.val)
+
+    def fingerprint(self) -> dict[str, object]:
+        """What must be unchanged for a resumed run to see the same batches."""
+        return {"sources": self.sources, "train_tokens": self.train_tokens, "val_tokens": self.val_tokens}
+
+
+def hold_out_tail(segments: list[np.ndarray], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split off the last `fraction` of all tokens (taken from the end) as validation data."""
+    total = sum(segment.size for segment in segments)
+    remaining = round(total * fraction)
+    train, val = list(segments), []
+    while remaining > 0 and train:
+        last = train.pop()
+        if last.size <= remaining:
+            val.insert(0, last)
+            remaining -= last.size
+        else:
+            train.append(last[: last.size - remaining])
+            val.insert(0, last[last.size - remaining :])
+            remaining = 0
+    return train, val
+
+
+def load_token_data(
+    train_patterns: list[str],
+    val_patterns: list[str],
+    val_fraction: float,
+    options: EncodeOptions,
+    cache_dir: Path,
+    workers: int = 0,
+    on_bytes: Callable[[int], None] | None = None,
+) -> TokenData:
+    """Tokens for training and validation; without `val_patterns`, the tail of the training tokens."""
+    train_paths = resolve_inputs(train_patterns)
+    val_paths = resolve_inputs(val_patterns) if val_patterns else []
+    train = [tokens_of(path, options, cache_dir, workers, on_bytes) for path in train_paths]
+    train = [segment for segment in train if segment.size]
+    if not train:
+        raise DataError("the training data is empty")
+    if val_paths:
+        val = [tokens_of(path, options, cache_dir, workers, on_bytes) for path in val_paths]
+        val = [segment for segment in val if segment.size]
+    else:
+        train, val = hold_out_tail(train, val_fraction)
+    sources = [str(path.resolve()) for path in train_paths] + [f"val:{path.resolve()}" for path in val_paths]
+    return TokenData(train=train, val=val, sources=sources)

@@ -1,0 +1,122 @@
+"""Cross-entropy over GPT-2's 50,257-way output without materialising the full logits.
+
+A plain `F.cross_entropy(lm_head(x).float(), y)` writes batch × time × 50257 float32 logits, then reads and writes
+them again for the log-softmax, its backward and the dtype casts: on a CPU that is about half of a small model's
+training step. Here the output projection and the loss run together, a chunk of rows at a time, and the gradients
+of the hidden states and of the projection weight are computed during the forward pass (softmax minus one-hot is
+known as soon as the loss is), so each chunk's logits are touched while they are still in cache.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+IGNORE_INDEX = -1
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 64 Mi elements, ~1,300 rows of a 50,257-word vocabulary
+
+ChunkKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cross_entropy_chunk(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed loss of a chunk and its gradient with respect to the logits (in the logits' dtype).
+
+    `weights` is 1.0 for rows that count and 0.0 for ignored ones. Statistics are computed in float32.
+    """
+    logits32 = logits.float()
+    row_max = logits32.amax(dim=-1, keepdim=True)
+    exp = torch.exp(logits32 - row_max)  # (n, V): computed once, used for both the loss and the softmax
+    total = exp.sum(dim=-1, keepdim=True)
+    log_sum_exp = (row_max + torch.log(total)).squeeze(1)
+    safe_targets = targets.clamp(min=0)
+    picked = logits32.gather(1, safe_targets[:, None]).squeeze(1)
+    loss = ((log_sum_exp - picked) * weights).sum()
+    one_hot = torch.zeros_like(exp).scatter_(1, safe_targets[:, None], 1.0)
+    grad = ((exp / total - one_hot) * weights[:, None]).to(logits.dtype)
+    return loss, grad
+
+
+_compiled_kernel: ChunkKernel | None = None
+
+
+def chunk_kernel(compiled: bool) -> ChunkKernel:
+    """The eager kernel, or one compiled by torch.compile into a single fused pass per chunk."""
+    global _compiled_kernel
+    if not compiled:
+        return cross_entropy_chunk
+    if _compiled_kernel is None:
+        _compiled_kernel = torch.compile(cross_entropy_chunk, dynamic=False)
+    return _compiled_kernel
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        compute_dtype: torch.dtype,
+        kernel: ChunkKernel,
+    ) -> torch.Tensor:
+        rows = hidden.size(0)
+        chunk = max(1, CHUNK_ELEMENTS // weight.size(0))
+        needs_grad = any(ctx.needs_input_grad[:2])  # type: ignore[attr-defined]
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden_c = hidden.to(compute_dtype)
+            weight_c = weight.to(compute_dtype)
+            valid = (targets != IGNORE_INDEX).to(torch.float32)
+            count = valid.sum().clamp(min=1.0)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden_c) if needs_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+            for start in range(0, rows, chunk):
+                rows_c = hidden_c[start : start + chunk]
+                logits = rows_c @ weight_c.t()  # (n, V)
+                loss, grad_logits = kernel(logits, targets[start : start + chunk], valid[start : start + chunk])
+                total += loss
+                if needs_grad:
+                    grad_hidden[start : start + chunk] = grad_logits @ weight_c  # type: ignore[index]
+                    grad_weight.add_(grad_logits.t() @ rows_c)  # type: ignore[union-attr]
+        ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight, count) if t is not None))
+        ctx.input_dtypes = (hidden.dtype, weight.dtype)  # type: ignore[attr-defined]
+        return total / count
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor):  # type: ignore[override]
+        grad_hidden, grad_weight, count = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale = grad_output / count
+        hidden_dtype, weight_dtype = ctx.input_dtypes  # type: ignore[attr-defined]
+        return (grad_hidden * scale).to(hidden_dtype), (grad_weight * scale).to(weight_dtype), None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    compute_dtype: torch.dtype | None = None,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (-1 ignored), without storing the logits.
+
+    `hidden` is (N, C), `weight` (V, C), `targets` (N,). `compute_dtype` defaults to the autocast dtype when
+    autocast is on, else the hidden states' dtype.
+    """
+    if compute_dtype is None:
+        device_type = hidden.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else hidden.dtype
+    kernel = chunk_kernel(compiled)
+    try:
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, kernel)
+    except Exception as error:  # torch.compile needs a C++ compiler on the CPU; fall back rather than fail
+        if kernel is cross_entropy_chunk:
+            raise
+        warnings.warn(f"compiled loss kernel unavailable ({type(error).__name__}); using the eager one", stacklevel=2)
+        global _compiled_kernel
+        _compiled_kernel = cross_entropy_chunk
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, cross_entropy_chunk)

@@ -181,6 +181,20 @@ class GPT2(nn.Module):
             elif isinstance(module, CausalSelfAttention):
                 module.dropout = probability
 
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection."""
+        if idx.dim() != 2:
+            raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        T = idx.size(1)
+        if self.config.block_size < T:
+            raise UsageError(f"sequence of {T} tokens is longer than the block size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        return x
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -194,16 +208,7 @@ class GPT2(nn.Module):
         Targets equal to -1 are ignored in the loss. With targets and `return_logits=False` (training), the loss is
         computed chunk by chunk without storing the logits (see `losses.py`) and the logits returned are None.
         """
-        if idx.dim() != 2:
-            raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-        T = idx.size(1)
-        if self.config.block_size < T:
-            raise UsageError(f"sequence of {T} tokens is longer than the block size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+        x = self.hidden_states(idx)  # (B, T, C)
         if targets is not None and not return_logits:
             flat = x.view(-1, x.size(-1))  # (B*T, C)
             return None, fused_linear_cross_entropy(

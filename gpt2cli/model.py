@@ -70,6 +70,29 @@ PRESETS: dict[str, GPT2Config] = {
 }
 
 
+class KVCache:
+    """Preallocated keys and values for every layer: the prompt is encoded once, then one token per step."""
+
+    def __init__(
+        self, config: GPT2Config, batch_size: int, device: torch.device | str, dtype: torch.dtype, length: int = 0
+    ) -> None:
+        length = length or config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.size(3)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` `(B, nh, T, hs)` at positions `start...`; return all keys and values up to them."""
+        end = start + k.size(2)
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -81,15 +104,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # (B, nh, start + T, hs)
+            if T == 1:
+                causal = False  # one new token attends to everything before it
+            elif start > 0:  # new tokens after cached ones: causal, offset by `start`
+                causal = False
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         # SDPA picks flash / memory-efficient kernels where the device has them.
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -118,8 +149,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -181,19 +212,26 @@ class GPT2(nn.Module):
             elif isinstance(module, CausalSelfAttention):
                 module.dropout = probability
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection.
+
+        With a `cache`, `idx` holds the tokens at positions `start...`; earlier ones are read from the cache.
+        """
         if idx.dim() != 2:
             raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-        T = idx.size(1)
-        if self.config.block_size < T:
-            raise UsageError(f"sequence of {T} tokens is longer than the block size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        end = start + idx.size(1)
+        if end > self.config.block_size:
+            raise UsageError(f"sequence of {end} tokens is longer than the block size {self.config.block_size}")
+        pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        return x
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer, start)
+        return self.transformer.ln_f(x)
+
+    def next_token_logits(self, idx: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Logits `(B, vocab)` for the position after `idx`, reading and extending `cache` (generation)."""
+        x = self.hidden_states(idx, cache, start)
+        return self.lm_head(x[:, -1, :])
 
     def forward(
         self,

@@ -137,6 +137,27 @@ class TrainSettings(Section):
         return self
 
 
+class SampleSettings(Section):
+    """Text generation for `gpt2 sample`."""
+
+    max_new_tokens: int = Field(256, ge=1, description="Tokens to generate per sample.")
+    temperature: float = Field(1.0, ge=0, description="Softmax temperature; 0 is greedy (always the likeliest token).")
+    top_k: int | None = Field(None, ge=1, le=50257, description="Sample only from the k likeliest tokens.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the likeliest tokens covering this mass.")
+    min_p: float = Field(0.0, ge=0, lt=1, description="Drop tokens less likely than min_p × the likeliest one.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Divide the logits of tokens already present (CTRL).")
+    num_samples: int = Field(1, ge=1, description="Samples per prompt (generated as one batch).")
+    seed: int | None = Field(None, ge=0, description="Random seed: the same seed gives the same text.")
+    stop: list[str] = Field(default_factory=list, description="Stop just before this text (repeatable).")
+    ignore_eot: bool = Field(False, description="Keep going past <|endoftext|> instead of stopping there.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights and compute dtype (float32 is exact)."
+    )
+    quantize: Literal["none", "int8"] = Field("none", description="Weight-only int8 quantization (gpt-fast style).")
+    compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
+
+
 class Settings(BaseSettings):
     """All sections. Build it with `load_settings`, which applies the configuration file."""
 
@@ -147,6 +168,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    sample: SampleSettings = Field(default_factory=SampleSettings)
 
 
 # ---------------------------------------------------------------- configuration files

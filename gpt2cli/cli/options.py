@@ -32,7 +32,8 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help=f"TOML settings file (tables \\[model], \\[data], \\[train]); or the seed YAML. Also ${CONFIG_ENV_VAR}.",
+        help="TOML settings file with tables \\[model], \\[data], \\[train], \\[sample] (or the seed YAML); "
+        f"also ${CONFIG_ENV_VAR}.",
         show_default=False,
     ),
 ]

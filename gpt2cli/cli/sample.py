@@ -1,0 +1,193 @@
+"""`gpt2 sample`: generate text from any GPT-2 checkpoint, streamed to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gpt2cli.cli.options import ConfigOption, overrides, setting_help
+from gpt2cli.cli.output import info, write_stdout
+from gpt2cli.settings import SampleSettings
+
+
+def _s(field: str) -> str:
+    return setting_help(SampleSettings, field)
+
+
+def command(
+    checkpoint: Annotated[
+        str, typer.Argument(help="Our .safetensors file, a run folder, or a transformers folder.", show_default=False)
+    ],
+    prompt: Annotated[
+        str | None, typer.Option(help="The prompt text (none: start from <|endoftext|>).", show_default=False)
+    ] = None,
+    prompt_file: Annotated[
+        str | None, typer.Option(help="Read the prompt from this file (- for stdin).", show_default=False)
+    ] = None,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option(help="One prompt per line (- for stdin); prompts are generated in batches.", show_default=False),
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help=_s("max_new_tokens"), show_default=False)] = None,
+    temperature: Annotated[float | None, typer.Option(help=_s("temperature"), show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option(help=_s("top_k"), show_default=False)] = None,
+    top_p: Annotated[float | None, typer.Option(help=_s("top_p"), show_default=False)] = None,
+    min_p: Annotated[float | None, typer.Option(help=_s("min_p"), show_default=False)] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help=_s("repetition_penalty"), show_default=False)] = None,
+    num_samples: Annotated[int | None, typer.Option(help=_s("num_samples"), show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help=_s("seed"), show_default=False)] = None,
+    stop: Annotated[list[str] | None, typer.Option(help=_s("stop"), show_default=False)] = None,
+    ignore_eot: Annotated[
+        bool | None, typer.Option("--ignore-eot/--stop-at-eot", help=_s("ignore_eot"), show_default=False)
+    ] = None,
+    device: Annotated[str | None, typer.Option(help=_s("device"), show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option(help=_s("dtype"), show_default=False)] = None,
+    quantize: Annotated[str | None, typer.Option(help=_s("quantize"), show_default=False)] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help=_s("compile"), show_default=False)
+    ] = None,
+    config: ConfigOption = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One JSON object per sample, one per line, on stdout.")
+    ] = False,
+) -> None:
+    """Generate text from a GPT-2 checkpoint: streamed to stdout as it is produced, timings on stderr.
+
+    Prints the completion only (not the prompt). It stops at <|endoftext|> unless --ignore-eot, and just before any
+    --stop text. Prompts longer than the context are cut from the left (with a warning); generation past the
+    context re-encodes the last half of it and goes on.
+    """
+    from gpt2cli.settings import load_settings
+
+    settings = load_settings(
+        config,
+        overrides(
+            sample=dict(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                num_samples=num_samples,
+                seed=seed,
+                stop=stop or None,
+                ignore_eot=ignore_eot,
+                device=device,
+                dtype=dtype,
+                quantize=quantize,
+                compile=compile,
+            )
+        ),
+    ).sample
+    prompts = _read_prompts(prompt, prompt_file, prompts_file)
+    run_sampling(checkpoint, prompts, settings, json_output)
+
+
+def _read_text(name: str) -> str:
+    from gpt2cli.errors import UsageError
+
+    if name == "-":
+        return sys.stdin.read()
+    path = Path(name)
+    if not path.is_file():
+        raise UsageError(f"{name}: no such file")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _read_prompts(prompt: str | None, prompt_file: str | None, prompts_file: str | None) -> list[str]:
+    from gpt2cli.errors import UsageError
+
+    if sum(option is not None for option in (prompt, prompt_file, prompts_file)) > 1:
+        raise UsageError("give only one of --prompt, --prompt-file, --prompts-file")
+    if prompt_file is not None:
+        return [_read_text(prompt_file)]
+    if prompts_file is not None:
+        prompts = _read_text(prompts_file).splitlines()
+        if not prompts:
+            raise UsageError(f"{prompts_file}: no prompts in it")
+        return prompts
+    return [prompt or ""]
+
+
+def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output: bool) -> None:
+    import torch
+
+    from gpt2cli.checkpoint import load_model
+    from gpt2cli.devices import DTYPES, keep_freed_memory, resolve_device
+    from gpt2cli.errors import UsageError
+    from gpt2cli.sampling import Generator, SamplingOptions, Timing, quantize_int8
+    from gpt2cli.tokenizer import get_tokenizer
+
+    device = resolve_device(settings.device)
+    if settings.dtype == "float16" and device.type == "cpu":
+        raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
+    if device.type == "cpu":
+        keep_freed_memory()
+    model = load_model(checkpoint, device=device, dtype=DTYPES[settings.dtype])
+    if settings.quantize == "int8":
+        quantize_int8(model)
+    tokenizer = get_tokenizer()
+    generator = Generator(model, tokenizer, compile=settings.compile)
+    options = SamplingOptions(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        min_p=settings.min_p,
+        repetition_penalty=settings.repetition_penalty,
+        stop=tuple(settings.stop),
+        ignore_eot=settings.ignore_eot,
+    )
+    random = None
+    if settings.seed is not None:
+        random = torch.Generator(device=device).manual_seed(settings.seed)
+
+    encoded = []
+    for text in prompts:
+        ids, cut = generator.prepare_prompt(text, options.max_new_tokens)
+        if cut:
+            info(f"warning: the prompt was cut from the left to the last {len(ids)} tokens (the context is "
+                 f"{model.config.block_size})")  # fmt: skip
+        encoded.append((text, ids))
+    groups: dict[int, list[tuple[str, list[int]]]] = {}
+    for text, ids in encoded:  # equal lengths batch together (positions are absolute)
+        for _ in range(settings.num_samples):
+            groups.setdefault(len(ids), []).append((text, ids))
+
+    streaming = not json_output and len(encoded) == 1 and settings.num_samples == 1
+    timing = Timing()
+    first_output, generated = True, 0
+    for members in groups.values():
+        group_timing = Timing()
+        on_text = (lambda row, piece: write_stdout([piece])) if streaming else None
+        completions = generator.generate(
+            [ids for _, ids in members], options, generator=random, on_text=on_text, timing=group_timing
+        )
+        for timing_field in ("prefill_tokens", "prefill_s", "decode_tokens", "decode_s"):
+            setattr(timing, timing_field, getattr(timing, timing_field) + getattr(group_timing, timing_field))
+        for (text, _), completion in zip(members, completions, strict=True):
+            generated += len(completion.token_ids)
+            if json_output:
+                record = {
+                    "prompt": text,
+                    "completion": completion.text,
+                    "token_ids": completion.token_ids,
+                    "finish_reason": completion.finish_reason,
+                    "tokens_per_s": round(group_timing.decode_tokens_per_s, 2),
+                }
+                write_stdout([json.dumps(record) + "\n"])
+            elif streaming:
+                write_stdout(["" if completion.text.endswith("\n") else "\n"])
+            else:
+                write_stdout([("" if first_output else "---\n") + completion.text + "\n"])
+            first_output = False
+    info(
+        f"generated {generated} tokens | prompt: {timing.prefill_tokens} tokens in {timing.prefill_s * 1000:.0f} ms "
+        f"({timing.prefill_tokens_per_s:,.1f} tok/s), time to first token {timing.prefill_s * 1000:.0f} ms | "
+        f"decode: {timing.decode_tokens} tokens in {timing.decode_s:.2f} s ({timing.decode_tokens_per_s:,.1f} tok/s)"
+    )

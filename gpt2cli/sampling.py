@@ -1,0 +1,307 @@
+"""Text generation: a preallocated KV cache, the usual logit filters, stop conditions and streaming.
+
+The prompt is encoded once (prefill), then each step feeds one token per sequence. GPT-2's positions are learned
+and absolute, so a cache cannot simply slide: when a sequence reaches the block size, the last half block is
+encoded again as a new prompt and generation continues from there.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from gpt2cli.model import GPT2, KVCache
+from gpt2cli.tokenizer import EOT_ID, Tokenizer
+
+# ---------------------------------------------------------------- logit filters (each on float32 (B, V) logits)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits of tokens already present are divided by `penalty` (multiplied when negative)."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = logits.gather(1, history)
+    logits = logits.clone()
+    logits.scatter_(1, history, torch.where(seen > 0, seen / penalty, seen * penalty))
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the `k` largest logits of each row."""
+    if k >= logits.size(-1):
+        return logits
+    threshold = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least `p` (nucleus)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probabilities = torch.softmax(sorted_logits, dim=-1)
+    before = probabilities.cumsum(dim=-1) - probabilities  # mass of the more likely tokens
+    sorted_logits = sorted_logits.masked_fill(before >= p, float("-inf"))  # the most likely always stays
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than `min_p` times the most likely one."""
+    if min_p <= 0.0:
+        return logits
+    probabilities = torch.softmax(logits, dim=-1)
+    threshold = probabilities.amax(dim=-1, keepdim=True) * min_p
+    return logits.masked_fill(probabilities < threshold, float("-inf"))
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    ignore_eot: bool = False
+
+
+def choose_next(
+    logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token of each row `(B,)` from logits `(B, V)`, on the logits' device (no host sync)."""
+    logits = apply_repetition_penalty(logits.float(), history, options.repetition_penalty)
+    if options.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / options.temperature
+    if options.top_k is not None:
+        logits = top_k_filter(logits, options.top_k)
+    logits = top_p_filter(logits, options.top_p)
+    logits = min_p_filter(logits, options.min_p)
+    probabilities = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "length", "eot" or "stop"
+
+
+@dataclass
+class Timing:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+class _TextTracker:
+    """Incremental text of one sequence: UTF-8 across token boundaries, stop strings, held-back streaming."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.hold = max((len(stop) for stop in stops), default=1) - 1  # chars that may start a stop string
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0
+
+    def add(self, token: int) -> bool:
+        """Append a token; True when a stop string appeared (the text is then cut just before it)."""
+        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        for stop in self.stops:
+            found = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if found >= 0:
+                self.text = self.text[:found]
+                return True
+        return False
+
+    def finish(self) -> None:
+        self.text += self.decoder.decode(b"", final=True)
+
+    def ready(self, final: bool) -> str:
+        """Text that can be shown now: everything but a tail that could still become a stop string."""
+        limit = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        piece = self.text[self.emitted : limit]
+        self.emitted = limit
+        return piece
+
+
+class Generator:
+    """Generates from one model; reuse it for many prompts (the decode step may be compiled once)."""
+
+    def __init__(self, model: GPT2, tokenizer: Tokenizer, compile: bool = False, use_cache: bool = True) -> None:
+        self.model = model.eval()
+        self.use_cache = use_cache
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = model.config.block_size
+        self.step: Callable[[torch.Tensor, KVCache, int], torch.Tensor] = model.next_token_logits
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
+            self.step = torch.compile(model.next_token_logits, mode=mode, dynamic=True)
+
+    def prepare_prompt(self, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
+        """Token ids of a prompt (an empty prompt starts from <|endoftext|>); True if it was cut to fit."""
+        ids = self.tokenizer.encode(prompt) or [EOT_ID]
+        limit = self.block_size - 1  # leave room for at least one new token
+        if len(ids) > limit:
+            return ids[-limit:], True
+        return ids, False
+
+    def _forward_full(self, history: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the whole (cropped) sequence: the reference path without a cache."""
+        logits, _ = self.model(history[:, -self.block_size :])
+        return logits[:, -1, :]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        options: SamplingOptions,
+        generator: torch.Generator | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        timing: Timing | None = None,
+    ) -> list[Completion]:
+        """Continuations of prompts of equal length, generated as one batch; `on_text(row, text)` streams."""
+        if len({len(prompt) for prompt in prompts}) != 1:
+            raise ValueError("prompts generated together must have the same number of tokens")
+        timing = timing if timing is not None else Timing()
+        rows = len(prompts)
+        completions = [Completion(prompt_ids=list(prompt)) for prompt in prompts]
+        trackers = [_TextTracker(self.tokenizer, options.stop) for _ in range(rows)]
+        history = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        cache = KVCache(self.model.config, rows, self.device, self.dtype) if self.use_cache else None
+        active = [True] * rows
+
+        started = time.perf_counter()
+        logits = self.model.next_token_logits(history, cache, 0) if cache is not None else self._forward_full(history)
+        position = history.size(1)
+        next_tokens = choose_next(logits, history, options, generator)
+        tokens_host = next_tokens.tolist()  # the one sync that ends the prefill
+        timing.prefill_tokens += history.numel()
+        timing.prefill_s += time.perf_counter() - started
+
+        decode_started = time.perf_counter()
+        for generated in range(options.max_new_tokens):
+            for row, token in enumerate(tokens_host):
+                if active[row]:
+                    active[row] = self._accept(completions[row], trackers[row], token, generated, options, on_text, row)
+            if not any(active) or generated + 1 == options.max_new_tokens:
+                break
+            history = torch.cat([history, next_tokens[:, None]], dim=1)
+            if cache is None:
+                logits = self._forward_full(history)
+            elif position >= self.block_size:  # the window is full: re-encode its second half and go on
+                keep = self.block_size // 2
+                cache = KVCache(self.model.config, rows, self.device, self.dtype)
+                logits = self.model.next_token_logits(history[:, -keep:], cache, 0)
+                position = keep
+            else:
+                logits = self.step(next_tokens[:, None], cache, position)
+                position += 1
+            next_tokens = choose_next(logits, history, options, generator)
+            tokens_host = next_tokens.tolist()
+            timing.decode_tokens += sum(active)
+        timing.decode_s += time.perf_counter() - decode_started
+        for completion, tracker in zip(completions, trackers, strict=True):
+            if completion.finish_reason is None:
+                completion.finish_reason = "length"
+                tracker.finish()
+            completion.text = tracker.text
+        return completions
+
+    @staticmethod
+    def _accept(
+        completion: Completion,
+        tracker: _TextTracker,
+        token: int,
+        generated: int,
+        options: SamplingOptions,
+        on_text: Callable[[int, str], None] | None,
+        row: int,
+    ) -> bool:
+        """Record one new token of a sequence; False once the sequence is finished."""
+        if token == EOT_ID and not options.ignore_eot:
+            completion.finish_reason = "eot"
+        elif tracker.add(token):
+            completion.token_ids.append(token)
+            completion.finish_reason = "stop"
+        else:
+            completion.token_ids.append(token)
+            if generated + 1 == options.max_new_tokens:
+                completion.finish_reason = "length"
+        finished = completion.finish_reason is not None
+        if finished:
+            tracker.finish()
+        if on_text is not None:
+            piece = tracker.ready(final=finished)
+            if piece:
+                on_text(row, piece)
+        return not finished
+
+
+def iter_prompt_lines(text: str) -> Iterator[str]:
+    """Prompts of a --prompts-file: one per line (a trailing newline is not an extra prompt)."""
+    yield from text.splitlines()
+
+
+def quantize_int8(model: GPT2) -> GPT2:
+    """Weight-only int8 (per output channel) for every projection and the output head, in place (gpt-fast style).
+
+    The embedding keeps its float weights for the input lookup; the output head gets its own int8 copy.
+    """
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, Int8Linear.from_linear(child))
+    return model
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x · dequant(W)ᵀ + b with W stored as int8 rows and one float scale per row."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(quantized, scales.to(linear.weight.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if flat.device.type == "cpu":
+            out = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(flat.dtype))
+        else:
+            out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*shape[:-1], -1)

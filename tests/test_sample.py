@@ -1,0 +1,253 @@
+"""`gpt2 sample` and the sampler, with transformers' `generate` as the oracle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, cli_env, run_cli
+from gpt2cli import get_tokenizer, load_model, save_model
+from gpt2cli.model import GPT2, GPT2Config, KVCache
+from gpt2cli.sampling import (
+    Generator,
+    SamplingOptions,
+    apply_repetition_penalty,
+    min_p_filter,
+    quantize_int8,
+    top_k_filter,
+    top_p_filter,
+)
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture
+def hf_model(hf_model_factory):
+    return hf_model_factory(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+
+
+def reference_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    output = model.generate(
+        torch.tensor([prompt_ids]),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=50256,
+    )
+    return output[0, len(prompt_ids) :].tolist()
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "full-forward"])
+def test_greedy_matches_transformers_generate(hf_model, use_cache):
+    reference, folder = hf_model
+    prompt = get_tokenizer().encode(PROMPT)
+    generator = Generator(load_model(folder), get_tokenizer(), use_cache=use_cache)
+    options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True)
+    completion = generator.generate([prompt], options)[0]
+    assert completion.token_ids == reference_greedy(reference, prompt, 40)
+    assert completion.finish_reason == "length"
+
+
+def test_cli_greedy_matches_transformers(hf_model):
+    reference, folder = hf_model
+    result = run_cli("sample", folder, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "40",
+                     "--ignore-eot", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    record = json.loads(result.stdout)
+    assert set(record) == {"prompt", "completion", "token_ids", "finish_reason", "tokens_per_s"}
+    assert record["token_ids"] == reference_greedy(reference, get_tokenizer().encode(PROMPT), 40)
+    assert record["completion"] == get_tokenizer().decode(record["token_ids"])
+    assert record["prompt"] == PROMPT and record["finish_reason"] == "length" and record["tokens_per_s"] > 0
+    assert b"generated 40 tokens" in result.stderr and b"time to first token" in result.stderr
+
+
+def test_kv_cache_logits_equal_a_full_forward_at_every_step(hf_model):
+    _, folder = hf_model
+    model = load_model(folder)
+    tokens = torch.randint(0, 50257, (2, 30), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    with torch.no_grad():
+        cached = [model.next_token_logits(tokens[:, :10], cache, 0)]
+        cached += [model.next_token_logits(tokens[:, t : t + 1], cache, t) for t in range(10, 30)]
+        chunked_cache = KVCache(model.config, 2, "cpu", torch.float32)
+        model.next_token_logits(tokens[:, :10], chunked_cache, 0)
+        chunked = model.next_token_logits(tokens[:, 10:30], chunked_cache, 10)  # several new tokens at once
+        full, _ = model(tokens)
+    for step, logits in enumerate(cached):
+        torch.testing.assert_close(logits, full[:, 9 + step])
+    torch.testing.assert_close(chunked, full[:, -1])
+
+
+def test_same_seed_same_text(hf_model):
+    _, folder = hf_model
+    args = ("sample", folder, "--prompt", "Once", "--max-new-tokens", "30", "--top-k", "40", "--ignore-eot")
+    first, second = run_cli(*args, "--seed", "7"), run_cli(*args, "--seed", "7")
+    other = run_cli(*args, "--seed", "8")
+    assert first.returncode == 0 and first.stdout == second.stdout
+    assert first.stdout != other.stdout
+
+
+# ---------------------------------------------------------------- filters on hand-made logits
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = top_k_filter(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, True, False]]
+    assert torch.equal(top_k_filter(logits, 5), logits)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probabilities = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probabilities.log()
+    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_min_p_drops_tokens_far_below_the_best():
+    logits = torch.tensor([[0.6, 0.3, 0.07, 0.03]]).log()
+    assert torch.isfinite(min_p_filter(logits, 0.1)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(min_p_filter(logits, 0.6)).tolist() == [[True, False, False, False]]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    penalized = apply_repetition_penalty(logits, torch.tensor([[0, 1, 0]]), 2.0)
+    assert penalized.tolist() == [[1.0, -4.0, 1.0]]
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def _always_eot_model(tmp_path) -> str:
+    """A model whose every output prefers <|endoftext|>: a constant final hidden state aligned with its embedding."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=32))
+    with torch.no_grad():
+        direction = torch.ones(16) / 4.0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[50256] = direction * 100.0
+    return str(save_model(model, tmp_path / "eot.safetensors"))
+
+
+def test_eot_stops_unless_ignored(tmp_path):
+    path = _always_eot_model(tmp_path)
+    stopped = json.loads(run_cli("sample", path, "--prompt", "Hi", "--json", "--seed", "0").stdout)
+    assert stopped["finish_reason"] == "eot" and stopped["token_ids"] == [] and stopped["completion"] == ""
+    args = ("sample", path, "--prompt", "Hi", "--json", "--ignore-eot", "--max-new-tokens", "3", "--temperature", "0")
+    ignored = json.loads(run_cli(*args).stdout)
+    assert ignored["finish_reason"] == "length" and ignored["token_ids"] == [50256] * 3
+
+
+def test_stop_string_stops_exactly_before_it(hf_model):
+    _, folder = hf_model
+    generator = Generator(load_model(folder), get_tokenizer())
+    prompt = get_tokenizer().encode(PROMPT)
+    free = generator.generate([prompt], SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True))[0]
+    stop = free.text[10:14]
+    options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True, stop=(stop,))
+    streamed: list[str] = []
+    stopped = generator.generate([prompt], options, on_text=lambda row, piece: streamed.append(piece))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.index(stop)]
+    assert "".join(streamed) == stopped.text  # nothing past the stop string was ever shown
+
+
+# ---------------------------------------------------------------- prompts, batching, precision
+
+
+def test_prompts_file_generates_each_prompt_in_batches(hf_model, tmp_path):
+    _, folder = hf_model
+    prompts = ["Hello world", "A much longer prompt than the first one", "Hello again"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    args = ("--temperature", "0", "--max-new-tokens", "12", "--ignore-eot", "--json")
+    batched = [
+        json.loads(line) for line in run_cli("sample", folder, "--prompts-file", path, *args).stdout.splitlines()
+    ]
+    assert sorted(record["prompt"] for record in batched) == sorted(prompts)
+    for record in batched:
+        single = json.loads(run_cli("sample", folder, "--prompt", record["prompt"], *args).stdout)
+        assert single["token_ids"] == record["token_ids"]
+
+
+def test_num_samples_and_plain_output(hf_model):
+    _, folder = hf_model
+    result = run_cli("sample", folder, "--num-samples", "3", "--max-new-tokens", "5", "--seed", "1", "--json")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 3 and all(r["prompt"] == "" for r in records)  # empty prompt: from <|endoftext|>
+    plain = run_cli("sample", folder, "--num-samples", "2", "--max-new-tokens", "5", "--seed", "1")
+    assert plain.returncode == 0 and plain.stdout.count(b"---\n") == 1
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning(hf_model):
+    _, folder = hf_model
+    result = run_cli("sample", folder, "--prompt", "word " * 200, "--max-new-tokens", "100", "--json", "--ignore-eot")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"warning: the prompt was cut from the left to the last 63 tokens" in result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 100  # past the 64-token window, the window slid
+
+
+def test_bfloat16_and_int8_stay_close_to_float32(hf_model):
+    _, folder = hf_model
+    tokens = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = load_model(folder)(tokens)[0]
+        half = load_model(folder, dtype=torch.bfloat16)(tokens)[0].float()
+        int8 = quantize_int8(load_model(folder))(tokens)[0]
+    for approximate in (half, int8):
+        assert torch.corrcoef(torch.stack([exact.flatten(), approximate.flatten()]))[0, 1] > 0.99
+    for flag in (("--dtype", "bfloat16"), ("--quantize", "int8")):
+        assert run_cli("sample", folder, "--max-new-tokens", "4", *flag).returncode == 0
+
+
+def test_closed_stdout_ends_quietly(hf_model):
+    _, folder = hf_model
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2cli", "sample", str(folder), "--max-new-tokens", "2000", "--ignore-eot"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    assert process.stdout.read(5)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0
+    assert b"Traceback" not in process.stderr.read()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_and_broken_checkpoints(tmp_path):
+    assert_one_line_error(run_cli("sample", tmp_path / "none.safetensors"), 2, "no such file")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    assert_one_line_error(run_cli("sample", broken), 1, "safetensors")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "field"),
+    [
+        ("--top-p", "0", "sample.top_p"),
+        ("--top-p", "1.5", "sample.top_p"),
+        ("--temperature", "-0.5", "sample.temperature"),
+        ("--max-new-tokens", "0", "sample.max_new_tokens"),
+        ("--top-k", "50258", "sample.top_k"),
+        ("--quantize", "int4", "sample.quantize"),
+    ],
+)
+def test_invalid_settings_exit_2(tmp_path, flag, value, field):
+    assert_one_line_error(run_cli("sample", tmp_path / "any", flag, value), 2, field)
+
+
+def test_conflicting_prompt_options(hf_model):
+    _, folder = hf_model
+    result = run_cli("sample", folder, "--prompt", "a", "--prompts-file", "-")
+    assert_one_line_error(result, 2, "only one of")

@@ -156,6 +156,8 @@ class Generator:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = model.config.block_size
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            use_matvec_for_decode(model)
         self.step: Callable[[torch.Tensor, KVCache, int], torch.Tensor] = model.next_token_logits
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
@@ -266,6 +268,28 @@ def iter_prompt_lines(text: str) -> Iterator[str]:
     yield from text.splitlines()
 
 
+class MatVecLinear(torch.nn.Linear):
+    """A Linear that computes one-row inputs with `torch.mv`: bf16 matrix-vector products through `F.linear` run
+    at ~2/3 of the speed on the CPU (108 us against 75 us for 768 -> 2304; 2.8 ms against 1.9 ms for the output head).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.size(-1) or x.device.type != "cpu":
+            return super().forward(x)
+        out = torch.mv(self.weight, x.reshape(-1))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def use_matvec_for_decode(model: GPT2) -> GPT2:
+    """Switch every Linear to `MatVecLinear` (same parameters, so tying is kept): faster batch-1 bf16 decoding."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = MatVecLinear
+    return model
+
+
 def quantize_int8(model: GPT2) -> GPT2:
     """Weight-only int8 (per output channel) for every projection and the output head, in place (gpt-fast style).
 
@@ -285,6 +309,7 @@ class Int8Linear(torch.nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -299,7 +324,9 @@ class Int8Linear(torch.nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if flat.device.type == "cpu":
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(flat.dtype))
+            # The CPU kernel is fast with bf16 activations only (measured 44 us against 478 us in float32 for a
+            # 768 -> 2304 projection), so activations go through it in bf16.
+            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales_bf16).to(flat.dtype)
         else:
             out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
         if self.bias is not None:

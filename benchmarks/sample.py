@@ -1,0 +1,180 @@
+"""Benchmark: batch-1 greedy decoding with `gpt2cli`'s sampler against transformers' `generate` (KV cache on both).
+
+The `gpt2` preset (124M) with random weights (seed 0, built by transformers and converted, so both hold the same
+weights), a 16-token prompt, 128 new tokens, greedy. Each contender runs in its own process, once to warm up and
+then `--reps` times; decode tokens/s excludes the prompt. Also printed: the machine's copy bandwidth, the bandwidth
+limit it implies (weight bytes per token ÷ copy bandwidth), and the perplexity change that bf16 and int8 weights
+cost on the first 8,192 tokens of the bundled Shakespeare (random weights: a measure of numerical error only).
+
+  python benchmarks/sample.py                # table
+  python benchmarks/sample.py --json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/tokenize.py shadows the standard library's `tokenize` for scripts run from this folder: drop the folder.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = list(range(1000, 1016))
+NEW_TOKENS = 128
+CONTENDERS = ("hf-fp32", "ours-fp32", "ours-bf16", "ours-int8")
+
+
+def build_checkpoint(folder: Path) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder / "hf")
+    return folder / "hf"
+
+
+def time_hf(folder: Path, reps: int) -> dict[str, Any]:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    prompt = torch.tensor([PROMPT])
+
+    def run(new_tokens: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=50256)  # fmt: skip
+        assert out.shape[1] == len(PROMPT) + new_tokens
+        return time.perf_counter() - started
+
+    run(8)
+    rates = []
+    for _ in range(reps):  # decode rate: the time of 128 tokens minus the time of the prompt and first token
+        total, first = run(NEW_TOKENS), run(1)
+        rates.append((NEW_TOKENS - 1) / (total - first))
+    return {"decode_tokens_per_s": statistics.median(rates), "runs": rates}
+
+
+def time_ours(folder: Path, reps: int, variant: str) -> dict[str, Any]:
+    import torch
+
+    from gpt2cli import get_tokenizer, load_model
+    from gpt2cli.devices import keep_freed_memory
+    from gpt2cli.sampling import Generator, SamplingOptions, Timing, quantize_int8
+
+    keep_freed_memory()
+    model = load_model(folder, dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
+    if variant == "int8":
+        quantize_int8(model)
+    generator = Generator(model, get_tokenizer())
+    options = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eot=True)
+    generator.generate([PROMPT], SamplingOptions(max_new_tokens=8, temperature=0.0, ignore_eot=True))
+    rates, completion = [], None
+    for _ in range(reps):
+        timing = Timing()
+        completion = generator.generate([PROMPT], options, timing=timing)[0]
+        rates.append(timing.decode_tokens_per_s)
+    assert completion is not None and len(completion.token_ids) == NEW_TOKENS
+    return {"decode_tokens_per_s": statistics.median(rates), "runs": rates, "perplexity": perplexity(model)}
+
+
+def perplexity(model: Any) -> float:
+    import math
+
+    import torch
+
+    from gpt2cli import get_tokenizer
+
+    text = gzip.decompress((REPO / "gpt2cli" / "assets" / "shakespeare.txt.gz").read_bytes()).decode()
+    tokens = torch.tensor(get_tokenizer().encode(text[:60_000])[: 8 * 1024 + 1])
+    windows = tokens[:-1].view(8, 1024), tokens[1:].view(8, 1024)
+    with torch.inference_mode():
+        logits, _ = model(windows[0])
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), windows[1].reshape(-1))
+    return math.exp(loss.item())
+
+
+def copy_bandwidth() -> float:
+    """Bytes copied per second for a 1 GiB buffer (read once, written once)."""
+    import torch
+
+    source = torch.ones(1 << 28)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    started = time.perf_counter()
+    for _ in range(5):
+        target.copy_(source)
+    return 5 * source.numel() * 4 / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        folder = Path(args.folder)
+        if args.worker == "hf-fp32":
+            print(json.dumps(time_hf(folder, args.reps)))
+        elif args.worker == "bandwidth":
+            print(json.dumps({"copy_bytes_per_s": copy_bandwidth()}))
+        else:
+            print(json.dumps(time_ours(folder, args.reps, args.worker.removeprefix("ours-"))))
+        return
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="gpt2-sample-bench-") as temporary:
+        folder = build_checkpoint(Path(temporary))
+        for name in (*CONTENDERS, "bandwidth"):
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            command = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--reps", str(args.reps)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[name] = json.loads(output.strip().splitlines()[-1])
+    bandwidth = results.pop("bandwidth")["copy_bytes_per_s"]
+    weight_bytes = {"fp32": 124_439_808 * 4, "bf16": 124_439_808 * 2, "int8": 124_439_808 * 1}
+    hf = results["hf-fp32"]["decode_tokens_per_s"]
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cores": os.cpu_count(),
+        "copy_GB_per_s": round(bandwidth / 1e9, 2),
+        "results": results,
+    }
+    for name in CONTENDERS[1:]:
+        variant = name.removeprefix("ours-")
+        limit = bandwidth / weight_bytes[variant]
+        rate = results[name]["decode_tokens_per_s"]
+        results[name].update(
+            vs_transformers=rate / hf,
+            bandwidth_limit_tokens_per_s=limit,
+            fraction_of_limit=rate / limit,
+            perplexity_change=results[name]["perplexity"] / results["ours-fp32"]["perplexity"] - 1,
+        )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"sample benchmark {report['date']}: 124M random weights, batch 1, 16-token prompt, {NEW_TOKENS} new tokens, "
+          f"greedy; copy bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+    print(f"{'contender':<10} {'decode tok/s':>12} {'vs hf':>6} {'limit tok/s':>11} {'of limit':>8} {'ppl change':>10}")
+    print(f"{'hf-fp32':<10} {hf:>12.1f}")
+    for name in CONTENDERS[1:]:
+        r = results[name]
+        print(f"{name:<10} {r['decode_tokens_per_s']:>12.1f} {r['vs_transformers']:>5.2f}x "
+              f"{r['bandwidth_limit_tokens_per_s']:>11.1f} {r['fraction_of_limit']:>8.0%} "
+              f"{r['perplexity_change']:>+10.4%}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

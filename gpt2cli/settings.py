@@ -158,6 +158,25 @@ class SampleSettings(Section):
     compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
 
 
+class EvalSettings(Section):
+    """Evaluation for `gpt2 eval`."""
+
+    task: Literal["lm", "hellaswag"] = Field("lm", description="lm: loss and perplexity; hellaswag: multiple choice.")
+    context: int | None = Field(None, ge=1, description="Tokens per window (default: the model's block size).")
+    stride: int | None = Field(None, ge=1, description="Tokens between window starts (default: the context).")
+    max_tokens: int | None = Field(None, ge=2, description="Score at most this many tokens.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+    limit: int | None = Field(None, ge=1, description="Multiple choice: evaluate the first N examples.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Dtype = Field("float32", description="Compute dtype: float32 (exact), bfloat16, float16, or auto.")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> EvalSettings:
+        if self.stride is not None and self.context is not None and self.stride > self.context:
+            raise ValueError(f"stride ({self.stride}) must not exceed context ({self.context})")
+        return self
+
+
 class Settings(BaseSettings):
     """All sections. Build it with `load_settings`, which applies the configuration file."""
 
@@ -169,6 +188,7 @@ class Settings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     sample: SampleSettings = Field(default_factory=SampleSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
 
 
 # ---------------------------------------------------------------- configuration files

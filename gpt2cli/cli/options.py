@@ -32,7 +32,7 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="TOML settings file with tables \\[model], \\[data], \\[train], \\[sample] (or the seed YAML); "
+        help="TOML settings file with tables \\[model], \\[data], \\[train], \\[sample], \\[eval] (or the seed YAML); "
         f"also ${CONFIG_ENV_VAR}.",
         show_default=False,
     ),

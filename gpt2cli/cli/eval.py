@@ -1,0 +1,173 @@
+"""`gpt2 eval`: how good is a checkpoint on this text (perplexity, bits per byte) or on multiple choice."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+import typer
+
+from gpt2cli.cli.options import ConfigOption, JsonOption, overrides, setting_help
+from gpt2cli.cli.output import print_json
+from gpt2cli.settings import DataSettings, EvalSettings
+
+
+def _e(field: str) -> str:
+    return setting_help(EvalSettings, field)
+
+
+def command(
+    checkpoint: Annotated[
+        str, typer.Argument(help="Our .safetensors file, a run folder, or a transformers folder.", show_default=False)
+    ],
+    data: Annotated[
+        list[str],
+        typer.Argument(
+            help="Text, .jsonl or .bin files (lm); a HellaSwag-format .jsonl (hellaswag).", show_default=False
+        ),
+    ],
+    task: Annotated[str | None, typer.Option(help=_e("task"), show_default=False)] = None,
+    context: Annotated[int | None, typer.Option(help=_e("context"), show_default=False)] = None,
+    stride: Annotated[int | None, typer.Option(help=_e("stride"), show_default=False)] = None,
+    max_tokens: Annotated[int | None, typer.Option(help=_e("max_tokens"), show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_e("batch_size"), show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option(help=_e("limit"), show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(help=_e("device"), show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option(help=_e("dtype"), show_default=False)] = None,
+    text_field: Annotated[
+        str | None, typer.Option(help=setting_help(DataSettings, "text_field"), show_default=False)
+    ] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Score a checkpoint: mean loss, perplexity, bits per byte and a 95% interval (lm), or accuracy (hellaswag).
+
+    Windows of --context tokens start every --stride tokens; each token after the first is scored exactly once.
+    """
+    from gpt2cli.settings import load_settings
+
+    settings = load_settings(
+        config,
+        overrides(
+            eval=dict(
+                task=task,
+                context=context,
+                stride=stride,
+                max_tokens=max_tokens,
+                batch_size=batch_size,
+                limit=limit,
+                device=device,
+                dtype=dtype,
+            ),
+            data=dict(text_field=text_field),
+        ),
+    )
+    run_evaluation(checkpoint, data, settings, json_output)
+
+
+def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output: bool) -> None:
+    from gpt2cli.checkpoint import load_model
+    from gpt2cli.data import EncodeOptions
+    from gpt2cli.devices import keep_freed_memory, resolve_device, resolve_precision
+    from gpt2cli.errors import UsageError
+    from gpt2cli.evaluation import evaluate_lm, evaluate_multiple_choice, load_eval_tokens, read_multiple_choice
+    from gpt2cli.tokenizer import get_tokenizer
+
+    options = settings.eval
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    model = load_model(checkpoint, device=device)
+    block = model.config.block_size
+    context = options.context or block
+    if context > block:
+        raise UsageError(f"--context {context} is larger than the model's block size {block}")
+    stride = options.stride or context
+    if stride > context:
+        raise UsageError(f"--stride {stride} must not exceed --context {context}")
+
+    with _progress("scoring") as advance:
+        if options.task == "hellaswag":
+            if len(data) != 1:
+                raise UsageError("--task hellaswag takes one .jsonl file")
+            examples = read_multiple_choice(data[0], options.limit)
+            result = evaluate_multiple_choice(model, get_tokenizer(), examples, precision, advance).as_dict()
+        else:
+            encode = EncodeOptions(
+                text_field=settings.data.text_field,
+                errors=settings.data.errors,
+                allow_special=settings.data.allow_special,
+            )
+            text = load_eval_tokens(data, encode, options.max_tokens)
+            result = evaluate_lm(
+                model, text.streams, precision, context, stride, options.batch_size, text.text_bytes, advance
+            ).as_dict()
+    if json_output:
+        print_json(result)
+    else:
+        _print_table(result, checkpoint, options.task, context, stride, precision.name)
+
+
+class _progress:
+    """A transient bar with ETA on stderr when it is a terminal; `advance(done, total)`."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> Any:
+        import sys
+
+        if not sys.stderr.isatty():
+            return lambda done, total: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from gpt2cli.cli.output import stderr_console
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=stderr_console(),
+            transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=None)
+
+        def advance(done: int, total: int) -> None:
+            self.progress.update(self.task, completed=done, total=total)
+
+        return advance
+
+    def __exit__(self, *_: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _print_table(result: dict[str, Any], checkpoint: str, task: str, context: int, stride: int, dtype: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{checkpoint} · {task}", show_header=False, title_justify="left")
+    if task == "hellaswag":
+        rows = [
+            ("acc", f"{result['acc']:.4f}"),
+            ("acc_norm", f"{result['acc_norm']:.4f}"),
+            ("examples", str(result["n"])),
+        ]
+    else:
+        ci = result["ci95"]
+        rows = [
+            ("loss (nats/token)", f"{result['loss']:.4f}"),
+            ("perplexity", f"{result['perplexity']:.3f}" if math.isfinite(result["perplexity"]) else "inf"),
+            ("bits per byte", f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "-"),
+            ("tokens scored", f"{result['tokens']:,}"),
+            ("95% interval of the loss", f"{ci[0]:.4f} – {ci[1]:.4f}" if ci else "- (one window)"),
+            ("windows", f"{result['windows']:,} (context {context}, stride {stride}, {dtype})"),
+        ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)

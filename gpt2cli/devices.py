@@ -40,6 +40,34 @@ PEAK_TFLOPS_16BIT: list[tuple[str, float]] = [
 ]
 
 
+# Peak memory bandwidth in GB/s (HBM / GDDR), for decode's achieved-bandwidth column.
+PEAK_BANDWIDTH_GBPS: list[tuple[str, float]] = [
+    (r"H200", 4800.0),
+    (r"H100.*PCIe", 2000.0),
+    (r"H100", 3350.0),
+    (r"A100.*80GB", 2039.0),
+    (r"A100", 1555.0),
+    (r"L40S", 864.0),
+    (r"L4\b", 300.0),
+    (r"A10G", 600.0),
+    (r"A10\b", 600.0),
+    (r"RTX 4090", 1008.0),
+    (r"RTX 3090", 936.0),
+    (r"V100", 900.0),
+    (r"T4\b", 320.0),
+]
+
+
+def _lookup(table: list[tuple[str, float]], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for pattern, value in table:
+        if re.search(pattern, name):
+            return value
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA, then MPS, then the CPU; asking for a device that is not there is a usage error."""
     if name == "auto":
@@ -108,15 +136,20 @@ def resolve_precision(dtype: str, device: torch.device) -> Precision:
     return Precision(device, DTYPES[dtype], needs_scaler=dtype == "float16")
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    """The device's dense 16-bit peak, or None where it is not known (MFU is then omitted, not invented)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for pattern, tflops in PEAK_TFLOPS_16BIT:
-        if re.search(pattern, name):
-            return tflops
-    return None
+def peak_tflops(device: torch.device, dtype: torch.dtype | None = None) -> float | None:
+    """The device's dense peak for `dtype` (16-bit by default), or None where unknown (MFU is then omitted).
+
+    float32 runs on tensor cores as TF32 (enabled for CUDA here), whose dense rate is half the 16-bit one on every
+    GPU in the table.
+    """
+    peak = _lookup(PEAK_TFLOPS_16BIT, device)
+    if peak is not None and dtype == torch.float32:
+        return peak / 2
+    return peak
+
+
+def peak_bandwidth_gbps(device: torch.device) -> float | None:
+    return _lookup(PEAK_BANDWIDTH_GBPS, device)
 
 
 def device_name(device: torch.device) -> str:

@@ -177,6 +177,33 @@ class EvalSettings(Section):
         return self
 
 
+class BenchSettings(Section):
+    """`gpt2 bench`: what to measure and how often."""
+
+    tests: list[str] = Field(["train", "fwd", "pp512", "tg128"], description="train, fwd, ppN, tgN (comma list).")
+    batch_sizes: list[int] = Field([8], min_length=1, description="Batch sizes (comma list).")
+    seq_lens: list[int] = Field(
+        default_factory=list, description="Sequence lengths for train and fwd (comma list; default: the block size)."
+    )
+    reps: int = Field(5, ge=1, description="Timed runs per case.")
+    warmup: int = Field(1, ge=0, description="Untimed runs first (compilation happens here).")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Dtype = Field("auto", description="auto, float32, bfloat16 or float16.")
+    compile: bool = Field(False, description="torch.compile the model (blocks for train, CUDA graphs for decode).")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Device peak for MFU (default: from the known-GPU table)."
+    )
+    output_format: Literal["table", "json", "jsonl", "csv", "md"] = Field("table", description="How to print results.")
+
+    @model_validator(mode="after")
+    def _positive_lists(self) -> BenchSettings:
+        for name in ("batch_sizes", "seq_lens"):
+            bad = [value for value in getattr(self, name) if value < 1]
+            if bad:
+                raise ValueError(f"{name} must be at least 1, got {bad[0]}")
+        return self
+
+
 class Settings(BaseSettings):
     """All sections. Build it with `load_settings`, which applies the configuration file."""
 
@@ -189,6 +216,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     sample: SampleSettings = Field(default_factory=SampleSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
 
 
 # ---------------------------------------------------------------- configuration files

@@ -32,8 +32,8 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="TOML settings file with tables \\[model], \\[data], \\[train], \\[sample], \\[eval] (or the seed YAML); "
-        f"also ${CONFIG_ENV_VAR}.",
+        help="TOML settings file with tables \\[model], \\[data], \\[train], \\[sample], \\[eval], \\[bench] "
+        f"(or the seed YAML); also ${CONFIG_ENV_VAR}.",
         show_default=False,
     ),
 ]

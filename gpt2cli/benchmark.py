@@ -1,0 +1,284 @@
+"""Throughput, MFU and memory of the training step, the forward pass, prefill and decode (llama-bench style).
+
+Tests: `train` (forward, backward, clip, AdamW), `fwd` (forward only), `ppN` (prefill N prompt tokens into the KV
+cache), `tgN` (decode N tokens one step at a time). Each case runs `warmup` times untimed (compilation included and
+reported separately), then `reps` timed runs: mean ± standard deviation of tokens/s.
+
+FLOPs per token (nanoGPT's estimate): training 6·N + 12·L·C·T, with N the parameters without the position
+embeddings, L layers, C the width and T the sequence length; a forward pass is a third of that, 2·N + 4·L·C·T.
+MFU = achieved FLOP/s ÷ the device's dense peak for the dtype (from a table of known GPUs, or --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gpt2cli.devices import Precision, fast_matmul, peak_bandwidth_gbps, peak_tflops
+from gpt2cli.errors import UsageError
+from gpt2cli.model import GPT2, KVCache
+from gpt2cli.optim import build_optimizer
+
+_TEST = re.compile(r"^(train|fwd|pp(\d+)|tg(\d+))$")
+
+
+@dataclass(frozen=True)
+class Case:
+    test: str  # as named: train, fwd, pp512, tg128
+    batch_size: int
+    seq_len: int  # tokens per sequence: T for train/fwd, the prompt for pp, the generated tokens for tg
+
+    @property
+    def kind(self) -> str:
+        return self.test[:2] if self.test[:2] in ("pp", "tg") else self.test
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    dtype: str
+    compile: bool
+    tokens_per_s: float | None = None
+    tokens_per_s_std: float | None = None
+    mfu: float | None = None
+    peak_memory_bytes: int | None = None
+    warmup_s: float | None = None
+    ms_per_token: float | None = None  # decode: time per step
+    bandwidth_gbps: float | None = None  # decode: weight bytes read per second
+    bandwidth_fraction: float | None = None
+    error: str | None = None  # "OOM" when the case did not fit
+    runs_s: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "test": self.case.test,
+            "batch_size": self.case.batch_size,
+            "seq_len": self.case.seq_len,
+            "dtype": self.dtype,
+            "compile": self.compile,
+            "tokens_per_s": self.tokens_per_s,
+            "tokens_per_s_std": self.tokens_per_s_std,
+            "mfu": self.mfu,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "warmup_s": self.warmup_s,
+            "ms_per_token": self.ms_per_token,
+            "bandwidth_gbps": self.bandwidth_gbps,
+            "bandwidth_fraction": self.bandwidth_fraction,
+            "error": self.error,
+        }
+
+
+def parse_tests(spec: list[str]) -> list[str]:
+    tests = []
+    for name in spec:
+        match = _TEST.match(name.strip())
+        if not match or (match.group(1)[:2] in ("pp", "tg") and int(match.group(2) or match.group(3)) < 1):
+            raise UsageError(f"unknown test {name.strip()!r}: use train, fwd, ppN or tgN (e.g. pp512, tg128)")
+        tests.append(match.group(1))
+    return tests
+
+
+def plan_cases(tests: list[str], batch_sizes: list[int], seq_lens: list[int], block_size: int) -> list[Case]:
+    """The cross product, like llama-bench; pp/tg take their length from their name, so they ignore --seq-len."""
+    cases: list[Case] = []
+    for test in tests:
+        for batch in batch_sizes:
+            if test in ("train", "fwd"):
+                cases.extend(Case(test, batch, seq_len) for seq_len in seq_lens)
+            else:
+                cases.append(Case(test, batch, int(test[2:])))
+    for case in cases:
+        if case.seq_len > block_size:
+            raise UsageError(f"{case.test} needs {case.seq_len} positions; the model's block size is {block_size}")
+    return cases
+
+
+def forward_flops_per_token(model: GPT2, seq_len: int) -> float:
+    return model.flops_per_token(seq_len) / 3
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # the process's peak resident memory
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "out of memory" in str(error).lower()
+        or ("can't allocate memory" in str(error))
+    )
+
+
+class Runner:
+    """Builds the work of each case (a closure that processes `case.tokens` tokens once) and times it."""
+
+    def __init__(self, model: GPT2, precision: Precision, compile: bool, peak: float | None = None) -> None:
+        self.model = model
+        self.precision = precision
+        self.device = precision.device
+        self.compile = compile
+        self.peak = peak if peak is not None else peak_tflops(self.device, precision.dtype or torch.float32)
+        self.bandwidth = peak_bandwidth_gbps(self.device)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self._compiled: dict[str, Callable[..., Any]] = {}
+
+    def _tokens(self, batch: int, length: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(batch * 100_003 + length)
+        return torch.randint(0, self.model.config.vocab_size, (batch, length), generator=generator).to(self.device)
+
+    def _callable(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        if not self.compile:
+            return function
+        if name not in self._compiled:
+            mode = "reduce-overhead" if (name == "decode" and self.device.type == "cuda") else None
+            self._compiled[name] = torch.compile(function, mode=mode)
+        return self._compiled[name]
+
+    def work(self, case: Case) -> Callable[[], None]:
+        model, precision = self.model, self.precision
+        if case.kind == "train":
+            model.train()
+            if self.compile and not getattr(model, "_bench_blocks_compiled", False):
+                for block in model.transformer.h:
+                    block.compile()
+                model._bench_blocks_compiled = True  # type: ignore[attr-defined]
+            optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), self.device)
+            inputs, targets = self._tokens(case.batch_size, case.seq_len), self._tokens(case.batch_size, case.seq_len)
+
+            def train_step() -> None:
+                with precision.autocast():
+                    _, loss = model(inputs, targets, return_logits=False, compiled_loss=self.compile)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            return train_step
+        model.eval()
+        if case.kind == "fwd":
+            forward = self._callable("forward", model.forward)
+            inputs = self._tokens(case.batch_size, case.seq_len)
+
+            def forward_pass() -> None:
+                with torch.inference_mode(), precision.autocast():
+                    forward(inputs)
+
+            return forward_pass
+        dtype = precision.dtype or next(model.parameters()).dtype
+        if case.kind == "pp":
+            prompt = self._tokens(case.batch_size, case.seq_len)
+
+            def prefill() -> None:
+                cache = KVCache(model.config, case.batch_size, self.device, dtype, length=case.seq_len)
+                with torch.inference_mode(), precision.autocast():
+                    model.next_token_logits(prompt, cache, 0)
+
+            return prefill
+        step = self._callable("decode", model.next_token_logits)
+        first = self._tokens(case.batch_size, 1)
+
+        def decode() -> None:
+            cache = KVCache(model.config, case.batch_size, self.device, dtype, length=case.seq_len)
+            token = first
+            with torch.inference_mode(), precision.autocast():
+                for position in range(case.seq_len):
+                    logits = step(token, cache, position)
+                    token = logits.argmax(dim=-1, keepdim=True)
+
+        return decode
+
+    def run(
+        self, case: Case, reps: int, warmup: int, on_rep: Callable[[Case, str, int, int], None] | None = None
+    ) -> CaseResult:
+        result = CaseResult(case, dtype=self.precision.name, compile=self.compile)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with fast_matmul(self.device):
+                work = self.work(case)
+                started = time.perf_counter()
+                for index in range(warmup):
+                    if on_rep is not None:
+                        on_rep(case, "warm-up", index + 1, warmup)
+                    work()
+                _synchronize(self.device)
+                result.warmup_s = time.perf_counter() - started
+                for index in range(reps):
+                    if on_rep is not None:
+                        on_rep(case, "rep", index + 1, reps)
+                    _synchronize(self.device)
+                    rep_started = time.perf_counter()
+                    work()
+                    _synchronize(self.device)
+                    result.runs_s.append(time.perf_counter() - rep_started)
+        except (RuntimeError, MemoryError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            result.error = "OOM"
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return result
+        finally:
+            self.model.zero_grad(set_to_none=True)
+        rates = [case.tokens / seconds for seconds in result.runs_s]
+        result.tokens_per_s = statistics.fmean(rates)
+        result.tokens_per_s_std = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        result.peak_memory_bytes = _peak_memory(self.device)
+        self._derive(result)
+        return result
+
+    def _derive(self, result: CaseResult) -> None:
+        case, rate = result.case, result.tokens_per_s or 0.0
+        if case.kind == "tg":
+            steps_per_s = rate / case.batch_size
+            result.ms_per_token = 1000.0 / steps_per_s
+            result.bandwidth_gbps = self.weight_bytes * steps_per_s / 1e9  # every step reads every weight once
+            if self.bandwidth is not None:
+                result.bandwidth_fraction = result.bandwidth_gbps / self.bandwidth
+            return
+        if self.peak is None:
+            return
+        if case.kind == "train":
+            flops = self.model.flops_per_token(case.seq_len)
+        elif case.kind == "fwd":
+            flops = forward_flops_per_token(self.model, case.seq_len)
+        else:  # pp: a forward pass over the prompt (attention to the prompt's own length)
+            flops = forward_flops_per_token(self.model, case.seq_len)
+        result.mfu = flops * rate / (self.peak * 1e12)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import os
+    import platform
+
+    from gpt2cli import __version__
+    from gpt2cli.devices import device_name
+
+    return {
+        "gpt2cli": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu": device_name(torch.device("cpu")),
+        "cores": os.cpu_count(),
+    }

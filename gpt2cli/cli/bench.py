@@ -1,0 +1,185 @@
+"""`gpt2 bench`: tokens/s, MFU and memory of training, forward, prefill and decode on this device."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from gpt2cli.cli.options import ConfigOption, overrides, setting_help
+from gpt2cli.cli.output import info, write_stdout
+from gpt2cli.settings import BenchSettings, ModelSettings
+
+COLUMNS = [
+    *("test", "batch_size", "seq_len", "dtype", "compile", "tokens_per_s", "tokens_per_s_std", "mfu"),
+    *("peak_memory_bytes", "warmup_s", "ms_per_token", "bandwidth_gbps", "bandwidth_fraction", "error"),
+]
+
+
+def _b(field: str) -> str:
+    return setting_help(BenchSettings, field)
+
+
+def _ints(text: str | None) -> list[int] | None:
+    from gpt2cli.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"expected a comma list of whole numbers, got {text!r}") from None
+
+
+def command(
+    device: Annotated[str | None, typer.Option(help=_b("device"), show_default=False)] = None,
+    preset: Annotated[str | None, typer.Option(help=setting_help(ModelSettings, "preset"), show_default=False)] = None,
+    n_layer: Annotated[
+        int | None, typer.Option(help=setting_help(ModelSettings, "n_layer"), show_default=False)
+    ] = None,
+    n_head: Annotated[int | None, typer.Option(help=setting_help(ModelSettings, "n_head"), show_default=False)] = None,
+    n_embd: Annotated[int | None, typer.Option(help=setting_help(ModelSettings, "n_embd"), show_default=False)] = None,
+    block_size: Annotated[
+        int | None, typer.Option(help=setting_help(ModelSettings, "block_size"), show_default=False)
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help=_b("dtype"), show_default=False)] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help=_b("compile"), show_default=False)
+    ] = None,
+    batch_size: Annotated[str | None, typer.Option(help=_b("batch_sizes"), show_default=False)] = None,
+    seq_len: Annotated[str | None, typer.Option(help=_b("seq_lens"), show_default=False)] = None,
+    tests: Annotated[str | None, typer.Option(help=_b("tests"), show_default=False)] = None,
+    reps: Annotated[int | None, typer.Option(help=_b("reps"), show_default=False)] = None,
+    warmup: Annotated[int | None, typer.Option(help=_b("warmup"), show_default=False)] = None,
+    peak_tflops: Annotated[float | None, typer.Option(help=_b("peak_tflops"), show_default=False)] = None,
+    output_format: Annotated[str | None, typer.Option("--format", help=_b("output_format"), show_default=False)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Measure tokens/s (mean ± std), MFU and peak memory of train, fwd, ppN (prefill) and tgN (decode).
+
+    Random weights of the chosen shape. FLOPs per token: training 6·N + 12·L·C·T (N parameters without position
+    embeddings, L layers, C width, T sequence length), forward a third of it; MFU divides by the device's dense
+    peak for the dtype (known GPUs, or --peak-tflops) and is omitted where the peak is unknown. For tgN, the
+    achieved bandwidth is the weight bytes read per decode step × steps/s.
+    """
+    from gpt2cli.settings import load_settings
+
+    settings = load_settings(
+        config,
+        overrides(
+            model=dict(preset=preset, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size),
+            bench=dict(
+                device=device,
+                dtype=dtype,
+                compile=compile,
+                batch_sizes=_ints(batch_size),
+                seq_lens=_ints(seq_len),
+                tests=tests.split(",") if tests is not None else None,
+                reps=reps,
+                warmup=warmup,
+                peak_tflops=peak_tflops,
+                output_format="json" if json_output else output_format,
+            ),
+        ),
+    )
+    run_bench(settings)
+
+
+def run_bench(settings: Any) -> None:
+    import torch
+
+    from gpt2cli.benchmark import Runner, environment, parse_tests, plan_cases
+    from gpt2cli.devices import keep_freed_memory, resolve_device, resolve_precision
+    from gpt2cli.model import GPT2
+
+    options = settings.bench
+    tests = parse_tests(options.tests)
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    config = settings.model.to_config()
+    cases = plan_cases(tests, options.batch_sizes, options.seq_lens or [config.block_size], config.block_size)
+    torch.manual_seed(0)
+    model = GPT2(config).to(device)
+    runner = Runner(model, precision, options.compile, peak=options.peak_tflops)
+    env = environment(device)
+    info(f"bench: {env['device_name']} · {precision.name} · compile {options.compile} · "
+         f"{model.num_parameters() / 1e6:.1f}M parameters · {len(cases)} case(s)")  # fmt: skip
+
+    def on_rep(case: Any, phase: str, index: int, total: int) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r\x1b[2K{case.test} b{case.batch_size} s{case.seq_len}: {phase} {index}/{total}")
+            sys.stderr.flush()
+
+    results = []
+    for case in cases:
+        result = runner.run(case, options.reps, options.warmup, on_rep)
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[2K")
+        status = "OOM" if result.error else f"{result.tokens_per_s:,.1f} ± {result.tokens_per_s_std:,.1f} tok/s"
+        info(f"{case.test} batch {case.batch_size} seq {case.seq_len}: {status}")
+        results.append(result.as_dict())
+    _print(results, env, options.output_format)
+
+
+def _print(results: list[dict[str, Any]], env: dict[str, Any], output_format: str) -> None:
+    if output_format == "json":
+        write_stdout([json.dumps({"environment": env, "results": results}, indent=2) + "\n"])
+    elif output_format == "jsonl":
+        write_stdout([json.dumps(row) + "\n" for row in results])
+    elif output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(results)
+        write_stdout([buffer.getvalue()])
+    elif output_format == "md":
+        rows = [_human(row, env) for row in results]
+        header = list(rows[0]) if rows else []
+        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+        write_stdout(["\n".join(lines) + "\n"])
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"gpt2 bench · {env['device_name']} · torch {env['torch']}", title_justify="left")
+        rows = [_human(row, env) for row in results]
+        for column in rows[0] if rows else []:
+            table.add_column(column, justify="left" if column in ("device", "test", "dtype") else "right")
+        for row in rows:
+            table.add_row(*row.values())
+        Console(width=None if sys.stdout.isatty() else 200).print(table)  # a pipe gets every column unwrapped
+
+
+def _human(row: dict[str, Any], env: dict[str, Any]) -> dict[str, str]:
+    def number(value: float | None, pattern: str) -> str:
+        return "-" if value is None else pattern.format(value)
+
+    oom = row["error"] == "OOM"
+    extra = ""
+    if row["bandwidth_gbps"] is not None:
+        extra = f"{row['bandwidth_gbps']:.1f} GB/s" + (
+            f" ({row['bandwidth_fraction']:.0%})" if row["bandwidth_fraction"] is not None else ""
+        )
+    return {
+        "device": env["device_name"],
+        "dtype": row["dtype"],
+        "compile": "yes" if row["compile"] else "no",
+        "test": row["test"],
+        "batch": str(row["batch_size"]),
+        "seq": str(row["seq_len"]),
+        "tokens/s": "OOM" if oom else number(row["tokens_per_s"], "{:,.1f}"),
+        "±": "" if oom else number(row["tokens_per_s_std"], "{:,.1f}"),
+        "MFU": number(row["mfu"] * 100 if row["mfu"] is not None else None, "{:.1f}%"),
+        "memory": number(row["peak_memory_bytes"] / 2**20 if row["peak_memory_bytes"] else None, "{:,.0f} MiB"),
+        "ms/token": number(row["ms_per_token"], "{:.2f}"),
+        "bandwidth": extra or "-",
+        "warm-up": number(row["warmup_s"], "{:.2f} s"),
+    }

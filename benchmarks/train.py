@@ -133,16 +133,6 @@ def lr_at(step: int, steps: int) -> float:
     return RECIPE["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (RECIPE["lr"] - RECIPE["min_lr"])
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -160,6 +150,8 @@ def main() -> None:
 
     import torch
 
+    from gpt2cli.devices import device_name
+
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gpt2-train-bench-") as temporary:
         folder = Path(temporary)
@@ -176,7 +168,11 @@ def main() -> None:
 
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpu": device_name(torch.device("cpu")),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "torch": torch.__version__,
         "steps": args.steps,
         "results": results,

@@ -19,6 +19,7 @@ from gpt2cli.data import (
     Source,
     check_sources,
     encode_sources,
+    is_shard,
     read_shard,
     with_document_separators,
 )
@@ -83,9 +84,8 @@ def tokens_of(
     on_bytes: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """The tokens of one input: a shard is memory-mapped; text is tokenized once and cached by its content."""
-    with open(path, "rb") as handle:
-        if handle.read(4) == np.array([20240520], dtype="<i4").tobytes() or path.suffix == SHARD_SUFFIX:
-            return read_shard(path)
+    if is_shard(path):
+        return read_shard(path)
     source = Source(str(path))
     cached = cache_dir / "tokens" / f"{_content_key(path, options, source.is_jsonl)}{SHARD_SUFFIX}"
     if not cached.exists():

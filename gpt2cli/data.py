@@ -37,6 +37,23 @@ CHUNK_BYTES = 256 << 10  # work unit for the encoder threads; measured fastest b
 # ---------------------------------------------------------------- shards
 
 
+SHARD_MAGIC_BYTES = np.array([SHARD_MAGIC], dtype="<i4").tobytes()
+
+
+def is_shard(path: str | os.PathLike[str]) -> bool:
+    """A token shard by its name (`.bin`) or its first four bytes (the magic), whatever it is called."""
+    with open(path, "rb") as handle:
+        return handle.read(4) == SHARD_MAGIC_BYTES or Path(path).suffix == ".bin"
+
+
+def parse_json_line(line: str, source: str, number: int) -> Any:
+    """One line of a .jsonl file; a broken line is an error naming the file and the line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{source}:{number}: invalid JSON ({error.msg})") from None
+
+
 def shard_header(token_count: int) -> bytes:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, token_count)
@@ -291,10 +308,7 @@ def _encode_chunk(
     for number, line in enumerate(text.splitlines(), start=first_line):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{source.name}:{number}: invalid JSON ({error.msg})") from None
+        record = parse_json_line(line, source.name, number)
         if not isinstance(record, dict) or not isinstance(record.get(options.text_field), str):
             raise DataError(f"{source.name}:{number}: no string field {options.text_field!r}")
         documents.append(tokenizer.encode_to_numpy(record[options.text_field], allow_special=options.allow_special))

@@ -8,7 +8,6 @@ Only the scored positions go through the 50,257-way output projection.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2cli.data import EncodeOptions, Source, encode_sources, read_shard
+from gpt2cli.data import EncodeOptions, Source, encode_sources, is_shard, parse_json_line, read_shard
 from gpt2cli.devices import Precision
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.model import GPT2
@@ -167,9 +166,7 @@ def load_eval_tokens(paths: list[str], options: EncodeOptions, max_tokens: int |
         path = Path(name)
         if not path.is_file():
             raise UsageError(f"{name}: no such file" if not path.exists() else f"{name}: not a file")
-        with open(path, "rb") as handle:
-            shard = handle.read(4) == np.array([20240520], dtype="<i4").tobytes()
-        if shard or path.suffix == ".bin":
+        if is_shard(path):
             streams.append(np.asarray(read_shard(path)))
             any_shard = True
             continue
@@ -221,10 +218,7 @@ def read_multiple_choice(path: str, limit: int | None = None) -> list[Example]:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+            record = parse_json_line(line, path, number)
             endings, label = record.get("endings"), record.get("label")
             if not isinstance(record.get("ctx"), str) or not isinstance(endings, list) or not endings:
                 raise DataError(f"{path}:{number}: expected 'ctx' (text), 'endings' (a list) and 'label'")

@@ -13,7 +13,7 @@ import numpy as np
 
 from gpt2cli.data import (
     HEADER_BYTES,
-    SHARD_MAGIC,
+    SHARD_MAGIC_BYTES,
     STDIN,
     TOKEN_DTYPE,
     EncodedDocument,
@@ -22,6 +22,7 @@ from gpt2cli.data import (
     Source,
     check_token_ids,
     encode_sources,
+    is_shard,
     parse_shard_header,
     read_shard,
     with_document_separators,
@@ -108,7 +109,6 @@ def _total_bytes(sources: list[Source]) -> int:
 
 # ---------------------------------------------------------------- decoding
 
-_SHARD_MAGIC_BYTES = np.array([SHARD_MAGIC], dtype="<i4").tobytes()
 _ID = re.compile(r"\d+")
 
 
@@ -139,14 +139,12 @@ def decode_sources(names: list[str]) -> Iterator[str]:
     for name in names:
         if name == STDIN:
             data = sys.stdin.buffer.read()
-            if data[:4] == _SHARD_MAGIC_BYTES:
+            if data[:4] == SHARD_MAGIC_BYTES:
                 yield from _decode_shard(_shard_from_bytes(data, "<stdin>"), "<stdin>")
             else:
                 yield from _decode_id_lines(data.decode("utf-8", errors="replace").splitlines(), "<stdin>")
             continue
-        with open(name, "rb") as handle:
-            magic = handle.read(4)
-        if magic == _SHARD_MAGIC_BYTES or name.endswith(".bin"):
+        if is_shard(name):
             yield from _decode_shard(read_shard(name), name)
         else:
             with open(name, encoding="utf-8", errors="replace") as handle:

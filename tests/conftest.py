@@ -83,3 +83,22 @@ def hf_model_factory(tmp_path: Path):
         return model, folder
 
     return build
+
+
+def biased_model(path: Path, tokens: set[int], block_size: int = 64) -> Path:
+    """A tiny model whose every prediction strongly favours `tokens`: a constant final hidden state (LayerNorm gain
+    zero, bias fixed) aligned with those tokens' embeddings, so their logits dwarf the others'."""
+    import torch
+
+    from gpt2cli import save_model
+    from gpt2cli.model import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=block_size))
+    with torch.no_grad():
+        direction = torch.ones(16) / 4.0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        for token in tokens:
+            model.transformer.wte.weight[token] = direction * 40.0
+    return save_model(model, path)

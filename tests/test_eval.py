@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from conftest import DATA, assert_one_line_error, run_cli, shakespeare_text
-from gpt2cli import get_tokenizer, save_model
+from conftest import DATA, assert_one_line_error, biased_model, run_cli, shakespeare_text
+from gpt2cli import get_tokenizer
 from gpt2cli.evaluation import sliding_windows
-from gpt2cli.model import GPT2, GPT2Config
 
 TEXT = shakespeare_text()[:6000]
 
@@ -110,23 +109,10 @@ def test_multiple_choice_losses_equal_a_direct_computation(hf_model):
         assert total == pytest.approx(losses.sum().item(), rel=1e-5)
 
 
-def _model_that_prefers(tmp_path, text: str) -> str:
-    """A 0-layer-deep trick: a model whose output always favours the tokens of `text` (by raising their logits)."""
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=64))
-    with torch.no_grad():
-        direction = torch.ones(16) / 4.0
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(direction)
-        for token in set(get_tokenizer().encode(text)):
-            model.transformer.wte.weight[token] = direction * 40.0
-    return str(save_model(model, tmp_path / "biased.safetensors"))
-
-
 def test_a_model_built_to_prefer_the_right_endings_scores_100_percent(tmp_path):
     examples = [json.loads(line) for line in (DATA / "hellaswag_tiny.jsonl").read_text().splitlines()]
     right_words = " ".join(example["endings"][example["label"]] for example in examples)
-    checkpoint = _model_that_prefers(tmp_path, " " + right_words)
+    checkpoint = biased_model(tmp_path / "biased.safetensors", set(get_tokenizer().encode(" " + right_words)))
     result = run_cli("eval", checkpoint, DATA / "hellaswag_tiny.jsonl", "--task", "hellaswag", "--json")
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout) == {"acc": 1.0, "acc_norm": 1.0, "n": 3}

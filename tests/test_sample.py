@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli_env, run_cli
-from gpt2cli import get_tokenizer, load_model, save_model
-from gpt2cli.model import GPT2, GPT2Config, KVCache
+from conftest import assert_one_line_error, biased_model, cli_env, run_cli
+from gpt2cli import get_tokenizer, load_model
+from gpt2cli.model import KVCache
 from gpt2cli.sampling import (
     Generator,
     SamplingOptions,
@@ -125,20 +125,8 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
 # ---------------------------------------------------------------- stopping
 
 
-def _always_eot_model(tmp_path) -> str:
-    """A model whose every output prefers <|endoftext|>: a constant final hidden state aligned with its embedding."""
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=32))
-    with torch.no_grad():
-        direction = torch.ones(16) / 4.0
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(direction)
-        model.transformer.wte.weight[50256] = direction * 100.0
-    return str(save_model(model, tmp_path / "eot.safetensors"))
-
-
 def test_eot_stops_unless_ignored(tmp_path):
-    path = _always_eot_model(tmp_path)
+    path = biased_model(tmp_path / "eot.safetensors", {50256}, block_size=32)
     stopped = json.loads(run_cli("sample", path, "--prompt", "Hi", "--json", "--seed", "0").stdout)
     assert stopped["finish_reason"] == "eot" and stopped["token_ids"] == [] and stopped["completion"] == ""
     args = ("sample", path, "--prompt", "Hi", "--json", "--ignore-eot", "--max-new-tokens", "3", "--temperature", "0")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import ConfigOption, JsonOption, overrides, setting_help
+from gpt2cli.cli.options import CheckpointArgument, ConfigOption, JsonOption, overrides, setting_help
 from gpt2cli.cli.output import print_json
 from gpt2cli.settings import DataSettings, EvalSettings
 
@@ -17,9 +17,7 @@ def _e(field: str) -> str:
 
 
 def command(
-    checkpoint: Annotated[
-        str, typer.Argument(help="Our .safetensors file, a run folder, or a transformers folder.", show_default=False)
-    ],
+    checkpoint: CheckpointArgument,
     data: Annotated[
         list[str],
         typer.Argument(

@@ -38,3 +38,6 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
+CheckpointArgument = Annotated[
+    str, typer.Argument(help="Our .safetensors file, a run folder, or a transformers folder.", show_default=False)
+]

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import ConfigOption, overrides, setting_help
+from gpt2cli.cli.options import CheckpointArgument, ConfigOption, overrides, setting_help
 from gpt2cli.cli.output import info, write_stdout
 from gpt2cli.settings import SampleSettings
 
@@ -19,9 +19,7 @@ def _s(field: str) -> str:
 
 
 def command(
-    checkpoint: Annotated[
-        str, typer.Argument(help="Our .safetensors file, a run folder, or a transformers folder.", show_default=False)
-    ],
+    checkpoint: CheckpointArgument,
     prompt: Annotated[
         str | None, typer.Option(help="The prompt text (none: start from <|endoftext|>).", show_default=False)
     ] = None,

@@ -20,7 +20,7 @@ DEFAULT_RUN: dict[str, dict[str, Any]] = {
     "train": {
         "batch_size": 8,
         "lr": 1e-3,
-        "max_steps": 500,
+        "max_steps": 600,
         "warmup_steps": 25,
         "eval_interval": 100,
         "eval_tokens": 32768,

@@ -156,21 +156,21 @@ def optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer) -> dict[str
     tensors = {}
     for name, parameter in unwrap(model).named_parameters():
         for key, value in optimizer.state.get(parameter, {}).items():
-            tensors[f"{name}.{key}"] = value.detach().reshape(value.shape).contiguous().cpu()
+            tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
     return tensors
 
 
 def load_optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    fused = any(group.get("fused") for group in optimizer.param_groups)  # fused AdamW keeps `step` on the device
     for name, parameter in unwrap(model).named_parameters():
-        keys = ("step", "exp_avg", "exp_avg_sq")
         if f"{name}.exp_avg" not in tensors:
             raise CheckpointError(f"optimizer state has no moments for {name}")
-        state = {key: tensors[f"{name}.{key}"].clone() for key in keys}
-        state["exp_avg"] = state["exp_avg"].to(parameter.device)
-        state["exp_avg_sq"] = state["exp_avg_sq"].to(parameter.device)
-        fused = any(group.get("fused") for group in optimizer.param_groups)
-        state["step"] = state["step"].to(parameter.device if fused else "cpu")
-        optimizer.state[parameter] = state
+        # Copies: optimizer state is updated in place and must not alias the loaded file's buffers.
+        optimizer.state[parameter] = {
+            "step": tensors[f"{name}.step"].to(parameter.device if fused else "cpu", copy=True),
+            "exp_avg": tensors[f"{name}.exp_avg"].to(parameter.device, copy=True),
+            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(parameter.device, copy=True),
+        }
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -264,7 +264,6 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         self.compiled = train.compile
-        self.forward_model: torch.nn.Module = self.model
         if train.compile:
             for block in self.model.transformer.h:
                 block.compile()
@@ -409,7 +408,7 @@ class Trainer:
             part = windows[micro * plan.batch_size : (micro + 1) * plan.batch_size]
             inputs, targets = self.train_windows.batch(part, self.device)
             with self.precision.autocast():
-                _, loss = self.forward_model(inputs, targets, return_logits=False, compiled_loss=self.compiled)
+                _, loss = self.model(inputs, targets, return_logits=False, compiled_loss=self.compiled)
             scaled = loss / plan.grad_accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()

@@ -137,8 +137,30 @@ class Runner:
         self.compile = compile
         self.peak = peak if peak is not None else peak_tflops(self.device, precision.dtype or torch.float32)
         self.bandwidth = peak_bandwidth_gbps(self.device)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        itemsize = torch.finfo(precision.dtype).bits // 8 if precision.dtype is not None else 4
+        self.weight_bytes = model.num_parameters() * itemsize  # as stored for inference (fwd, pp, tg)
         self._compiled: dict[str, Callable[..., Any]] = {}
+        self._inference_model: GPT2 | None = None
+
+    def inference_model(self) -> GPT2:
+        """The model for fwd/pp/tg: weights stored in the benchmark's dtype, as `gpt2 sample --dtype` runs it.
+
+        Autocast would cast every float32 weight again at each decode step, which is not how inference runs.
+        """
+        if self._inference_model is None:
+            dtype = self.precision.dtype
+            if dtype is None:
+                self._inference_model = self.model
+            else:
+                import copy
+
+                from gpt2cli.sampling import use_matvec_for_decode
+
+                self._inference_model = copy.deepcopy(self.model).to(dtype).eval()
+                self._inference_model.tie_weights()
+                if self.device.type == "cpu" and dtype == torch.bfloat16:
+                    use_matvec_for_decode(self._inference_model)
+        return self._inference_model
 
     def _tokens(self, batch: int, length: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(batch * 100_003 + length)
@@ -172,23 +194,23 @@ class Runner:
                 optimizer.zero_grad(set_to_none=True)
 
             return train_step
-        model.eval()
+        model = self.inference_model()
+        dtype = next(model.parameters()).dtype
         if case.kind == "fwd":
             forward = self._callable("forward", model.forward)
             inputs = self._tokens(case.batch_size, case.seq_len)
 
             def forward_pass() -> None:
-                with torch.inference_mode(), precision.autocast():
+                with torch.inference_mode():
                     forward(inputs)
 
             return forward_pass
-        dtype = precision.dtype or next(model.parameters()).dtype
         if case.kind == "pp":
             prompt = self._tokens(case.batch_size, case.seq_len)
 
             def prefill() -> None:
                 cache = KVCache(model.config, case.batch_size, self.device, dtype, length=case.seq_len)
-                with torch.inference_mode(), precision.autocast():
+                with torch.inference_mode():
                     model.next_token_logits(prompt, cache, 0)
 
             return prefill
@@ -198,7 +220,7 @@ class Runner:
         def decode() -> None:
             cache = KVCache(model.config, case.batch_size, self.device, dtype, length=case.seq_len)
             token = first
-            with torch.inference_mode(), precision.autocast():
+            with torch.inference_mode():
                 for position in range(case.seq_len):
                     logits = step(token, cache, position)
                     token = logits.argmax(dim=-1, keepdim=True)

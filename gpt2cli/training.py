@@ -14,6 +14,7 @@ atomically: killing the process at any instant leaves the previous checkpoint in
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,6 +35,7 @@ from gpt2cli.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.checkpoint import hf_config_dict, load_model, save_model, unwrap
 from gpt2cli.corpus import TokenData
 from gpt2cli.devices import Precision, fast_matmul, keep_freed_memory, peak_tflops
+from gpt2cli.distributed import World, any_across, mean_across
 from gpt2cli.errors import CheckpointError, DataError, Gpt2Error, UsageError
 from gpt2cli.files import atomic_path, atomic_write_bytes
 from gpt2cli.model import GPT2, GPT2Config
@@ -228,13 +230,16 @@ class Trainer:
         precision: Precision,
         report: Report | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        world: World | None = None,
     ) -> None:
+        self.world = world or World()
         self.settings = settings
         self.train_settings = settings.train
         self.out = out
         self.precision = precision
         self.device = precision.device
-        self.report = report or (lambda event, payload: None)
+        # Under torchrun only rank 0 reports and writes files; every rank trains.
+        self.report = (report if self.world.is_main else None) or (lambda event, payload: None)
         self.should_stop = should_stop
         self.data = data
         self.progress = Progress()
@@ -247,13 +252,13 @@ class Trainer:
         seq_len = self.train_settings.seq_len or config.block_size
         self.train_windows = Windows(data.train, seq_len)
         self.val_windows = Windows(data.val, seq_len)
-        self.plan = plan_run(self.train_settings, config, len(self.train_windows))
+        self.plan = plan_run(self.train_settings, config, len(self.train_windows), self.world.world_size)
         if data.val and len(self.val_windows) == 0:
             raise DataError(
                 f"the validation data ({data.val_tokens} tokens) is shorter than one window of {seq_len + 1} tokens; "
                 "raise --val-fraction, give --val-data, or lower --seq-len"
             )
-        if resume_from is None:
+        if resume_from is None and self.world.is_main:
             self._create_out_folder()  # only once everything checked out: a refused run leaves nothing behind
         train = self.train_settings
         self.optimizer = build_optimizer(
@@ -267,6 +272,12 @@ class Trainer:
         if train.compile:
             for block in self.model.transformer.h:
                 block.compile()
+        self.trained: torch.nn.Module = self.model  # what the step runs: the model, or its DDP wrapper
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.model, device_ids=device_ids)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.peak = peak_tflops(self.device)
@@ -351,7 +362,8 @@ class Trainer:
         )
         self.sampler.state = self.progress.sampler
         restore_rng(state["rng"], self.device)
-        self._truncate_metrics(self.progress.step)
+        if self.world.is_main:
+            self._truncate_metrics(self.progress.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint being resumed (they will be written again)."""
@@ -365,7 +377,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the planned step; returns the summary. Raises `Interrupted` after saving on a stop request."""
         plan, progress = self.plan, self.progress
-        self._write_run_files()
+        if self.world.is_main:
+            self._write_run_files()
         self.report("start", self._start_payload())
         window_seconds, window_tokens = 0.0, 0  # training time only: evaluation and saving excluded
         losses: list[float] = []
@@ -382,14 +395,14 @@ class Trainer:
                 losses.append(loss)
                 last = progress.step == plan.total_steps
                 evaluate = self.data.val and (progress.step % self.train_settings.eval_interval == 0 or last)
-                if evaluate:
+                if evaluate and self.world.is_main:
                     progress.last_val_loss = self.evaluate()
-                if progress.step % self.train_settings.log_interval == 0 or last or evaluate:
-                    self._log(loss, grad_norm, lr, window_tokens / max(window_seconds, 1e-9), evaluate)
+                if self.world.is_main and (progress.step % self.train_settings.log_interval == 0 or last or evaluate):
+                    self._log(loss, grad_norm, lr, window_tokens / max(window_seconds, 1e-9), bool(evaluate))
                     window_seconds, window_tokens = 0.0, 0
                 if progress.step % self.train_settings.save_interval == 0 or last:
                     self.save_checkpoint()
-                if self.should_stop() and not last:
+                if any_across(self.should_stop(), self.world, self.device) and not last:
                     self.save_checkpoint()
                     raise Interrupted(
                         f"interrupted at step {progress.step}; checkpoint saved. "
@@ -402,16 +415,21 @@ class Trainer:
         lr = plan.schedule.lr_at(self.progress.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        windows = self.sampler.take(plan.windows_per_step)
+        windows = self.sampler.take(plan.windows_per_step)  # the global batch: the same on every rank
         loss_sum = torch.zeros((), device=self.device)
+        world = self.world
         for micro in range(plan.grad_accum):
-            part = windows[micro * plan.batch_size : (micro + 1) * plan.batch_size]
-            inputs, targets = self.train_windows.batch(part, self.device)
-            with self.precision.autocast():
-                _, loss = self.model(inputs, targets, return_logits=False, compiled_loss=self.compiled)
-            scaled = loss / plan.grad_accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            first = (micro * world.world_size + world.rank) * plan.batch_size  # this rank's slice of the micro-step
+            inputs, targets = self.train_windows.batch(windows[first : first + plan.batch_size], self.device)
+            last_micro = micro == plan.grad_accum - 1
+            sync = contextlib.nullcontext() if last_micro or not world.distributed else self.trained.no_sync()
+            with sync:  # gradients are averaged across ranks once, on the last micro-step
+                with self.precision.autocast():
+                    _, loss = self.trained(inputs, targets, return_logits=False, compiled_loss=self.compiled)
+                scaled = loss / plan.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()
+        loss_sum = mean_across(loss_sum, world)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.train_settings.grad_clip or math.inf
@@ -512,8 +530,10 @@ class Trainer:
             config_json = json.dumps(hf_config_dict(self.model.config), indent=2) + "\n"
             atomic_write_bytes(self.out / "config.json", config_json.encode())
 
-    def save_checkpoint(self) -> Path:
-        """Write the model, optimizer and state as a new checkpoint folder, then point `latest` at it."""
+    def save_checkpoint(self) -> Path | None:
+        """Write the model, optimizer and state as a new checkpoint folder, then point `latest` at it (rank 0)."""
+        if not self.world.is_main:
+            return None
         progress = self.progress
         name = f"step-{progress.step:06d}"
         root = self.out / CHECKPOINTS

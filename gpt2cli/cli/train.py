@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -137,16 +138,27 @@ def command(
 
 
 def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], json_output: bool) -> None:
-    from gpt2cli.corpus import bundled_corpus, default_cache_dir, load_token_data
-    from gpt2cli.data import EncodeOptions
-    from gpt2cli.devices import resolve_device, resolve_precision
-    from gpt2cli.training import Trainer
+    from gpt2cli.devices import resolve_device
+    from gpt2cli.distributed import from_environment, start, stop
 
     settings, bundled = _resolve_settings(config, flags)
-    out = Path(settings.train.out or _new_run_folder())
+    world = from_environment()
+    out = Path(settings.train.out or _new_run_folder(world.distributed))
     settings.train.out = str(out)
 
-    device = resolve_device(settings.train.device)
+    device = start(world, resolve_device(settings.train.device))
+    try:
+        _train(settings, bundled, out, world, device, json_output)
+    finally:
+        stop()
+
+
+def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, json_output: bool) -> None:
+    from gpt2cli.corpus import bundled_corpus, default_cache_dir, load_token_data
+    from gpt2cli.data import EncodeOptions
+    from gpt2cli.devices import resolve_precision
+    from gpt2cli.training import Trainer
+
     precision = resolve_precision(settings.train.dtype, device)
     options = EncodeOptions(
         text_field=settings.data.text_field, errors=settings.data.errors, allow_special=settings.data.allow_special
@@ -161,19 +173,21 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
         settings.data.workers,
     )
     source = "the bundled Shakespeare corpus" if bundled else f"{len(data.sources)} source(s)"
+    processes = f", {world.world_size} processes" if world.distributed else ""
     display = TrainingDisplay(
         f"tokens: {data.train_tokens:,} for training, {data.val_tokens:,} for validation, from {source} "
-        f"({time.perf_counter() - started:.1f} s)"
+        f"({time.perf_counter() - started:.1f} s){processes}"
     )
-    with _graceful_interrupt() as stop:
-        trainer = Trainer(settings, data, out, precision, report=display.report, should_stop=stop)
+    with _graceful_interrupt() as should_stop:
+        trainer = Trainer(settings, data, out, precision, report=display.report, should_stop=should_stop, world=world)
         try:
             summary = trainer.run()
         finally:
             display.close()
-    _print_summary(summary)
-    if json_output:
-        print_json(summary)
+    if world.is_main:
+        _print_summary(summary)
+        if json_output:
+            print_json(summary)
 
 
 def _resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> tuple[Any, bool]:
@@ -196,7 +210,9 @@ def _resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> 
     return load_settings(config, flags, profile=DEFAULT_RUN if bundled else None), bundled
 
 
-def _new_run_folder() -> str:
+def _new_run_folder(distributed: bool = False) -> str:
+    if distributed:  # every rank must name the same folder: torchrun gives the job one id
+        return str(Path("runs") / f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     candidate, n = Path("runs") / stamp, 1
     while candidate.exists():

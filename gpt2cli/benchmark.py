@@ -281,9 +281,7 @@ class Runner:
             return
         if case.kind == "train":
             flops = self.model.flops_per_token(case.seq_len)
-        elif case.kind == "fwd":
-            flops = forward_flops_per_token(self.model, case.seq_len)
-        else:  # pp: a forward pass over the prompt (attention to the prompt's own length)
+        else:  # fwd, and pp: a forward pass over the prompt (attention to the prompt's own length)
             flops = forward_flops_per_token(self.model, case.seq_len)
         result.mfu = flops * rate / (self.peak * 1e12)
 

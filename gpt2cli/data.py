@@ -24,13 +24,13 @@ import numpy as np
 
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.files import commit, temporary_sibling
+from gpt2cli.settings import MAX_SHARD_TOKENS
 from gpt2cli.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-MAX_SHARD_TOKENS = 2**31 - 1
 TOKEN_DTYPE = np.dtype("<u2")
 CHUNK_BYTES = 256 << 10  # work unit for the encoder threads; measured fastest between 128 KiB and 4 MiB
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -163,7 +163,7 @@ class Generator:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
             self.step = torch.compile(model.next_token_logits, mode=mode, dynamic=True)
 
-    def prepare_prompt(self, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
+    def prepare_prompt(self, prompt: str) -> tuple[list[int], bool]:
         """Token ids of a prompt (an empty prompt starts from <|endoftext|>); True if it was cut to fit."""
         ids = self.tokenizer.encode(prompt) or [EOT_ID]
         limit = self.block_size - 1  # leave room for at least one new token
@@ -261,11 +261,6 @@ class Generator:
             if piece:
                 on_text(row, piece)
         return not finished
-
-
-def iter_prompt_lines(text: str) -> Iterator[str]:
-    """Prompts of a --prompts-file: one per line (a trailing newline is not an extra prompt)."""
-    yield from text.splitlines()
 
 
 class MatVecLinear(torch.nn.Linear):

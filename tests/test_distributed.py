@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from conftest import cli_env, shakespeare_text
 from gpt2cli import load_model
 
 COMMON = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--device", "cpu",
@@ -17,15 +16,8 @@ COMMON = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(shakespeare_text()[:120_000])
-    return path
-
-
-@pytest.fixture
-def env(tmp_path):
-    return cli_env(GPT2_DATA__CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+def env(exact_env):
+    return exact_env
 
 
 def train(*args, env, processes: int = 1) -> subprocess.CompletedProcess[bytes]:

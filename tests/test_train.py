@@ -21,22 +21,8 @@ EXACT = ["--device", "cpu", "--dtype", "float32", "--log-interval", "1"]
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(shakespeare_text()[:120_000])
-    return path
-
-
-@pytest.fixture
 def env(tmp_path):
     return cli_env(GPT2_DATA__CACHE_DIR=str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def exact_env(tmp_path):
-    """One thread: multi-threaded CPU kernels can round differently when the machine is busy (CI runs tests in
-    parallel with other work), and these tests compare losses bit for bit."""
-    return cli_env(GPT2_DATA__CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 def train(*args, env, **kwargs):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from gpt2cli.cli.options import CheckpointArgument, ConfigOption, JsonOption, overrides, setting_help
-from gpt2cli.cli.output import print_json
+from gpt2cli.cli.output import print_json, progress_bar
 from gpt2cli.settings import DataSettings, EvalSettings
 
 
@@ -85,7 +85,8 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     if stride > context:
         raise UsageError(f"--stride {stride} must not exceed --context {context}")
 
-    with _progress("scoring") as advance:
+    with progress_bar("scoring") as bar:
+        advance = bar.update
         if options.task == "hellaswag":
             if len(data) != 1:
                 raise UsageError("--task hellaswag takes one .jsonl file")
@@ -105,44 +106,6 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
         print_json(result)
     else:
         _print_table(result, checkpoint, options.task, context, stride, precision.name)
-
-
-class _progress:
-    """A transient bar with ETA on stderr when it is a terminal; `advance(done, total)`."""
-
-    def __init__(self, description: str) -> None:
-        self.description = description
-        self.progress: Any = None
-        self.task: Any = None
-
-    def __enter__(self) -> Any:
-        import sys
-
-        if not sys.stderr.isatty():
-            return lambda done, total: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from gpt2cli.cli.output import stderr_console
-
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=stderr_console(),
-            transient=True,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(self.description, total=None)
-
-        def advance(done: int, total: int) -> None:
-            self.progress.update(self.task, completed=done, total=total)
-
-        return advance
-
-    def __exit__(self, *_: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def _print_table(result: dict[str, Any], checkpoint: str, task: str, context: int, stride: int, dtype: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -47,22 +47,38 @@ def print_json(document: Any) -> None:
     write_stdout([json.dumps(document) + "\n"])
 
 
+class ProgressBar:
+    """A task on a transient Rich bar; every call is a no-op when stderr is not a terminal."""
+
+    def __init__(self, progress: Any = None, task: Any = None) -> None:
+        self.progress, self.task = progress, task
+
+    def advance(self, amount: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, amount)
+
+    def update(self, completed: int, total: int | None = None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=completed, total=total)
+
+
 @contextmanager
-def byte_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n_bytes)`: a transient bytes / MB/s / ETA bar on stderr when it is a terminal, else a no-op."""
+def progress_bar(description: str, total: int | None = None, unit: str = "items") -> Iterator[ProgressBar]:
+    """A transient bar with ETA on stderr (bytes and MB/s for `unit="bytes"`), shown only on a terminal."""
     if not sys.stderr.isatty():
-        yield lambda _: None  # no bar, and no Rich import either: pipelines start faster
+        yield ProgressBar()  # no bar, and no Rich import either: pipelines start faster
         return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=stderr_console(), transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda done: progress.advance(task, done)
+    counts = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
+    columns = (TextColumn("{task.description}"), BarColumn(), *counts, TimeRemainingColumn())
+    with Progress(*columns, console=stderr_console(), transient=True) as progress:
+        yield ProgressBar(progress, progress.add_task(description, total=total))

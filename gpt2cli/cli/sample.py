@@ -147,7 +147,7 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
 
     encoded = []
     for text in prompts:
-        ids, cut = generator.prepare_prompt(text, options.max_new_tokens)
+        ids, cut = generator.prepare_prompt(text)
         if cut:
             info(f"warning: the prompt was cut from the left to the last {len(ids)} tokens (the context is "
                  f"{model.config.block_size})")  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from gpt2cli.cli.options import ConfigOption, JsonOption, overrides, setting_help
-from gpt2cli.cli.output import byte_progress, info, print_json, write_stdout
+from gpt2cli.cli.output import info, print_json, progress_bar, write_stdout
 from gpt2cli.errors import UsageError
 from gpt2cli.settings import DataSettings
 
@@ -86,7 +86,8 @@ def command(
     )
     total = sum(size for source in sources if (size := source.size()) is not None) or None
     started = time.perf_counter()
-    with byte_progress("tokenizing", total) as advance:
+    with progress_bar("tokenizing", total, unit="bytes") as bar:
+        advance = bar.advance
         if count:
             summary = count_tokens(sources, options, settings.workers, advance)
         elif to_stdout:

@@ -50,8 +50,13 @@ def unwrap(model: torch.nn.Module) -> GPT2:
 
 def to_checkpoint_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under transformers' names and layout (tied lm_head stored once)."""
+    return checkpoint_layout(unwrap(model).state_dict(), dtype)
+
+
+def checkpoint_layout(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A GPT2 state dict under transformers' names and layout, on the CPU (tied lm_head stored once)."""
     tensors = {}
-    for name, tensor in unwrap(model).state_dict().items():
+    for name, tensor in state.items():
         if name == "lm_head.weight":
             continue
         tensor = tensor.detach()
@@ -324,16 +329,23 @@ def save_model(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write `model` as one safetensors file, atomically; returns the path written."""
-    path = Path(path)
     gpt2 = unwrap(model)
+    return write_checkpoint(to_checkpoint_tensors(gpt2, dtype), gpt2.config, path, metadata=metadata)
+
+
+def write_checkpoint(
+    tensors: dict[str, torch.Tensor], config: GPT2Config, path: str | Path, *, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write tensors already in the file layout (`checkpoint_layout`) with the config in the metadata."""
+    path = Path(path)
     full_metadata = {
         "format": "pt",
-        CONFIG_METADATA_KEY: json.dumps(gpt2.config.to_dict()),
+        CONFIG_METADATA_KEY: json.dumps(config.to_dict()),
         VERSION_METADATA_KEY: __version__,
         **(metadata or {}),
     }
     with atomic_path(path) as temporary:
-        save_file(to_checkpoint_tensors(gpt2, dtype), temporary, metadata=full_metadata)
+        save_file(tensors, temporary, metadata=full_metadata)
     return path
 
 

@@ -1,12 +1,18 @@
-"""Training across processes under PyTorch's launcher, `torchrun` (DDP): one process per device.
+"""Training across processes under PyTorch's launcher, `torchrun`: one process per device, DDP or FSDP2.
 
 The launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK) says whether this process is part of a job; nothing is
 started or networked here beyond `init_process_group`.
+
+DDP keeps a full copy of the model on every process and averages gradients. FSDP2 (`fully_shard`) keeps only a
+slice of every weight, gradient and optimizer moment per process, as DTensors: whole tensors exist only
+transiently (gathered per block for compute, or per tensor with `full_tensor` for checkpoints).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,14 +54,71 @@ def start(world: World, device: torch.device) -> torch.device:
     return device
 
 
+def parallelize(model: torch.nn.Module, world: World, parallel: str, device: torch.device) -> torch.nn.Module:
+    """The module the training step calls: the model itself, its DDP wrapper, or the model sharded in place."""
+    if not world.distributed:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # One unit per block (gathered for its forward and backward only), then the root: embeddings, the final
+        # LayerNorm and the tied output projection.
+        for block in model.transformer.h:  # type: ignore[union-attr]
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def gradient_sync(trained: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Accumulate gradients locally unless `enabled` (the last micro-step), which averages them across ranks."""
+    if hasattr(trained, "set_requires_gradient_sync"):  # FSDP2
+        trained.set_requires_gradient_sync(enabled)
+        yield
+    elif enabled or not hasattr(trained, "no_sync"):  # a single process, or DDP's syncing micro-step
+        yield
+    else:
+        with trained.no_sync():
+            yield
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (a collective: every rank must call it); other tensors as they are."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` cut into this rank's shard the way `like` is sharded (each rank holds `whole`: no communication)."""
+    if not is_sharded(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)  # type: ignore[attr-defined]
+
+
 def stop() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def mean_across(value: torch.Tensor, world: World) -> torch.Tensor:
+def sum_across(value: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def mean_across(value: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        sum_across(value, world)
         value /= world.world_size
     return value
 

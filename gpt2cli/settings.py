@@ -96,7 +96,12 @@ class TrainSettings(Section):
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
     dtype: Dtype = Field("auto", description="Compute dtype: auto, float32, bfloat16 or float16.")
     compile: bool = Field(False, description="Compile the transformer blocks and the loss with torch.compile.")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp keeps a full model on every process; fsdp shards weights, gradients and "
+        "optimizer state across them (FSDP2, for models too large for one device).",
+    )
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (per process under torchrun).")
     seq_len: int | None = Field(None, ge=1, description="Tokens per sequence (default: the block size).")
     total_batch_tokens: int | None = Field(
         None, ge=1, description="Tokens per optimizer step; gradient accumulation makes up the difference."

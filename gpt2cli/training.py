@@ -14,7 +14,6 @@ atomically: killing the process at any instant leaves the previous checkpoint in
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import json
 import math
@@ -32,10 +31,20 @@ from safetensors.torch import load_file, save_file
 
 from gpt2cli import __version__
 from gpt2cli.batches import SamplerState, Windows, WindowSampler
-from gpt2cli.checkpoint import hf_config_dict, load_model, save_model, unwrap
+from gpt2cli.checkpoint import checkpoint_layout, hf_config_dict, load_model, unwrap, write_checkpoint
 from gpt2cli.corpus import TokenData
 from gpt2cli.devices import Precision, fast_matmul, keep_freed_memory, peak_tflops
-from gpt2cli.distributed import World, any_across, mean_across
+from gpt2cli.distributed import (
+    World,
+    any_across,
+    full_tensor,
+    gradient_sync,
+    is_sharded,
+    mean_across,
+    parallelize,
+    shard_like,
+    sum_across,
+)
 from gpt2cli.errors import CheckpointError, DataError, Gpt2Error, UsageError
 from gpt2cli.files import atomic_path, atomic_write_bytes
 from gpt2cli.model import GPT2, GPT2Config
@@ -153,12 +162,27 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(_decode_rng(state["cuda"]), device)
 
 
-def optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW's moments and step counts, named after their parameters."""
+def gather_model_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's whole weights in the checkpoint layout. Under FSDP every rank must call this (the shards are
+    gathered one tensor at a time); ranks that do not write pass `keep=False` and get nothing back."""
+    state = {}
+    for name, tensor in unwrap(model).state_dict().items():
+        if name == "lm_head.weight":  # tied to the embedding, stored once
+            continue
+        whole = full_tensor(tensor.detach())
+        if keep:
+            state[name] = whole.cpu()
+    return checkpoint_layout(state)
+
+
+def optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, torch.Tensor]:
+    """AdamW's moments and step counts, named after their parameters (gathered whole under FSDP, like the weights)."""
     tensors = {}
     for name, parameter in unwrap(model).named_parameters():
         for key, value in optimizer.state.get(parameter, {}).items():
-            tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
+            whole = full_tensor(value.detach())
+            if keep:
+                tensors[f"{name}.{key}"] = whole.contiguous().cpu()
     return tensors
 
 
@@ -167,11 +191,12 @@ def load_optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer, tensor
     for name, parameter in unwrap(model).named_parameters():
         if f"{name}.exp_avg" not in tensors:
             raise CheckpointError(f"optimizer state has no moments for {name}")
-        # Copies: optimizer state is updated in place and must not alias the loaded file's buffers.
+        # Copies: optimizer state is updated in place and must not alias the loaded file's buffers. Under FSDP
+        # each rank keeps its own shard of the whole moments saved in the file.
         optimizer.state[parameter] = {
             "step": tensors[f"{name}.step"].to(parameter.device if fused else "cpu", copy=True),
-            "exp_avg": tensors[f"{name}.exp_avg"].to(parameter.device, copy=True),
-            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(parameter.device, copy=True),
+            "exp_avg": shard_like(tensors[f"{name}.exp_avg"].to(parameter.device, copy=True), parameter),
+            "exp_avg_sq": shard_like(tensors[f"{name}.exp_avg_sq"].to(parameter.device, copy=True), parameter),
         }
 
 
@@ -261,23 +286,22 @@ class Trainer:
         if resume_from is None and self.world.is_main:
             self._create_out_folder()  # only once everything checked out: a refused run leaves nothing behind
         train = self.train_settings
-        self.optimizer = build_optimizer(
-            self.model, train.lr, train.weight_decay, (train.beta1, train.beta2), self.device
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision.needs_scaler else None
-        self.sampler = WindowSampler(len(self.train_windows), train.seed)
-        if resume_from is not None:
-            self._restore(resume_from)
         self.compiled = train.compile
         if train.compile:
             for block in self.model.transformer.h:
                 block.compile()
-        self.trained: torch.nn.Module = self.model  # what the step runs: the model, or its DDP wrapper
-        if self.world.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.trained = DistributedDataParallel(self.model, device_ids=device_ids)
+        # What the step runs: the model, its DDP wrapper, or (FSDP) the model with its weights sharded in place.
+        self.trained = parallelize(self.model, self.world, train.parallel, self.device)
+        self.sharded = is_sharded(self.model.transformer.wte.weight)
+        self.optimizer = build_optimizer(
+            self.model, train.lr, train.weight_decay, (train.beta1, train.beta2), self.device
+        )
+        self.scaler = _grad_scaler(self.device, self.sharded) if precision.needs_scaler else None
+        self.sampler = WindowSampler(len(self.train_windows), train.seed)
+        self.saved_step = -1
+        if resume_from is not None:
+            self._restore(resume_from)
+            self.saved_step = self.progress.step
         if self.device.type == "cpu":
             keep_freed_memory()
         self.peak = peak_tflops(self.device)
@@ -395,7 +419,7 @@ class Trainer:
                 losses.append(loss)
                 last = progress.step == plan.total_steps
                 evaluate = self.data.val and (progress.step % self.train_settings.eval_interval == 0 or last)
-                if evaluate and self.world.is_main:
+                if evaluate:
                     progress.last_val_loss = self.evaluate()
                 if self.world.is_main and (progress.step % self.train_settings.log_interval == 0 or last or evaluate):
                     self._log(loss, grad_norm, lr, window_tokens / max(window_seconds, 1e-9), bool(evaluate))
@@ -421,9 +445,7 @@ class Trainer:
         for micro in range(plan.grad_accum):
             first = (micro * world.world_size + world.rank) * plan.batch_size  # this rank's slice of the micro-step
             inputs, targets = self.train_windows.batch(windows[first : first + plan.batch_size], self.device)
-            last_micro = micro == plan.grad_accum - 1
-            sync = contextlib.nullcontext() if last_micro or not world.distributed else self.trained.no_sync()
-            with sync:  # gradients are averaged across ranks once, on the last micro-step
+            with gradient_sync(self.trained, enabled=micro == plan.grad_accum - 1):
                 with self.precision.autocast():
                     _, loss = self.trained(inputs, targets, return_logits=False, compiled_loss=self.compiled)
                 scaled = loss / plan.grad_accum
@@ -432,8 +454,7 @@ class Trainer:
         loss_sum = mean_across(loss_sum, world)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        clip = self.train_settings.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = _clip_gradients(list(self.model.parameters()), self.train_settings.grad_clip or math.inf)
         loss_value, norm_value = (loss_sum / plan.grad_accum).item(), grad_norm.item()
         if not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
@@ -451,18 +472,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first `eval_tokens` of the validation data (the same windows every time)."""
+        """Mean loss over the first `eval_tokens` of the validation data (the same windows every time).
+
+        Under torchrun the windows are shared out across ranks. Every rank runs the same number of forward passes
+        (FSDP gathers weights collectively); a rank with no windows left scores one with weight zero."""
         self.model.eval()
         count = min(len(self.val_windows), max(1, self.train_settings.eval_tokens // self.plan.seq_len))
-        total, seen = 0.0, 0
-        for start in range(0, count, self.plan.batch_size):
-            indices = np.arange(start, min(count, start + self.plan.batch_size))
+        batch, world = self.plan.batch_size, self.world
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, windows scored
+        for start in range(0, count, batch * world.world_size):
+            first = start + world.rank * batch
+            indices = np.arange(first, min(count, first + batch))
+            weight = len(indices)
+            if weight == 0:
+                indices = np.arange(1)
             inputs, targets = self.val_windows.batch(indices, self.device)
             with self.precision.autocast():
                 _, loss = self.model(inputs, targets, return_logits=False)
-            total += loss.item() * len(indices)
-            seen += len(indices)
+            totals[0] += loss.double() * weight
+            totals[1] += weight
         self.model.train()
+        total, seen = sum_across(totals, world).tolist()
         return total / seen
 
     # ------------------------------------------------------------ reporting
@@ -531,22 +561,29 @@ class Trainer:
             atomic_write_bytes(self.out / "config.json", config_json.encode())
 
     def save_checkpoint(self) -> Path | None:
-        """Write the model, optimizer and state as a new checkpoint folder, then point `latest` at it (rank 0)."""
-        if not self.world.is_main:
-            return None
+        """Write the model, optimizer and state as a new checkpoint folder, then point `latest` at it (rank 0).
+
+        Under FSDP every rank takes part in gathering the whole tensors; rank 0 alone writes."""
         progress = self.progress
         name = f"step-{progress.step:06d}"
         root = self.out / CHECKPOINTS
         folder = root / name
-        current = latest_checkpoint(self.out)
-        if current is not None and current.name == name:
-            return folder  # already saved at this step
+        if self.saved_step == progress.step:
+            return folder
+        self.saved_step = progress.step
+        if not (self.world.is_main or self.sharded):
+            return None
+        keep = self.world.is_main
+        model_tensors = gather_model_state(self.model, keep)
+        moments = optimizer_tensors(self.model, self.optimizer, keep)
+        if not keep:
+            return None
         staging = root / f".{name}.{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            save_model(self.model, staging / "model.safetensors")
-            save_file(optimizer_tensors(self.model, self.optimizer), staging / "optimizer.safetensors")
+            write_checkpoint(model_tensors, self.model.config, staging / "model.safetensors")
+            save_file(moments, staging / "optimizer.safetensors")
             state = {
                 "format": STATE_FORMAT,
                 "version": __version__,
@@ -585,6 +622,23 @@ class Trainer:
         for old in folders[: max(0, len(folders) - keep)]:
             if old.name != newest:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients to at most `max_norm` in total; returns the norm before clipping (over all shards)."""
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    total_norm = full_tensor(torch.nn.utils.get_total_norm(grads))
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
+
+
+def _grad_scaler(device: torch.device, sharded: bool) -> torch.amp.GradScaler:
+    """fp16 loss scaling; with sharded gradients every rank must agree on overflow, which the sharded scaler does."""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
 
 
 def _shape(config: GPT2Config) -> str:

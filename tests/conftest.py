@@ -61,19 +61,27 @@ def assert_one_line_error(result: subprocess.CompletedProcess[bytes], code: int,
     return lines[0]
 
 
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
+def write_corpus(folder: Path) -> Path:
     """120 kB of the bundled Shakespeare as a training text file."""
-    path = tmp_path / "corpus.txt"
+    path = folder / "corpus.txt"
     path.write_text(shakespeare_text()[:120_000])
     return path
 
 
-@pytest.fixture
-def exact_env(tmp_path: Path) -> dict[str, str]:
+def exact_environment(folder: Path) -> dict[str, str]:
     """One thread and a private token cache: multi-threaded CPU kernels can round differently when the machine is
     busy (CI runs tests beside other work), and the tests using this compare losses bit for bit or to 1e-6."""
-    return cli_env(GPT2_DATA__CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return cli_env(GPT2_DATA__CACHE_DIR=str(folder / "cache"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path)
+
+
+@pytest.fixture
+def exact_env(tmp_path: Path) -> dict[str, str]:
+    return exact_environment(tmp_path)
 
 
 @pytest.fixture

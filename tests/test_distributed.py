@@ -1,4 +1,4 @@
-"""`gpt2 train` under torchrun (DDP) on the CPU: 2 processes with gloo against one process."""
+"""`gpt2 train` under torchrun (DDP and FSDP2) on the CPU: 2 processes with gloo against one process."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+from conftest import exact_environment, write_corpus
 from gpt2cli import load_model
 
 COMMON = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--device", "cpu",
-          "--dtype", "float32", "--log-interval", "1", "--val-fraction", "0.05"]  # fmt: skip
+          "--dtype", "float32", "--log-interval", "1", "--eval-interval", "3", "--val-fraction", "0.05"]  # fmt: skip
+PARALLEL = pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 
 
 @pytest.fixture
@@ -20,49 +22,84 @@ def env(exact_env):
     return exact_env
 
 
-def train(*args, env, processes: int = 1) -> subprocess.CompletedProcess[bytes]:
+def launch(*args, env, processes: int = 1) -> subprocess.CompletedProcess[bytes]:
     launcher = [sys.executable, "-m", "gpt2cli"]
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                     str(processes), "-m", "gpt2cli"]  # fmt: skip
-    result = subprocess.run([*launcher, "train", *map(str, args)], capture_output=True, env=env, timeout=300)
+    return subprocess.run([*launcher, "train", *map(str, args)], capture_output=True, env=env, timeout=300)
+
+
+def train(*args, env, processes: int = 1) -> subprocess.CompletedProcess[bytes]:
+    result = launch(*args, env=env, processes=processes)
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     return result
 
 
+def metrics(out, key: str = "loss") -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [record[key] for record in records if key in record]
+
+
 def losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics(out, "loss")
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus, env):
-    single, double = tmp_path / "single", tmp_path / "double"
-    train(corpus, *COMMON, "--max-steps", "6", "--batch-size", "4", "--out", single, env=env)
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    """The reference: one process, 4 sequences per step, 6 steps."""
+    folder = tmp_path_factory.mktemp("single")
+    out = folder / "run"
+    train(write_corpus(folder), *COMMON, "--max-steps", "6", "--batch-size", "4", "--out", out,
+          env=exact_environment(folder))  # fmt: skip
+    return out
+
+
+@PARALLEL
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus, env, parallel, single_process_run):
     # 2 processes × 2 sequences, and 2 processes × 1 sequence × 2 accumulation steps: the same 4 windows per step
-    train(corpus, *COMMON, "--max-steps", "6", "--batch-size", "2", "--out", double, env=env, processes=2)
-    accumulated = tmp_path / "accumulated"
+    double, accumulated = tmp_path / "double", tmp_path / "accumulated"
+    train(corpus, *COMMON, "--max-steps", "6", "--batch-size", "2", "--parallel", parallel, "--out", double,
+          env=env, processes=2)  # fmt: skip
     train(corpus, *COMMON, "--max-steps", "6", "--batch-size", "1", "--total-batch-tokens", "128",
-          "--out", accumulated, env=env, processes=2)  # fmt: skip
-    assert losses(double) == pytest.approx(losses(single), rel=1e-6, abs=1e-6)
-    assert losses(accumulated) == pytest.approx(losses(single), rel=1e-6, abs=1e-6)
+          "--parallel", parallel, "--out", accumulated, env=env, processes=2)  # fmt: skip
+    for out in (double, accumulated):
+        assert losses(out) == pytest.approx(losses(single_process_run), rel=1e-6, abs=1e-6)
+        # validation windows are shared out across the ranks and summed back
+        assert metrics(out, "val_loss") == pytest.approx(metrics(single_process_run, "val_loss"), rel=1e-6)
     assert len(losses(double)) == 6  # rank 0 alone wrote the metrics
 
 
-def test_a_two_process_run_resumes_with_the_same_losses_on_any_number_of_processes(tmp_path, corpus, env):
-    straight, resumed, mixed = tmp_path / "straight", tmp_path / "resumed", tmp_path / "mixed"
-    train(corpus, *COMMON, "--max-steps", "6", "--batch-size", "2", "--out", straight, env=env, processes=2)
+@PARALLEL
+def test_a_two_process_run_resumes_with_the_same_losses_on_any_number_of_processes(
+    tmp_path, corpus, env, parallel, single_process_run
+):
+    resumed, mixed = tmp_path / "resumed", tmp_path / "mixed"
     for out, later in ((resumed, 2), (mixed, 1)):
-        train(corpus, *COMMON, "--max-steps", "3", "--schedule-steps", "6", "--batch-size", "2", "--out", out,
-              env=env, processes=2)  # fmt: skip
+        train(corpus, *COMMON, "--max-steps", "3", "--schedule-steps", "6", "--batch-size", "2",
+              "--parallel", parallel, "--out", out, env=env, processes=2)  # fmt: skip
         batch = "2" if later == 2 else "4"  # the same tokens per step on one process
         train("--resume", "--out", out, "--max-steps", "6", "--batch-size", batch, env=env, processes=later)
-        assert losses(out) == pytest.approx(losses(straight), rel=1e-6, abs=1e-6)
+        assert losses(out) == pytest.approx(losses(single_process_run), rel=1e-6, abs=1e-6)
 
 
-def test_the_checkpoint_of_a_two_process_run_loads_everywhere(tmp_path, corpus, env):
+def test_a_failing_rank_stops_the_whole_job_with_its_message(tmp_path, corpus, env):
+    # Only rank 0 creates the run folder, so only rank 0 fails; rank 1 must not wait for it forever.
+    blocked = corpus.with_name("not-a-folder")
+    blocked.write_text("")
+    result = launch(corpus, *COMMON, "--max-steps", "2", "--parallel", "fsdp", "--out", blocked / "run", env=env,
+                    processes=2)  # fmt: skip
+    assert result.returncode != 0
+    assert "gpt2: error: --out" in result.stderr.decode() and "cannot write there" in result.stderr.decode()
+
+
+@PARALLEL
+def test_the_checkpoint_of_a_two_process_run_loads_everywhere(tmp_path, corpus, env, parallel):
     from transformers import GPT2LMHeadModel
 
     out = tmp_path / "run"
-    train(corpus, *COMMON, "--max-steps", "2", "--batch-size", "2", "--out", out, env=env, processes=2)
+    train(corpus, *COMMON, "--max-steps", "2", "--batch-size", "2", "--parallel", parallel, "--out", out, env=env,
+          processes=2)  # fmt: skip
     tokens = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = load_model(out)(tokens)[0]

@@ -78,6 +78,7 @@ def command(
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help=_t("compile"), show_default=False)
     ] = None,
+    parallel: Annotated[str | None, typer.Option(help=_t("parallel"), show_default=False)] = None,
     out: Annotated[str | None, typer.Option(help=_t("out"), show_default=False)] = None,
     log_interval: Annotated[int | None, typer.Option(help=_t("log_interval"), show_default=False)] = None,
     eval_interval: Annotated[int | None, typer.Option(help=_t("eval_interval"), show_default=False)] = None,
@@ -124,6 +125,7 @@ def command(
             device=device,
             dtype=dtype,
             compile=compile,
+            parallel=parallel,
             out=out,
             log_interval=log_interval,
             eval_interval=eval_interval,

@@ -628,7 +628,8 @@ def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> to
     """Scale gradients to at most `max_norm` in total; returns the norm before clipping (over all shards)."""
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
     total_norm = full_tensor(torch.nn.utils.get_total_norm(grads))
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    if total_norm.item() + 1e-6 > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
     return total_norm
 
 

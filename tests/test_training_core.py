@@ -10,7 +10,7 @@ import torch
 
 from gpt2cli.batches import Windows, WindowSampler
 from gpt2cli.corpus import hold_out_tail
-from gpt2cli.losses import cross_entropy_chunk, fused_linear_cross_entropy
+from gpt2cli.losses import cross_entropy_chunk, cross_entropy_chunk_for_compile, fused_linear_cross_entropy
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import Schedule, parameter_groups
 
@@ -69,14 +69,15 @@ def test_validation_is_held_out_from_the_end():
     assert np.concatenate(val).tolist() == list(range(7, 14))
 
 
-def test_chunk_kernel_matches_the_definition_on_hand_made_logits():
+@pytest.mark.parametrize("kernel", [cross_entropy_chunk, cross_entropy_chunk_for_compile])
+def test_chunk_kernels_match_the_definition_on_hand_made_logits(kernel):
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
     targets = torch.tensor([0, 2])
-    loss, grad = cross_entropy_chunk(logits, targets, torch.tensor([1.0, 1.0]))
+    loss, grad = kernel(logits, targets, torch.tensor([1.0, 1.0]))
     expected = -torch.log_softmax(logits, -1)[[0, 1], [0, 2]].sum()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, torch.softmax(logits, -1) - torch.nn.functional.one_hot(targets, 3).float())
-    loss_ignored, grad_ignored = cross_entropy_chunk(logits, torch.tensor([0, -1]), torch.tensor([1.0, 0.0]))
+    loss_ignored, grad_ignored = kernel(logits, torch.tensor([0, -1]), torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(loss_ignored, -torch.log_softmax(logits, -1)[0, 0])
     assert torch.count_nonzero(grad_ignored[1]) == 0
 

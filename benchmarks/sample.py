@@ -2,9 +2,11 @@
 
 The `gpt2` preset (124M) with random weights (seed 0, built by transformers and converted, so both hold the same
 weights), a 16-token prompt, 128 new tokens, greedy. Each contender runs in its own process, once to warm up and
-then `--reps` times; decode tokens/s excludes the prompt. Also printed: the machine's copy bandwidth, the bandwidth
-limit it implies (weight bytes per token ÷ copy bandwidth), and the perplexity change that bf16 and int8 weights
-cost on the first 8,192 tokens of the bundled Shakespeare (random weights: a measure of numerical error only).
+then `--reps` times; decode tokens/s excludes the prompt. Also printed: the machine's copy bandwidth and the limit it
+implies (weight bytes per token ÷ copy bandwidth, the issue's definition), its read bandwidth (summing a 1 GiB
+buffer) and the tighter limit that one implies for every contender, transformers included, and the perplexity change
+that bf16 and int8 weights cost on the first 8,192 tokens of the bundled Shakespeare (random weights: a measure of
+numerical error only).
 
   python benchmarks/sample.py                # table
   python benchmarks/sample.py --json
@@ -105,6 +107,18 @@ def perplexity(model: Any) -> float:
     return math.exp(loss.item())
 
 
+def read_bandwidth() -> float:
+    """Bytes read per second from a 1 GiB buffer (a sum: every byte read once, nothing written)."""
+    import torch
+
+    source = torch.ones(1 << 28)
+    source.sum()
+    started = time.perf_counter()
+    for _ in range(5):
+        source.sum()
+    return 5 * source.numel() * 4 / (time.perf_counter() - started)
+
+
 def copy_bandwidth() -> float:
     """Bytes copied per second for a 1 GiB buffer (read once, written once)."""
     import torch
@@ -130,7 +144,7 @@ def main() -> None:
         if args.worker == "hf-fp32":
             print(json.dumps(time_hf(folder, args.reps)))
         elif args.worker == "bandwidth":
-            print(json.dumps({"copy_bytes_per_s": copy_bandwidth()}))
+            print(json.dumps({"copy_bytes_per_s": copy_bandwidth(), "read_bytes_per_s": read_bandwidth()}))
         else:
             print(json.dumps(time_ours(folder, args.reps, args.worker.removeprefix("ours-"))))
         return
@@ -143,15 +157,18 @@ def main() -> None:
             command = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--reps", str(args.reps)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[name] = json.loads(output.strip().splitlines()[-1])
-    bandwidth = results.pop("bandwidth")["copy_bytes_per_s"]
+    measured = results.pop("bandwidth")
+    bandwidth, read = measured["copy_bytes_per_s"], measured["read_bytes_per_s"]
     weight_bytes = {"fp32": 124_439_808 * 4, "bf16": 124_439_808 * 2, "int8": 124_439_808 * 1}
     hf = results["hf-fp32"]["decode_tokens_per_s"]
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "cores": os.cpu_count(),
         "copy_GB_per_s": round(bandwidth / 1e9, 2),
+        "read_GB_per_s": round(read / 1e9, 2),
         "results": results,
     }
+    results["hf-fp32"]["fraction_of_read_limit"] = hf / (read / weight_bytes["fp32"])
     for name in CONTENDERS[1:]:
         variant = name.removeprefix("ours-")
         limit = bandwidth / weight_bytes[variant]
@@ -160,19 +177,24 @@ def main() -> None:
             vs_transformers=rate / hf,
             bandwidth_limit_tokens_per_s=limit,
             fraction_of_limit=rate / limit,
+            read_limit_tokens_per_s=read / weight_bytes[variant],
+            fraction_of_read_limit=rate / (read / weight_bytes[variant]),
             perplexity_change=results[name]["perplexity"] / results["ours-fp32"]["perplexity"] - 1,
         )
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(f"sample benchmark {report['date']}: 124M random weights, batch 1, 16-token prompt, {NEW_TOKENS} new tokens, "
-          f"greedy; copy bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
-    print(f"{'contender':<10} {'decode tok/s':>12} {'vs hf':>6} {'limit tok/s':>11} {'of limit':>8} {'ppl change':>10}")
-    print(f"{'hf-fp32':<10} {hf:>12.1f}")
+          f"greedy; copy bandwidth {bandwidth / 1e9:.1f} GB/s, read bandwidth {read / 1e9:.1f} GB/s")  # fmt: skip
+    print(f"{'contender':<10} {'decode tok/s':>12} {'vs hf':>6} {'limit tok/s':>11} {'of limit':>8} "
+          f"{'read limit':>10} {'of read':>7} {'ppl change':>10}")  # fmt: skip
+    hf_read = results["hf-fp32"]["fraction_of_read_limit"]
+    print(f"{'hf-fp32':<10} {hf:>12.1f} {'':>6} {'':>11} {'':>8} {read / weight_bytes['fp32']:>10.1f} {hf_read:>7.0%}")
     for name in CONTENDERS[1:]:
         r = results[name]
         print(f"{name:<10} {r['decode_tokens_per_s']:>12.1f} {r['vs_transformers']:>5.2f}x "
               f"{r['bandwidth_limit_tokens_per_s']:>11.1f} {r['fraction_of_limit']:>8.0%} "
+              f"{r['read_limit_tokens_per_s']:>10.1f} {r['fraction_of_read_limit']:>7.0%} "
               f"{r['perplexity_change']:>+10.4%}")  # fmt: skip
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -105,3 +108,28 @@ def test_the_checkpoint_of_a_two_process_run_loads_everywhere(tmp_path, corpus, 
         ours = load_model(out)(tokens)[0]
         reference = GPT2LMHeadModel.from_pretrained(out).eval()(tokens).logits
     torch.testing.assert_close(ours, reference)
+
+
+def test_ctrl_c_stops_every_rank_at_the_same_step_and_the_run_resumes(tmp_path, corpus, env):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "gpt2cli", "train", str(corpus), *COMMON, "--max-steps", "100000", "--batch-size", "2",
+               "--out", str(out)]  # fmt: skip
+    # A terminal's Ctrl-C signals the whole foreground process group: the launcher and both ranks.
+    job = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+
+    def steps_logged() -> int:
+        return len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
+
+    while steps_logged() < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGINT)
+    _, stderr = job.communicate(timeout=120)
+    messages = [line for line in stderr.decode().splitlines() if line.startswith("gpt2: error: interrupted at step")]
+    assert len(messages) == 1, stderr.decode()[-3000:]  # rank 0 alone reports it
+    step = int(messages[0].split("interrupted at step ")[1].split(";")[0])
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{step:06d}"
+    train("--resume", "--out", out, "--max-steps", str(step + 2), env=env, processes=2)
+    assert [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()][-2:] == [step + 1, step + 2]

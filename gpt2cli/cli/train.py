@@ -142,6 +142,7 @@ def command(
 def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], json_output: bool) -> None:
     from gpt2cli.devices import resolve_device
     from gpt2cli.distributed import from_environment, start, stop
+    from gpt2cli.training import Interrupted
 
     settings, bundled = _resolve_settings(config, flags)
     world = from_environment()
@@ -151,6 +152,10 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
     device = start(world, resolve_device(settings.train.device))
     try:
         _train(settings, bundled, out, world, device, json_output)
+    except Interrupted:
+        if world.is_main:
+            raise
+        raise SystemExit(Interrupted.exit_code) from None  # every rank stops together; rank 0 tells the user
     finally:
         stop()
 
@@ -180,7 +185,7 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
         f"tokens: {data.train_tokens:,} for training, {data.val_tokens:,} for validation, from {source} "
         f"({time.perf_counter() - started:.1f} s){processes}"
     )
-    with _graceful_interrupt() as should_stop:
+    with _graceful_interrupt(announce=world.is_main) as should_stop:
         trainer = Trainer(settings, data, out, precision, report=display.report, should_stop=should_stop, world=world)
         try:
             summary = trainer.run()
@@ -226,15 +231,17 @@ def _new_run_folder(distributed: bool = False) -> str:
 class _graceful_interrupt:
     """First Ctrl-C: finish the step, save, exit 130. Second Ctrl-C: stop at once (the last checkpoint is intact)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce  # under torchrun every rank gets the signal; rank 0 alone says so
         self.previous: Any = None
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        info("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+        if self.announce:
+            info("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
 
     def __enter__(self) -> Any:
         self.previous = signal.signal(signal.SIGINT, self._handle)

@@ -88,6 +88,18 @@ def test_resume_continues_bit_for_bit(tmp_path, corpus, exact_env):
         assert torch.equal(tensor, load_model(split).state_dict()[name]), name
 
 
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, corpus, env):
+    started = train(corpus.name, *TINY, *EXACT, "--max-steps", "2", "--schedule-steps", "4", "--out", "run",
+                    env=env, cwd=tmp_path)  # fmt: skip
+    assert started.returncode == 0, started.stderr.decode()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = train("--resume", "--out", tmp_path / "run", "--max-steps", "4", env=env, cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert str(corpus) in (tmp_path / "run" / "config.toml").read_text()  # saved as an absolute path
+
+
 def test_ctrl_c_saves_then_resume_matches_an_uninterrupted_run(tmp_path, corpus, exact_env):
     env = exact_env
     common = [corpus, *TINY, *EXACT, "--max-steps", "400", "--save-interval", "1000", "--eval-interval", "1000"]

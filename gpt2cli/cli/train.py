@@ -179,6 +179,7 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
         Path(settings.data.cache_dir) if settings.data.cache_dir else default_cache_dir(),
         settings.data.workers,
     )
+    _make_paths_absolute(settings)  # once found (errors name the paths as given), so a resume finds them anywhere
     source = "the bundled Shakespeare corpus" if bundled else f"{len(data.sources)} source(s)"
     processes = f", {world.world_size} processes" if world.distributed else ""
     display = TrainingDisplay(
@@ -215,6 +216,14 @@ def _resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> 
             config = saved
             bundled = not load_settings(config, flags).data.paths
     return load_settings(config, flags, profile=DEFAULT_RUN if bundled else None), bundled
+
+
+def _make_paths_absolute(settings: Any) -> None:
+    """Input paths as absolute ones in the settings the run saves."""
+    settings.data.paths = [os.path.abspath(path) for path in settings.data.paths]
+    settings.train.val_data = [os.path.abspath(path) for path in settings.train.val_data]
+    if settings.train.init_from is not None:
+        settings.train.init_from = os.path.abspath(settings.train.init_from)
 
 
 def _new_run_folder(distributed: bool = False) -> str:

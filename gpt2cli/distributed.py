@@ -110,6 +110,11 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
 def sum_across(value: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

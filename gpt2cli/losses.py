@@ -89,6 +89,8 @@ def _transposed(matrix: torch.Tensor, dtype: torch.dtype | None = None) -> torch
     """`matrix.t().contiguous().to(dtype)` tile by tile: 2.7x faster on the CPU for a (50257, 256) bf16 matrix
     (9.6 ms against 26 ms), because each tile's strided reads and writes stay in cache."""
     rows, columns = matrix.shape
+    if matrix.device.type != "cpu":  # GPUs transpose at memory speed anyway
+        return matrix.t().contiguous().to(dtype or matrix.dtype)
     out = torch.empty(columns, rows, dtype=dtype or matrix.dtype, device=matrix.device)
     if rows >= columns:
         for start in range(0, rows, TRANSPOSE_TILE):

@@ -37,6 +37,7 @@ from gpt2cli.devices import Precision, fast_matmul, keep_freed_memory, peak_tflo
 from gpt2cli.distributed import (
     World,
     any_across,
+    barrier,
     full_tensor,
     gradient_sync,
     is_sharded,
@@ -428,6 +429,8 @@ class Trainer:
                     self.save_checkpoint()
                 if any_across(self.should_stop(), self.world, self.device) and not last:
                     self.save_checkpoint()
+                    # No rank may exit before rank 0 has written: torchrun stops the whole job when one exits early.
+                    barrier(self.world)
                     raise Interrupted(
                         f"interrupted at step {progress.step}; checkpoint saved. "
                         f"Resume with: gpt2 train --resume --out {self.out}"
@@ -479,7 +482,7 @@ class Trainer:
         self.model.eval()
         count = min(len(self.val_windows), max(1, self.train_settings.eval_tokens // self.plan.seq_len))
         batch, world = self.plan.batch_size, self.world
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, windows scored
+        total, seen = 0.0, 0
         for start in range(0, count, batch * world.world_size):
             first = start + world.rank * batch
             indices = np.arange(first, min(count, first + batch))
@@ -489,10 +492,12 @@ class Trainer:
             inputs, targets = self.val_windows.batch(indices, self.device)
             with self.precision.autocast():
                 _, loss = self.model(inputs, targets, return_logits=False)
-            totals[0] += loss.double() * weight
-            totals[1] += weight
+            total += loss.item() * weight
+            seen += weight
         self.model.train()
-        total, seen = sum_across(totals, world).tolist()
+        if world.distributed:
+            totals = torch.tensor([total, seen], dtype=torch.float64, device=self.device)
+            total, seen = sum_across(totals, world).tolist()
         return total / seen
 
     # ------------------------------------------------------------ reporting

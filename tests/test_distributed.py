@@ -115,7 +115,8 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_the_run_resumes(tmp_path, 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "gpt2cli", "train", str(corpus), *COMMON, "--max-steps", "100000", "--batch-size", "2",
                "--out", str(out)]  # fmt: skip
-    # A terminal's Ctrl-C signals the whole foreground process group: the launcher and both ranks.
+    # Ctrl-C in a terminal signals the foreground process group. torchrun starts its workers in sessions of their own
+    # and forwards the signal to them, which is the path this exercises.
     job = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
     metrics_file = out / "metrics.jsonl"
     deadline = time.monotonic() + 120

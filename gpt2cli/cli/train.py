@@ -141,7 +141,7 @@ def command(
 
 def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], json_output: bool) -> None:
     from gpt2cli.devices import resolve_device
-    from gpt2cli.distributed import from_environment, start, stop
+    from gpt2cli.distributed import barrier, from_environment, start, stop
     from gpt2cli.training import Interrupted
 
     settings, bundled = _resolve_settings(config, flags)
@@ -152,6 +152,8 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
     device = start(world, resolve_device(settings.train.device))
     try:
         _train(settings, bundled, out, world, device, json_output)
+        # Leave together: a rank tearing the group down while rank 0 still writes could abort in gloo's threads.
+        barrier(world)
     except Interrupted:
         if world.is_main:
             raise

@@ -10,9 +10,18 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import ConfigOption, overrides, setting_help
+from gpt2cli.cli.options import (
+    BlockSizeOption,
+    ConfigOption,
+    NEmbdOption,
+    NHeadOption,
+    NLayerOption,
+    PresetOption,
+    overrides,
+    setting_help,
+)
 from gpt2cli.cli.output import info, write_stdout
-from gpt2cli.settings import BenchSettings, ModelSettings
+from gpt2cli.settings import BenchSettings
 
 COLUMNS = [
     *("test", "batch_size", "seq_len", "dtype", "compile", "tokens_per_s", "tokens_per_s_std", "mfu"),
@@ -37,15 +46,11 @@ def _ints(text: str | None) -> list[int] | None:
 
 def command(
     device: Annotated[str | None, typer.Option(help=_b("device"), show_default=False)] = None,
-    preset: Annotated[str | None, typer.Option(help=setting_help(ModelSettings, "preset"), show_default=False)] = None,
-    n_layer: Annotated[
-        int | None, typer.Option(help=setting_help(ModelSettings, "n_layer"), show_default=False)
-    ] = None,
-    n_head: Annotated[int | None, typer.Option(help=setting_help(ModelSettings, "n_head"), show_default=False)] = None,
-    n_embd: Annotated[int | None, typer.Option(help=setting_help(ModelSettings, "n_embd"), show_default=False)] = None,
-    block_size: Annotated[
-        int | None, typer.Option(help=setting_help(ModelSettings, "block_size"), show_default=False)
-    ] = None,
+    preset: PresetOption = None,
+    n_layer: NLayerOption = None,
+    n_head: NHeadOption = None,
+    n_embd: NEmbdOption = None,
+    block_size: BlockSizeOption = None,
     dtype: Annotated[str | None, typer.Option(help=_b("dtype"), show_default=False)] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help=_b("compile"), show_default=False)

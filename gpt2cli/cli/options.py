@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from gpt2cli.settings import CONFIG_ENV_VAR
+from gpt2cli.settings import CONFIG_ENV_VAR, ModelSettings
 
 
 def setting_help(section: type[BaseModel], field: str) -> str:
@@ -41,3 +41,15 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as on
 CheckpointArgument = Annotated[
     str, typer.Argument(help="Our .safetensors file, a run folder, or a transformers folder.", show_default=False)
 ]
+
+
+def _model_option(field: str) -> Any:
+    return typer.Option(help=setting_help(ModelSettings, field), show_default=False)
+
+
+# The model-shape flags of the commands that build a model from settings (train, bench).
+PresetOption = Annotated[str | None, _model_option("preset")]
+NLayerOption = Annotated[int | None, _model_option("n_layer")]
+NHeadOption = Annotated[int | None, _model_option("n_head")]
+NEmbdOption = Annotated[int | None, _model_option("n_embd")]
+BlockSizeOption = Annotated[int | None, _model_option("block_size")]

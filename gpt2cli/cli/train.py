@@ -11,7 +11,17 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import ConfigOption, JsonOption, overrides, setting_help
+from gpt2cli.cli.options import (
+    BlockSizeOption,
+    ConfigOption,
+    JsonOption,
+    NEmbdOption,
+    NHeadOption,
+    NLayerOption,
+    PresetOption,
+    overrides,
+    setting_help,
+)
 from gpt2cli.cli.output import info, print_json
 from gpt2cli.settings import DataSettings, ModelSettings, TrainSettings
 
@@ -32,10 +42,6 @@ DEFAULT_RUN: dict[str, dict[str, Any]] = {
 SAMPLE_PROMPT = "ROMEO:"
 
 
-def _m(field: str) -> str:
-    return setting_help(ModelSettings, field)
-
-
 def _t(field: str) -> str:
     return setting_help(TrainSettings, field)
 
@@ -49,12 +55,14 @@ def command(
             show_default=False,
         ),
     ] = None,
-    preset: Annotated[str | None, typer.Option(help=_m("preset"), show_default=False)] = None,
-    n_layer: Annotated[int | None, typer.Option(help=_m("n_layer"), show_default=False)] = None,
-    n_head: Annotated[int | None, typer.Option(help=_m("n_head"), show_default=False)] = None,
-    n_embd: Annotated[int | None, typer.Option(help=_m("n_embd"), show_default=False)] = None,
-    block_size: Annotated[int | None, typer.Option(help=_m("block_size"), show_default=False)] = None,
-    dropout: Annotated[float | None, typer.Option(help=_m("dropout"), show_default=False)] = None,
+    preset: PresetOption = None,
+    n_layer: NLayerOption = None,
+    n_head: NHeadOption = None,
+    n_embd: NEmbdOption = None,
+    block_size: BlockSizeOption = None,
+    dropout: Annotated[
+        float | None, typer.Option(help=setting_help(ModelSettings, "dropout"), show_default=False)
+    ] = None,
     init_from: Annotated[str | None, typer.Option(help=_t("init_from"), show_default=False)] = None,
     val_data: Annotated[list[str] | None, typer.Option(help=_t("val_data"), show_default=False)] = None,
     val_fraction: Annotated[float | None, typer.Option(help=_t("val_fraction"), show_default=False)] = None,

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import CheckpointArgument, ConfigOption, JsonOption, overrides, setting_help
+from gpt2cli.cli.options import CheckpointArgument, ConfigOption, JsonOption, TextFieldOption, overrides, setting_help
 from gpt2cli.cli.output import print_json, progress_bar
-from gpt2cli.settings import DataSettings, EvalSettings
+from gpt2cli.settings import EvalSettings
 
 
 def _e(field: str) -> str:
@@ -32,9 +32,7 @@ def command(
     limit: Annotated[int | None, typer.Option(help=_e("limit"), show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help=_e("device"), show_default=False)] = None,
     dtype: Annotated[str | None, typer.Option(help=_e("dtype"), show_default=False)] = None,
-    text_field: Annotated[
-        str | None, typer.Option(help=setting_help(DataSettings, "text_field"), show_default=False)
-    ] = None,
+    text_field: TextFieldOption = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:

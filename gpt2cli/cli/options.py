@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from gpt2cli.settings import CONFIG_ENV_VAR, ModelSettings
+from gpt2cli.settings import CONFIG_ENV_VAR, DataSettings, ModelSettings
 
 
 def setting_help(section: type[BaseModel], field: str) -> str:
@@ -53,3 +53,6 @@ NLayerOption = Annotated[int | None, _model_option("n_layer")]
 NHeadOption = Annotated[int | None, _model_option("n_head")]
 NEmbdOption = Annotated[int | None, _model_option("n_embd")]
 BlockSizeOption = Annotated[int | None, _model_option("block_size")]
+
+# The text inputs' flag of the commands that read .jsonl (tokenize, train, eval).
+TextFieldOption = Annotated[str | None, typer.Option(help=setting_help(DataSettings, "text_field"), show_default=False)]

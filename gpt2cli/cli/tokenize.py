@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from gpt2cli.cli.options import ConfigOption, JsonOption, overrides, setting_help
+from gpt2cli.cli.options import ConfigOption, JsonOption, TextFieldOption, overrides, setting_help
 from gpt2cli.cli.output import info, print_json, progress_bar, write_stdout
 from gpt2cli.errors import UsageError
 from gpt2cli.settings import DataSettings
@@ -33,9 +33,7 @@ def command(
         bool, typer.Option("--decode", help="Turn ids (stdin, files) or .bin shards back into text.")
     ] = False,
     count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
-    text_field: Annotated[
-        str | None, typer.Option(help=setting_help(DataSettings, "text_field"), show_default=False)
-    ] = None,
+    text_field: TextFieldOption = None,
     workers: Annotated[int | None, typer.Option(help=setting_help(DataSettings, "workers"), show_default=False)] = None,
     shard_size: Annotated[
         int | None, typer.Option(help=setting_help(DataSettings, "shard_size"), show_default=False)

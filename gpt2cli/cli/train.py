@@ -19,11 +19,12 @@ from gpt2cli.cli.options import (
     NHeadOption,
     NLayerOption,
     PresetOption,
+    TextFieldOption,
     overrides,
     setting_help,
 )
 from gpt2cli.cli.output import info, print_json
-from gpt2cli.settings import DataSettings, ModelSettings, TrainSettings
+from gpt2cli.settings import ModelSettings, TrainSettings
 
 # The embedded default run: a model small enough to train on two CPU cores in about five minutes.
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
@@ -95,9 +96,7 @@ def command(
     keep: Annotated[int | None, typer.Option(help=_t("keep"), show_default=False)] = None,
     seed: Annotated[int | None, typer.Option(help=_t("seed"), show_default=False)] = None,
     resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help=_t("resume"), show_default=False)] = None,
-    text_field: Annotated[
-        str | None, typer.Option(help=setting_help(DataSettings, "text_field"), show_default=False)
-    ] = None,
+    text_field: TextFieldOption = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:

@@ -457,8 +457,8 @@ class Trainer:
         loss_sum = mean_across(loss_sum, world)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = _clip_gradients(list(self.model.parameters()), self.train_settings.grad_clip or math.inf)
-        loss_value, norm_value = (loss_sum / plan.grad_accum).item(), grad_norm.item()
+        norm_value = _clip_gradients(list(self.model.parameters()), self.train_settings.grad_clip or math.inf)
+        loss_value = (loss_sum / plan.grad_accum).item()
         if not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             raise TrainingDiverged(
@@ -629,13 +629,14 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
     """Scale gradients to at most `max_norm` in total; returns the norm before clipping (over all shards)."""
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
     total_norm = full_tensor(torch.nn.utils.get_total_norm(grads))
-    if total_norm.item() + 1e-6 > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
+    norm = total_norm.item()  # the step reads it anyway (logs, divergence check): one host sync
+    if norm + 1e-6 > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
-    return total_norm
+    return norm
 
 
 def _grad_scaler(device: torch.device, sharded: bool) -> torch.amp.GradScaler:

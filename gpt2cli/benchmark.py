@@ -179,8 +179,7 @@ class Runner:
         if case.kind == "train":
             model.train()
             if self.compile and not getattr(model, "_bench_blocks_compiled", False):
-                for block in model.transformer.h:
-                    block.compile()
+                model.compile_blocks()
                 model._bench_blocks_compiled = True  # type: ignore[attr-defined]
             optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), self.device)
             inputs, targets = self._tokens(case.batch_size, case.seq_len), self._tokens(case.batch_size, case.seq_len)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2cli.attention import causal_attention, compiled_cpu_attention_applies
 from gpt2cli.errors import ConfigError, UsageError
 from gpt2cli.losses import IGNORE_INDEX, fused_linear_cross_entropy
 
@@ -61,6 +62,12 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+
+# torch.compile options for the blocks. On the CPU, Inductor then computes GELU's tanh from one exp instead of a
+# vectorised tanh: 2.3x faster forward (1.9 → 0.8 ms for 2048 × 1024 values on a 2-core Xeon), 1.3x backward.
+# torch leaves it off because the decomposition loses relative precision for tanh near 0, but GELU adds tanh's
+# output to 1: against float64, GELU's largest error is 5.2e-7 with it and 4.3e-7 without. GPUs ignore the option.
+BLOCK_COMPILE_OPTIONS: dict[str, Any] = {"cpp.use_decompose_tanh": True}
 
 PRESETS: dict[str, GPT2Config] = {
     "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -118,10 +125,12 @@ class CausalSelfAttention(nn.Module):
             elif start > 0:  # new tokens after cached ones: causal, offset by `start`
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        # SDPA picks flash / memory-efficient kernels where the device has them.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
-        )  # (B, nh, T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None and compiled_cpu_attention_applies(q, dropout):
+            y = causal_attention(q, k, v)  # SDPA's CPU kernel with a faster compiled backward (attention.py)
+        else:  # SDPA picks flash / memory-efficient kernels where the device has them.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        # y: (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -202,6 +211,11 @@ class GPT2(nn.Module):
         """
         config = self.config
         return 6 * self.num_parameters(exclude_positions=True) + 12 * config.n_layer * config.n_embd * seq_len
+
+    def compile_blocks(self) -> None:
+        """torch.compile every block in place (one compilation serves them all: the code is the same)."""
+        for block in self.transformer.h:
+            block.compile(options=BLOCK_COMPILE_OPTIONS)
 
     def set_dropout(self, probability: float) -> None:
         """Change dropout after construction (e.g. when fine-tuning a loaded checkpoint)."""

@@ -289,8 +289,7 @@ class Trainer:
         train = self.train_settings
         self.compiled = train.compile
         if train.compile:
-            for block in self.model.transformer.h:
-                block.compile()
+            self.model.compile_blocks()
         # What the step runs: the model, its DDP wrapper, or (FSDP) the model with its weights sharded in place.
         self.trained = parallelize(self.model, self.world, train.parallel, self.device)
         self.sharded = is_sharded(self.model.transformer.wte.weight)

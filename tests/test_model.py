@@ -91,3 +91,47 @@ def test_shapes_that_cannot_work_are_clear_errors():
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(UsageError, match="batch, time"):
         model(torch.zeros(9, dtype=torch.long))
+
+
+def test_compiled_cpu_attention_matches_sdpa_in_value_and_gradients():
+    """The compiled bf16 training path (attention.py): SDPA's output, and gradients as close to float64 as SDPA's."""
+    from gpt2cli.attention import causal_attention, compiled_cpu_attention_applies
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=generator).to(torch.bfloat16) for _ in range(3))
+    grad_out = torch.randn(2, 3, 40, 16, generator=generator).to(torch.bfloat16)
+
+    def gradients(attention, dtype):
+        inputs = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs)
+        out.backward(grad_out.to(dtype))
+        return out, [t.grad for t in inputs]
+
+    sdpa = lambda *t: torch.nn.functional.scaled_dot_product_attention(*t, is_causal=True)  # noqa: E731
+    _, exact_grads = gradients(sdpa, torch.float64)
+    sdpa_out, sdpa_grads = gradients(sdpa, torch.bfloat16)
+    for attention in (causal_attention, torch.compile(causal_attention)):
+        out, grads = gradients(attention, torch.bfloat16)
+        assert torch.equal(out, sdpa_out)  # the same kernel
+        for ours, theirs, exact in zip(grads, sdpa_grads, exact_grads, strict=True):
+            error = ((ours.double() - exact).norm() / exact.norm()).item()
+            assert error < 2 * ((theirs.double() - exact).norm() / exact.norm()).item() + 1e-3
+    assert not compiled_cpu_attention_applies(q.requires_grad_(), 0.0)  # eager: SDPA's own backward is faster
+
+
+def test_a_compiled_block_trains_like_the_eager_one_in_bfloat16():
+    torch.manual_seed(0)
+    block = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=16)).transformer.h[0]
+    x = torch.randn(2, 16, 32)
+
+    def query_key_value_gradient(module):  # the projection whose gradient flows through the attention's backward
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x.clone().requires_grad_())
+        out.float().square().mean().backward()
+        return block.attn.c_attn.weight.grad.clone()
+
+    eager = query_key_value_gradient(block)
+    compiled = query_key_value_gradient(torch.compile(block))
+    for ours, reference in zip(compiled.chunk(3), eager.chunk(3), strict=True):  # the query, key and value rows
+        assert ((ours - reference).norm() / reference.norm()).item() < 2e-2

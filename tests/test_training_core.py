@@ -10,7 +10,7 @@ import torch
 
 from gpt2cli.batches import Windows, WindowSampler
 from gpt2cli.corpus import hold_out_tail
-from gpt2cli.losses import cross_entropy_chunk, cross_entropy_chunk_for_compile, fused_linear_cross_entropy
+from gpt2cli.losses import cross_entropy_block, cross_entropy_block_for_compile, fused_linear_cross_entropy
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import Schedule, parameter_groups
 
@@ -69,33 +69,60 @@ def test_validation_is_held_out_from_the_end():
     assert np.concatenate(val).tolist() == list(range(7, 14))
 
 
-@pytest.mark.parametrize("kernel", [cross_entropy_chunk, cross_entropy_chunk_for_compile])
-def test_chunk_kernels_match_the_definition_on_hand_made_logits(kernel):
+@pytest.mark.parametrize("kernel", [cross_entropy_block, cross_entropy_block_for_compile])
+def test_block_kernels_match_the_definition_on_hand_made_logits(kernel):
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
     targets = torch.tensor([0, 2])
-    loss, grad = kernel(logits, targets, torch.tensor([1.0, 1.0]))
-    expected = -torch.log_softmax(logits, -1)[[0, 1], [0, 2]].sum()
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(grad, torch.softmax(logits, -1) - torch.nn.functional.one_hot(targets, 3).float())
-    loss_ignored, grad_ignored = kernel(logits, torch.tensor([0, -1]), torch.tensor([1.0, 0.0]))
+    loss, probs = kernel(logits, targets, torch.tensor([1.0, 0.5]))
+    expected = -torch.log_softmax(logits, -1)[[0, 1], [0, 2]] * torch.tensor([1.0, 0.5])
+    torch.testing.assert_close(loss, expected.sum())
+    torch.testing.assert_close(probs, torch.softmax(logits, -1) * torch.tensor([[1.0], [0.5]]))
+    loss_ignored, probs_ignored = kernel(logits, torch.tensor([0, 0]), torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(loss_ignored, -torch.log_softmax(logits, -1)[0, 0])
-    assert torch.count_nonzero(grad_ignored[1]) == 0
+    assert torch.count_nonzero(probs_ignored[1]) == 0
 
 
-@pytest.mark.parametrize("rows", [5, 3000])  # one chunk, and several chunks for a 50257-word vocabulary
-def test_fused_loss_and_gradients_equal_the_plain_ones(rows):
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("rows", [5, 3000])  # one block, and several blocks for a 50257-word vocabulary
+def test_fused_loss_and_gradients_equal_the_plain_ones(rows, compiled, recwarn):
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(rows, 16, generator=generator, requires_grad=True)
     weight = (torch.randn(50257, 16, generator=generator) * 0.1).requires_grad_()
     targets = torch.randint(0, 50257, (rows,), generator=generator)
     targets[::4] = -1
+    targets[1::4] = 7  # one word that is the target of many rows: its gradient row sums them
     plain = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=-1)
-    plain_grads = torch.autograd.grad(plain, (hidden, weight))
-    fused = fused_linear_cross_entropy(hidden, weight, targets)
-    fused_grads = torch.autograd.grad(fused, (hidden, weight))
+    plain_grads = torch.autograd.grad(plain * 3.0, (hidden, weight))  # an upstream gradient other than 1
+    fused = fused_linear_cross_entropy(hidden, weight, targets, compiled=compiled)
+    fused_grads = torch.autograd.grad(fused * 3.0, (hidden, weight))
     torch.testing.assert_close(fused, plain)
     for ours, reference in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-7)
+    assert not [w for w in recwarn if "compiled loss kernel unavailable" in str(w.message)]  # no silent fallback
+
+
+def test_fused_loss_in_bfloat16_stays_close_to_float32():
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(64, 32, generator=generator, requires_grad=True)
+    weight = (torch.randn(50257, 32, generator=generator) * 0.1).requires_grad_()
+    targets = torch.randint(0, 50257, (64,), generator=generator)
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    reference_grads = torch.autograd.grad(reference, (hidden, weight))
+    fused = fused_linear_cross_entropy(hidden, weight, targets, compute_dtype=torch.bfloat16)
+    grads = torch.autograd.grad(fused, (hidden, weight))
+    assert fused.dtype == torch.float32 and abs(fused.item() - reference.item()) < 0.02
+    for ours, exact in zip(grads, reference_grads, strict=True):
+        assert ours.dtype == torch.float32
+        assert ((ours - exact).norm() / exact.norm()).item() < 0.01
+
+
+def test_fused_loss_with_every_target_ignored_is_zero_with_zero_gradients():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(50257, 8, requires_grad=True)
+    loss = fused_linear_cross_entropy(hidden, weight, torch.full((4,), -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
 
 
 def test_training_forward_gives_the_same_loss_without_logits():

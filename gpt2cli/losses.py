@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -1
 BLOCK_ELEMENTS = 1 << 25  # most logits per block: 32 Mi (64 MiB in bf16), 667 rows of a 50,257-word vocabulary
@@ -94,6 +95,47 @@ def _block_rows(rows: int, vocab: int) -> int:
     return -(-rows // max(1, blocks))
 
 
+class TiedGradient:
+    """One training forward's link between the fused loss and the token embedding that shares its weight.
+
+    Autograd runs the loss's backward first and hands the shared weight its gradient only after the embedding's
+    backward has run too, since both feed that one leaf. So the loss leaves its (V, C) weight gradient here and the
+    embedding's backward adds its rows into it in place, instead of filling a second (V, C) tensor with zeros that
+    autograd would then add to the first: two passes over the vocabulary's gradient fewer each step.
+    """
+
+    def __init__(self) -> None:
+        self.grad_weight: torch.Tensor | None = None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, idx: torch.Tensor, weight: torch.Tensor, tied: TiedGradient
+    ) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.tied, ctx.weight_spec = tied, (weight.shape, weight.dtype, weight.device)  # type: ignore[attr-defined]
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
+        (idx,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        tied: TiedGradient = ctx.tied  # type: ignore[attr-defined]
+        rows = grad.reshape(-1, grad.size(-1))
+        if tied.grad_weight is None:  # the loss's backward did not run: an ordinary dense gradient
+            shape, dtype, device = ctx.weight_spec  # type: ignore[attr-defined]
+            dense = torch.zeros(shape, dtype=dtype, device=device)
+            return None, dense.index_add_(0, idx.reshape(-1), rows.to(dense.dtype)), None
+        tied.grad_weight.index_add_(0, idx.reshape(-1), rows.to(tied.grad_weight.dtype))
+        tied.grad_weight = None
+        return None, None, None
+
+
+def tied_embedding(idx: torch.Tensor, weight: torch.Tensor, tied: TiedGradient) -> torch.Tensor:
+    """`F.embedding(idx, weight)` whose weight gradient is added into the fused loss's one (see `TiedGradient`)."""
+    return _TiedEmbedding.apply(idx, weight, tied)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -103,6 +145,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         compute_dtype: torch.dtype,
         kernel: BlockKernel,
+        tied: TiedGradient | None,
     ) -> torch.Tensor:
         rows, vocab = hidden.size(0), weight.size(0)
         block = _block_rows(rows, vocab)
@@ -136,6 +179,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             target_rows = hidden_c.float() * -row_weights[:, None]  # added to the targets' rows of the weight gradient
             ctx.save_for_backward(grad_hidden, softmax_weight, target_rows, safe_targets)
         ctx.input_dtypes = (hidden.dtype, weight.dtype)  # type: ignore[attr-defined]
+        ctx.tied = tied  # type: ignore[attr-defined]
         return loss
 
     @staticmethod
@@ -146,7 +190,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = grad_hidden.mul_(scale).to(hidden_dtype)  # in place: made for this one backward pass
         grad_weight = torch.mul(softmax_weight, scale)  # float32 (V, C), scaled and cast in one pass
         grad_weight.index_add_(0, safe_targets, target_rows.mul_(scale))
-        return grad_hidden, grad_weight.to(weight_dtype), None, None, None
+        grad_weight = grad_weight.to(weight_dtype)
+        if ctx.tied is not None:  # type: ignore[attr-defined]
+            ctx.tied.grad_weight = grad_weight  # type: ignore[attr-defined]
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -155,11 +202,12 @@ def fused_linear_cross_entropy(
     targets: torch.Tensor,
     compute_dtype: torch.dtype | None = None,
     compiled: bool = False,
+    tied: TiedGradient | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (-1 ignored), without storing the logits.
 
     `hidden` is (N, C), `weight` (V, C), `targets` (N,). `compute_dtype` defaults to the autocast dtype when
-    autocast is on, else the hidden states' dtype.
+    autocast is on, else the hidden states' dtype. `tied` links the gradient to a `tied_embedding` of `weight`.
     """
     if compute_dtype is None:
         device_type = hidden.device.type
@@ -167,11 +215,11 @@ def fused_linear_cross_entropy(
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else hidden.dtype
     kernel = block_kernel(compiled)
     try:
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, kernel)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, kernel, tied)
     except Exception as error:  # torch.compile needs a C++ compiler on the CPU; fall back rather than fail
         if kernel is cross_entropy_block:
             raise
         warnings.warn(f"compiled loss kernel unavailable ({type(error).__name__}); using the eager one", stacklevel=2)
         global _compiled_kernel
         _compiled_kernel = cross_entropy_block
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, cross_entropy_block)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, cross_entropy_block, tied)

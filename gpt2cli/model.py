@@ -18,7 +18,7 @@ from torch import nn
 
 from gpt2cli.attention import causal_attention, compiled_cpu_attention_applies
 from gpt2cli.errors import ConfigError, UsageError
-from gpt2cli.losses import IGNORE_INDEX, fused_linear_cross_entropy
+from gpt2cli.losses import IGNORE_INDEX, TiedGradient, fused_linear_cross_entropy, tied_embedding
 
 
 @dataclass(frozen=True)
@@ -226,10 +226,13 @@ class GPT2(nn.Module):
             elif isinstance(module, CausalSelfAttention):
                 module.dropout = probability
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0, tied: TiedGradient | None = None
+    ) -> torch.Tensor:
         """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection.
 
-        With a `cache`, `idx` holds the tokens at positions `start...`; earlier ones are read from the cache.
+        With a `cache`, `idx` holds the tokens at positions `start...`; earlier ones are read from the cache. With
+        `tied`, the token embedding's gradient is added into the fused loss's (see `losses.TiedGradient`).
         """
         if idx.dim() != 2:
             raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
@@ -237,7 +240,9 @@ class GPT2(nn.Module):
         if end > self.config.block_size:
             raise UsageError(f"sequence of {end} tokens is longer than the block size {self.config.block_size}")
         pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        wte = self.transformer.wte
+        tokens = wte(idx) if tied is None else tied_embedding(idx, wte.weight, tied)
+        x = self.transformer.drop(tokens + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer, start)
         return self.transformer.ln_f(x)
@@ -260,12 +265,14 @@ class GPT2(nn.Module):
         Targets equal to -1 are ignored in the loss. With targets and `return_logits=False` (training), the loss is
         computed chunk by chunk without storing the logits (see `losses.py`) and the logits returned are None.
         """
-        x = self.hidden_states(idx)  # (B, T, C)
         if targets is not None and not return_logits:
+            tied = TiedGradient() if self.lm_head.weight is self.transformer.wte.weight else None
+            x = self.hidden_states(idx, tied=tied)  # (B, T, C)
             flat = x.view(-1, x.size(-1))  # (B*T, C)
             return None, fused_linear_cross_entropy(
-                flat, self.lm_head.weight, targets.reshape(-1), compiled=compiled_loss
+                flat, self.lm_head.weight, targets.reshape(-1), compiled=compiled_loss, tied=tied
             )
+        x = self.hidden_states(idx)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None

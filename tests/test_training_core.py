@@ -133,3 +133,29 @@ def test_training_forward_gives_the_same_loss_without_logits():
     assert none is None and logits is not None
     torch.testing.assert_close(fused, loss)
     assert math.isfinite(fused.item())
+
+
+def test_tied_embedding_gradient_is_added_into_the_fused_loss_gradient():
+    """The training forward (tied embedding + fused loss) gives the tied weight the same gradient as the plain one."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    idx = torch.randint(0, 50257, (2, 16))
+    idx[1, :8] = idx[0, 3]  # repeated tokens: their embedding rows add up
+
+    def weight_gradient(return_logits):
+        model.zero_grad(set_to_none=True)
+        model(idx, idx.roll(1, dims=1), return_logits=return_logits)[1].backward()
+        return model.transformer.wte.weight.grad.clone()
+
+    torch.testing.assert_close(weight_gradient(False), weight_gradient(True), rtol=1e-4, atol=1e-7)
+
+
+def test_tied_embedding_alone_gives_the_ordinary_embedding_gradient():
+    from gpt2cli.losses import TiedGradient, tied_embedding
+
+    weight = torch.randn(10, 4, requires_grad=True)
+    idx = torch.tensor([[1, 2, 2], [9, 1, 0]])
+    upstream = torch.randn(2, 3, 4)
+    (ours,) = torch.autograd.grad(tied_embedding(idx, weight, TiedGradient()), weight, upstream)
+    (plain,) = torch.autograd.grad(torch.nn.functional.embedding(idx, weight), weight, upstream)
+    torch.testing.assert_close(ours, plain)

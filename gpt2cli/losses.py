@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -1
 BLOCK_ELEMENTS = 1 << 25  # most logits per block: 32 Mi (64 MiB in bf16), 667 rows of a 50,257-word vocabulary
@@ -29,10 +30,11 @@ BlockKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.T
 def cross_entropy_block(
     logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weighted loss of a block of rows, `sum(w · (logsumexp - logit[target]))`, and `softmax · w`.
+    """The loss summed over a block of rows, `sum(w · (logsumexp - logit[target]))`, and `softmax · w`.
 
-    `targets` must be valid column indices (ignored rows carry weight 0). The softmax comes back in the logits'
-    dtype; statistics are computed in float32, in one float32 buffer worked on in place.
+    `weights` is 1 for rows that count and 0 for ignored ones, whose `targets` must still be valid column indices.
+    The softmax comes back in the logits' dtype; statistics are computed in float32, in one float32 buffer worked
+    on in place. (The mean's 1/count is applied later, in float32: in fp16, softmax / count underflows.)
     """
     shifted = logits.to(torch.float32, copy=True)
     shifted -= shifted.amax(dim=-1, keepdim=True)
@@ -92,16 +94,18 @@ def _block_rows(rows: int, vocab: int) -> int:
     """Rows per block: at most BLOCK_ELEMENTS logits, in equal blocks (a short last block would run slowly and
     make torch.compile specialise once more)."""
     blocks = -(-rows * vocab // BLOCK_ELEMENTS)
-    return -(-rows // max(1, blocks))
+    return max(1, -(-rows // max(1, blocks)))
 
 
 class TiedGradient:
     """One training forward's link between the fused loss and the token embedding that shares its weight.
 
-    Autograd runs the loss's backward first and hands the shared weight its gradient only after the embedding's
-    backward has run too, since both feed that one leaf. So the loss leaves its (V, C) weight gradient here and the
-    embedding's backward adds its rows into it in place, instead of filling a second (V, C) tensor with zeros that
-    autograd would then add to the first: two passes over the vocabulary's gradient fewer each step.
+    The loss's backward always runs before the embedding's (the embedding's output gradient flows back through the
+    whole model from the loss). So the loss hands its (V, C) weight gradient over here instead of to autograd, and
+    the embedding's backward adds its rows into it in place and returns it as the pair's one contribution: no
+    second (V, C) tensor filled with zeros that autograd would then add to the first, two passes over the
+    vocabulary's gradient fewer each step. Other gradients of the weight (a second forward, a penalty term) are
+    still summed by autograd as usual.
     """
 
     def __init__(self) -> None:
@@ -118,17 +122,16 @@ class _TiedEmbedding(torch.autograd.Function):
         return F.embedding(idx, weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
         (idx,) = ctx.saved_tensors  # type: ignore[attr-defined]
         tied: TiedGradient = ctx.tied  # type: ignore[attr-defined]
         rows = grad.reshape(-1, grad.size(-1))
-        if tied.grad_weight is None:  # the loss's backward did not run: an ordinary dense gradient
+        grad_weight, tied.grad_weight = tied.grad_weight, None
+        if grad_weight is None:  # the loss's backward did not run: an ordinary dense gradient
             shape, dtype, device = ctx.weight_spec  # type: ignore[attr-defined]
-            dense = torch.zeros(shape, dtype=dtype, device=device)
-            return None, dense.index_add_(0, idx.reshape(-1), rows.to(dense.dtype)), None
-        tied.grad_weight.index_add_(0, idx.reshape(-1), rows.to(tied.grad_weight.dtype))
-        tied.grad_weight = None
-        return None, None, None
+            grad_weight = torch.zeros(shape, dtype=dtype, device=device)
+        return None, grad_weight.index_add_(0, idx.reshape(-1), rows.to(grad_weight.dtype)), None
 
 
 def tied_embedding(idx: torch.Tensor, weight: torch.Tensor, tied: TiedGradient) -> torch.Tensor:
@@ -153,46 +156,55 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             hidden_c = hidden.to(compute_dtype)
             weight_t = _transposed(weight, compute_dtype)  # (C, V): the layout the logits product streams fastest
-            valid = (targets != IGNORE_INDEX).to(torch.float32)
-            row_weights = valid / valid.sum().clamp(min=1.0)  # the mean over counted rows, folded into each row
+            valid = (targets != IGNORE_INDEX).to(torch.float32)  # the rows' weights w: 1, or 0 if ignored
+            inverse_count = 1.0 / valid.sum().clamp(min=1.0)  # the mean, applied in float32 (see the kernels)
             safe_targets = targets.clamp(min=0)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             softmax_hidden = torch.empty_like(hidden_c) if needs_grad else None  # Σ_v softmax·w · W[v], (N, C)
-            softmax_weight: torch.Tensor | None = None  # Σ_n softmax·w · h[n], (V, C), in compute dtype
+            softmax_weight: torch.Tensor | None = None  # Σ_n softmax·w · h[n], (V, C)
+            # fp16 has too little range to sum many blocks: there the sum is kept in float32 (bf16 has float32's).
+            accumulate_in_float32 = compute_dtype == torch.float16
             logits = torch.empty(min(block, rows), vocab, dtype=compute_dtype, device=hidden.device)
             for start in range(0, rows, block):
                 rows_here = slice(start, start + block)
                 block_hidden = hidden_c[rows_here]
                 block_logits = logits[: block_hidden.size(0)]
                 torch.mm(block_hidden, weight_t, out=block_logits)
-                block_loss, probs = kernel(block_logits, safe_targets[rows_here], row_weights[rows_here])
+                block_loss, probs = kernel(block_logits, safe_targets[rows_here], valid[rows_here])
                 loss += block_loss
                 if needs_grad:
                     torch.mm(probs, weight_t.t(), out=softmax_hidden[rows_here])  # type: ignore[index]
                     if softmax_weight is None:
                         softmax_weight = probs.t() @ block_hidden
+                        softmax_weight = softmax_weight.float() if accumulate_in_float32 else softmax_weight
+                    elif accumulate_in_float32:
+                        softmax_weight += probs.t() @ block_hidden
                     else:  # accumulated while the block's softmax is in cache
                         softmax_weight.addmm_(probs.t(), block_hidden)
         if needs_grad:
             # Minus the one-hot: w · W[target] for each row's hidden state (float32 from here on).
-            grad_hidden = softmax_hidden.float().sub_(weight[safe_targets].float() * row_weights[:, None])  # type: ignore[union-attr]
-            target_rows = hidden_c.float() * -row_weights[:, None]  # added to the targets' rows of the weight gradient
-            ctx.save_for_backward(grad_hidden, softmax_weight, target_rows, safe_targets)
+            grad_hidden = softmax_hidden.float().sub_(weight[safe_targets].float() * valid[:, None])  # type: ignore[union-attr]
+            target_rows = hidden_c.float() * -valid[:, None]  # added to the targets' rows of the weight gradient
+            ctx.save_for_backward(grad_hidden, softmax_weight, target_rows, safe_targets, inverse_count)
         ctx.input_dtypes = (hidden.dtype, weight.dtype)  # type: ignore[attr-defined]
         ctx.tied = tied  # type: ignore[attr-defined]
-        return loss
+        return loss * inverse_count
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor):  # type: ignore[override]
-        grad_hidden, softmax_weight, target_rows, safe_targets = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_hidden, softmax_weight, target_rows, safe_targets, inverse_count = ctx.saved_tensors  # type: ignore[attr-defined]
         hidden_dtype, weight_dtype = ctx.input_dtypes  # type: ignore[attr-defined]
-        scale = grad_output.to(torch.float32).reshape(1)  # 1-D, so that a bf16 tensor times it is float32
-        grad_hidden = grad_hidden.mul_(scale).to(hidden_dtype)  # in place: made for this one backward pass
+        scale = (grad_output.to(torch.float32) * inverse_count).reshape(1)  # 1-D: a bf16 tensor times it is float32
+        # Out of place: the saved tensors stay valid for another backward pass (retain_graph=True).
+        grad_hidden = (grad_hidden * scale).to(hidden_dtype)
         grad_weight = torch.mul(softmax_weight, scale)  # float32 (V, C), scaled and cast in one pass
-        grad_weight.index_add_(0, safe_targets, target_rows.mul_(scale))
+        grad_weight.index_add_(0, safe_targets, target_rows * scale)
         grad_weight = grad_weight.to(weight_dtype)
-        if ctx.tied is not None:  # type: ignore[attr-defined]
-            ctx.tied.grad_weight = grad_weight  # type: ignore[attr-defined]
+        tied: TiedGradient | None = ctx.tied  # type: ignore[attr-defined]
+        if tied is not None:  # the embedding's backward adds its rows and hands the sum to autograd
+            tied.grad_weight = grad_weight
+            return grad_hidden, None, None, None, None, None
         return grad_hidden, grad_weight, None, None, None, None
 
 

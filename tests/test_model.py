@@ -98,8 +98,9 @@ def test_compiled_cpu_attention_matches_sdpa_in_value_and_gradients():
     from gpt2cli.attention import causal_attention, compiled_cpu_attention_applies
 
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 40, 16, generator=generator).to(torch.bfloat16) for _ in range(3))
-    grad_out = torch.randn(2, 3, 40, 16, generator=generator).to(torch.bfloat16)
+    q, k, v = (torch.randn(2, 3, 40, 64, generator=generator) for _ in range(3))
+    q, k, v = (q * 3.0).to(torch.bfloat16), (k * 3.0).to(torch.bfloat16), v.to(torch.bfloat16)  # scores up to ~40
+    grad_out = torch.randn(2, 3, 40, 64, generator=generator).to(torch.bfloat16)
 
     def gradients(attention, dtype):
         inputs = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]

@@ -125,6 +125,33 @@ def test_fused_loss_with_every_target_ignored_is_zero_with_zero_gradients():
     assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
 
 
+def test_fused_loss_in_float16_keeps_the_gradients_of_many_rows():
+    """The mean's 1/count is applied in float32: in fp16, softmax / count would underflow to zero."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2048, 16, generator=generator, requires_grad=True)
+    weight = (torch.randn(50257, 16, generator=generator) * 0.1).requires_grad_()
+    targets = torch.randint(0, 50257, (2048,), generator=generator)
+    exact = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().t(), targets)
+    exact_grads = torch.autograd.grad(exact, (hidden, weight))
+    fused = fused_linear_cross_entropy(hidden, weight, targets, compute_dtype=torch.float16)
+    grads = torch.autograd.grad(fused, (hidden, weight))
+    assert abs(fused.item() - exact.item()) < 1e-2
+    for ours, reference in zip(grads, exact_grads, strict=True):
+        assert ((ours.double() - reference).norm() / reference.norm()).item() < 3e-3
+
+
+def test_fused_loss_backward_twice_with_retained_graph_and_no_rows():
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(50257, 8, requires_grad=True)
+    loss = fused_linear_cross_entropy(hidden, weight, torch.arange(6))
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    empty = fused_linear_cross_entropy(hidden[:0], weight, torch.arange(0))
+    assert empty.item() == 0.0
+
+
 def test_training_forward_gives_the_same_loss_without_logits():
     model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=16))
     idx = torch.randint(0, 50257, (2, 16))
@@ -136,18 +163,29 @@ def test_training_forward_gives_the_same_loss_without_logits():
 
 
 def test_tied_embedding_gradient_is_added_into_the_fused_loss_gradient():
-    """The training forward (tied embedding + fused loss) gives the tied weight the same gradient as the plain one."""
+    """The training forward (tied embedding + fused loss) gives the tied weight the same gradient as the plain one,
+    also when the weight gets other gradients in the same backward (a second forward, a penalty term)."""
     torch.manual_seed(0)
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=16))
     idx = torch.randint(0, 50257, (2, 16))
     idx[1, :8] = idx[0, 3]  # repeated tokens: their embedding rows add up
+    other = torch.randint(0, 50257, (1, 16))
+    weight = model.transformer.wte.weight
 
-    def weight_gradient(return_logits):
+    def weight_gradient(return_logits, objective):
         model.zero_grad(set_to_none=True)
-        model(idx, idx.roll(1, dims=1), return_logits=return_logits)[1].backward()
-        return model.transformer.wte.weight.grad.clone()
+        objective(lambda tokens: model(tokens, tokens.roll(1, dims=1), return_logits=return_logits)[1]).backward()
+        return weight.grad.clone()
 
-    torch.testing.assert_close(weight_gradient(False), weight_gradient(True), rtol=1e-4, atol=1e-7)
+    objectives = [
+        lambda loss: loss(idx),
+        lambda loss: loss(idx) + 0.5 * loss(other),
+        lambda loss: loss(idx) + 1e-3 * weight.square().sum(),
+    ]
+    for objective in objectives:
+        torch.testing.assert_close(
+            weight_gradient(False, objective), weight_gradient(True, objective), rtol=1e-4, atol=1e-7
+        )
 
 
 def test_tied_embedding_alone_gives_the_ordinary_embedding_gradient():

@@ -219,8 +219,9 @@ class GPT2(nn.Module):
 
     def compile_blocks(self) -> None:
         """torch.compile every block in place (one compilation serves them all: the code is the same)."""
+        options = block_compile_options()
         for block in self.transformer.h:
-            block.compile(options=block_compile_options())
+            block.compile(options=options)
 
     def set_dropout(self, probability: float) -> None:
         """Change dropout after construction (e.g. when fine-tuning a loaded checkpoint)."""

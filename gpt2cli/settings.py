@@ -26,6 +26,21 @@ Preset = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+# The embedded default run: a model small enough to train on two CPU cores in about five minutes.
+DEFAULT_RUN: dict[str, dict[str, Any]] = {
+    "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
+    "train": {
+        "batch_size": 8,
+        "lr": 1e-3,
+        "max_steps": 600,
+        "warmup_steps": 25,
+        "eval_interval": 100,
+        "eval_tokens": 32768,
+        "log_interval": 10,
+        "save_interval": 100,
+    },
+}
+
 class Section(BaseModel):
     """One table of the configuration file; a misspelt key is an error, not silently ignored."""
 

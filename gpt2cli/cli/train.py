@@ -24,22 +24,8 @@ from gpt2cli.cli.options import (
     setting_help,
 )
 from gpt2cli.cli.output import info, print_json
-from gpt2cli.settings import ModelSettings, TrainSettings
+from gpt2cli.settings import DEFAULT_RUN, ModelSettings, TrainSettings
 
-# The embedded default run: a model small enough to train on two CPU cores in about five minutes.
-DEFAULT_RUN: dict[str, dict[str, Any]] = {
-    "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
-    "train": {
-        "batch_size": 8,
-        "lr": 1e-3,
-        "max_steps": 600,
-        "warmup_steps": 25,
-        "eval_interval": 100,
-        "eval_tokens": 32768,
-        "log_interval": 10,
-        "save_interval": 100,
-    },
-}
 SAMPLE_PROMPT = "ROMEO:"
 
 

@@ -302,8 +302,7 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
             self.saved_step = self.progress.step
-        if self.device.type == "cpu":
-            keep_freed_memory()
+        keep_freed_memory(self.device)
         self.peak = peak_tflops(self.device)
         self.flops_per_token = self.model.flops_per_token(self.plan.seq_len)
 

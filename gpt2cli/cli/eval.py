@@ -72,8 +72,7 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     options = settings.eval
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     model = load_model(checkpoint, device=device)
     block = model.config.block_size
     context = options.context or block

@@ -75,7 +75,7 @@ def time_ours(folder: Path, reps: int, variant: str) -> dict[str, Any]:
     from gpt2cli.devices import keep_freed_memory
     from gpt2cli.sampling import Generator, SamplingOptions, Timing, quantize_int8
 
-    keep_freed_memory()
+    keep_freed_memory(torch.device("cpu"))
     model = load_model(folder, dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
     if variant == "int8":
         quantize_int8(model)

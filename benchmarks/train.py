@@ -88,7 +88,7 @@ def run_transformers(shard: Path, steps: int, warmup: int, bf16: bool) -> dict[s
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gpt2cli.batches import Windows, WindowSampler
-    from gpt2cli.data import read_shard
+    from gpt2cli.shards import read_shard
 
     torch.manual_seed(RECIPE["seed"])
     config = GPT2Config(

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2cli.data import EncodeOptions, Source, encode_sources, is_shard, parse_json_line, read_shard
 from gpt2cli.devices import Precision
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.model import GPT2
+from gpt2cli.shards import is_shard, read_shard
+from gpt2cli.text_encoding import EncodeOptions, Source, encode_sources, parse_json_line
 from gpt2cli.tokenizer import EOT_ID, Tokenizer
 
 LOSS_CHUNK_ROWS = 1024  # rows of logits computed at once

@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 from gpt2cli import __version__
 from gpt2cli.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.checkpoint import checkpoint_layout, hf_config_dict, load_model, unwrap, write_checkpoint
-from gpt2cli.corpus import TokenData
 from gpt2cli.devices import Precision, fast_matmul, keep_freed_memory, peak_tflops
 from gpt2cli.distributed import (
     World,
@@ -51,6 +50,7 @@ from gpt2cli.files import atomic_path, atomic_write_bytes
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import Schedule, build_optimizer
 from gpt2cli.settings import Settings, TrainSettings
+from gpt2cli.training_data import TokenData
 
 STATE_FORMAT = 1
 CHECKPOINTS = "checkpoints"
@@ -302,8 +302,7 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
             self.saved_step = self.progress.step
-        if self.device.type == "cpu":
-            keep_freed_memory()
+        keep_freed_memory(self.device)
         self.peak = peak_tflops(self.device)
         self.flops_per_token = self.model.flops_per_token(self.plan.seq_len)
 

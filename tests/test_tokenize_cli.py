@@ -13,7 +13,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from conftest import assert_one_line_error, cli_env, run_cli, shakespeare_text
-from gpt2cli.data import HEADER_BYTES, SHARD_MAGIC
+from gpt2cli.shards import HEADER_BYTES, SHARD_MAGIC
 from gpt2cli.tokenizer import SPLIT_PATTERN, VOCAB_SHA256
 
 EOT = 50256

@@ -10,8 +10,8 @@ import tiktoken
 
 from conftest import shakespeare_text
 from gpt2cli import get_tokenizer
-from gpt2cli.data import read_chunks
 from gpt2cli.errors import Gpt2Error
+from gpt2cli.text_encoding import read_chunks
 from gpt2cli.tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from gpt2cli.batches import Windows, WindowSampler
-from gpt2cli.corpus import hold_out_tail
 from gpt2cli.losses import cross_entropy_block, cross_entropy_block_for_compile, fused_linear_cross_entropy
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import Schedule, parameter_groups
+from gpt2cli.training_data import hold_out_tail
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():

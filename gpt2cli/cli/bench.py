@@ -106,8 +106,7 @@ def run_bench(settings: Any) -> None:
     tests = parse_tests(options.tests)
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     config = settings.model.to_config()
     cases = plan_cases(tests, options.batch_sizes, options.seq_lens or [config.block_size], config.block_size)
     torch.manual_seed(0)

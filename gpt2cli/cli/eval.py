@@ -63,17 +63,16 @@ def command(
 
 def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output: bool) -> None:
     from gpt2cli.checkpoint import load_model
-    from gpt2cli.data import EncodeOptions
     from gpt2cli.devices import keep_freed_memory, resolve_device, resolve_precision
     from gpt2cli.errors import UsageError
     from gpt2cli.evaluation import evaluate_lm, evaluate_multiple_choice, load_eval_tokens, read_multiple_choice
+    from gpt2cli.text_encoding import EncodeOptions
     from gpt2cli.tokenizer import get_tokenizer
 
     options = settings.eval
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     model = load_model(checkpoint, device=device)
     block = model.config.block_size
     context = options.context or block
@@ -91,12 +90,7 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
             examples = read_multiple_choice(data[0], options.limit)
             result = evaluate_multiple_choice(model, get_tokenizer(), examples, precision, advance).as_dict()
         else:
-            encode = EncodeOptions(
-                text_field=settings.data.text_field,
-                errors=settings.data.errors,
-                allow_special=settings.data.allow_special,
-            )
-            text = load_eval_tokens(data, encode, options.max_tokens)
+            text = load_eval_tokens(data, EncodeOptions.from_settings(settings.data), options.max_tokens)
             result = evaluate_lm(
                 model, text.streams, precision, context, stride, options.batch_size, text.text_bytes, advance
             ).as_dict()

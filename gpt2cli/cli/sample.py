@@ -124,8 +124,7 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     device = resolve_device(settings.device)
     if settings.dtype == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     model = load_model(checkpoint, device=device, dtype=DTYPES[settings.dtype])
     if settings.quantize == "int8":
         quantize_int8(model)

@@ -53,9 +53,9 @@ def command(
       gpt2 tokenize corpus.txt -o corpus.bin        # an llm.c token shard
       gpt2 tokenize corpus.bin --decode | head      # back to text
     """
-    from gpt2cli.data import EncodeOptions, check_sources
     from gpt2cli.settings import load_settings
-    from gpt2cli.tokenization import count_tokens, decode_sources, ids_as_lines, tokenize_to_shards
+    from gpt2cli.text_encoding import EncodeOptions, check_sources
+    from gpt2cli.tokenize_jobs import count_tokens, decode_sources, ids_as_lines, tokenize_to_shards
 
     settings = load_settings(
         config,
@@ -79,9 +79,7 @@ def command(
         write_stdout(decode_sources(names))
         return
 
-    options = EncodeOptions(
-        text_field=settings.text_field, errors=settings.errors, allow_special=settings.allow_special
-    )
+    options = EncodeOptions.from_settings(settings)
     total = sum(size for source in sources if (size := source.size()) is not None) or None
     started = time.perf_counter()
     with progress_bar("tokenizing", total, unit="bytes") as bar:

@@ -156,15 +156,13 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
 
 
 def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, json_output: bool) -> None:
-    from gpt2cli.corpus import bundled_corpus, default_cache_dir, load_token_data
-    from gpt2cli.data import EncodeOptions
     from gpt2cli.devices import resolve_precision
+    from gpt2cli.text_encoding import EncodeOptions
     from gpt2cli.training import Trainer
+    from gpt2cli.training_data import bundled_corpus, default_cache_dir, load_token_data
 
     precision = resolve_precision(settings.train.dtype, device)
-    options = EncodeOptions(
-        text_field=settings.data.text_field, errors=settings.data.errors, allow_special=settings.data.allow_special
-    )
+    options = EncodeOptions.from_settings(settings.data)
     started = time.perf_counter()
     data = load_token_data(
         [str(bundled_corpus())] if bundled else settings.data.paths,

@@ -1,8 +1,7 @@
-"""Token data: llm.c's shard format, and the streaming, parallel text-to-token pipeline.
+"""Text to tokens: input sources (text, .jsonl, gzip, stdin), cut into chunks that encode independently,
+encoded by a streaming pool of worker processes.
 
-A shard is a header of 256 little-endian int32 (magic 20240520, version 1, token count, zeros)
-followed by the tokens as little-endian uint16. Documents are joined with `<|endoftext|>`
-placed before each one, as llm.c's and modded-nanogpt's FineWeb shards are.
+The GPT-2 encoding itself is `tokenizer.py`; the file format the tokens go to is `shards.py`.
 """
 
 from __future__ import annotations
@@ -18,32 +17,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from gpt2cli.errors import DataError, UsageError
-from gpt2cli.files import commit, temporary_sibling
-from gpt2cli.settings import MAX_SHARD_TOKENS
-from gpt2cli.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from gpt2cli.tokenizer import EOT_ID, get_tokenizer
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-TOKEN_DTYPE = np.dtype("<u2")
+if TYPE_CHECKING:
+    from gpt2cli.settings import DataSettings
+
 CHUNK_BYTES = 256 << 10  # work unit for the encoder threads; measured fastest between 128 KiB and 4 MiB
 
-# ---------------------------------------------------------------- shards
-
-
-SHARD_MAGIC_BYTES = np.array([SHARD_MAGIC], dtype="<i4").tobytes()
-
-
-def is_shard(path: str | os.PathLike[str]) -> bool:
-    """A token shard by its name (`.bin`) or its first four bytes (the magic), whatever it is called."""
-    with open(path, "rb") as handle:
-        return handle.read(4) == SHARD_MAGIC_BYTES or Path(path).suffix == ".bin"
+# ---------------------------------------------------------------- text sources
 
 
 def parse_json_line(line: str, source: str, number: int) -> Any:
@@ -53,123 +39,6 @@ def parse_json_line(line: str, source: str, number: int) -> Any:
     except json.JSONDecodeError as error:
         raise DataError(f"{source}:{number}: invalid JSON ({error.msg})") from None
 
-
-def shard_header(token_count: int) -> bytes:
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, token_count)
-    return header.tobytes()
-
-
-def parse_shard_header(header: bytes, size: int, name: str) -> int:
-    """The token count from a shard's first bytes, after checking magic, version and total `size`."""
-    values = np.frombuffer(header[:HEADER_BYTES], dtype="<i4")
-    if values.size < HEADER_INTS or values[0] != SHARD_MAGIC:
-        raise DataError(f"{name}: not a token shard (expected magic {SHARD_MAGIC} in a {HEADER_BYTES}-byte header)")
-    if values[1] != SHARD_VERSION:
-        raise DataError(f"{name}: unsupported shard version {values[1]} (expected {SHARD_VERSION})")
-    count = int(values[2])
-    expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
-    if count < 0 or size < expected:
-        raise DataError(f"{name}: truncated shard ({size} of {expected} bytes for {count} tokens)")
-    return count
-
-
-def read_shard_header(path: str | os.PathLike[str]) -> int:
-    """The token count of a shard file, after checking its magic, version and length."""
-    with open(path, "rb") as handle:
-        header = handle.read(HEADER_BYTES)
-    return parse_shard_header(header, Path(path).stat().st_size, str(path))
-
-
-def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
-    """The tokens of a shard, memory-mapped (nothing is read until used)."""
-    count = read_shard_header(path)
-    if count == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
-
-
-class ShardWriter:
-    """Writes tokens to `path`, or to `stem_000000.bin`, ... every `shard_size` tokens.
-
-    Shards are written under temporary names and only appear, all together, on `close()`;
-    `abort()` (or an exception inside `with`) removes them, so a failure leaves nothing behind.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], shard_size: int | None = None) -> None:
-        self.path = Path(path)
-        self.shard_size = shard_size
-        self.limit = shard_size or MAX_SHARD_TOKENS
-        self.finished: list[tuple[Path, Path]] = []  # (temporary, final)
-        self.total_tokens = 0
-        self._handle: BinaryIO | None = None
-        self._current: tuple[Path, Path] | None = None
-        self._count = 0
-
-    def _shard_path(self, index: int) -> Path:
-        if self.shard_size is None:
-            return self.path
-        return self.path.with_name(f"{self.path.stem}_{index:06d}{self.path.suffix or '.bin'}")
-
-    def _open_next(self) -> None:
-        final = self._shard_path(len(self.finished))
-        temporary = temporary_sibling(final)
-        self._current = (temporary, final)
-        self._handle = open(temporary, "wb")  # noqa: SIM115 (closed by _close_current or abort)
-        self._handle.write(shard_header(0))
-        self._count = 0
-
-    def _close_current(self) -> None:
-        assert self._handle is not None and self._current is not None
-        self._handle.seek(0)
-        self._handle.write(shard_header(self._count))
-        self._handle.close()
-        self.finished.append(self._current)
-        self._handle, self._current = None, None
-
-    def write(self, tokens: np.ndarray) -> None:
-        tokens = np.asarray(tokens)
-        while tokens.size:
-            if self._handle is None:
-                self._open_next()
-            room = self.limit - self._count
-            if room == 0:
-                if self.shard_size is None:
-                    raise DataError(f"more than {MAX_SHARD_TOKENS} tokens do not fit in one shard; use --shard-size")
-                self._close_current()
-                continue
-            part = tokens[:room]
-            self._handle.write(part.astype(TOKEN_DTYPE, copy=False).tobytes())  # type: ignore[union-attr]
-            self._count += part.size
-            self.total_tokens += part.size
-            tokens = tokens[room:]
-
-    def close(self) -> list[Path]:
-        """Make every shard visible; returns their paths in order."""
-        if self._handle is not None:
-            self._close_current()
-        for temporary, final in self.finished:
-            commit(temporary, final)
-        return [final for _, final in self.finished]
-
-    def abort(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        paths = [*self.finished, *([self._current] if self._current else [])]
-        for temporary, _ in paths:
-            temporary.unlink(missing_ok=True)
-        self.finished = []
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            self.abort()
-
-
-# ---------------------------------------------------------------- text sources
 
 STDIN = "-"
 
@@ -286,6 +155,11 @@ class EncodeOptions:
     errors: str = "strict"  # "strict" or "replace"
     allow_special: bool = False
 
+    @classmethod
+    def from_settings(cls, data: DataSettings) -> EncodeOptions:
+        """The options of the `[data]` settings, the one place every command takes them from."""
+        return cls(text_field=data.text_field, errors=data.errors, allow_special=data.allow_special)
+
 
 def _decode_utf8(data: bytes, offset: int, source: Source, errors: str) -> str:
     try:
@@ -396,11 +270,3 @@ def with_document_separators(documents: Iterable[EncodedDocument]) -> Iterator[n
             yield eot
         if document.tokens.size:
             yield document.tokens
-
-
-def check_token_ids(tokens: np.ndarray, source: str) -> None:
-    """Refuse ids the GPT-2 vocabulary does not have."""
-    if tokens.size:
-        bad = tokens[(tokens < 0) | (tokens >= VOCAB_SIZE)]
-        if bad.size:
-            raise DataError(f"{source}: token id {int(bad[0])} is outside the vocabulary (0-{VOCAB_SIZE - 1})")

@@ -11,23 +11,25 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2cli.data import (
+from gpt2cli.errors import DataError, UsageError
+from gpt2cli.shards import (
     HEADER_BYTES,
     SHARD_MAGIC_BYTES,
-    STDIN,
     TOKEN_DTYPE,
-    EncodedDocument,
-    EncodeOptions,
     ShardWriter,
-    Source,
     check_token_ids,
-    encode_sources,
     is_shard,
     parse_shard_header,
     read_shard,
+)
+from gpt2cli.text_encoding import (
+    STDIN,
+    EncodedDocument,
+    EncodeOptions,
+    Source,
+    encode_sources,
     with_document_separators,
 )
-from gpt2cli.errors import DataError, UsageError
 from gpt2cli.tokenizer import get_tokenizer
 
 DECODE_BATCH = 1 << 20  # tokens per decode call when reading a shard

@@ -13,17 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2cli.data import (
-    EncodeOptions,
-    ShardWriter,
-    Source,
-    check_sources,
-    encode_sources,
-    is_shard,
-    read_shard,
-    with_document_separators,
-)
 from gpt2cli.errors import DataError, UsageError
+from gpt2cli.shards import ShardWriter, is_shard, read_shard
+from gpt2cli.text_encoding import EncodeOptions, Source, check_sources, encode_sources, with_document_separators
 
 BUNDLED_CORPUS = "shakespeare.txt.gz"
 CACHE_FORMAT = 1  # bump when the cached token layout changes

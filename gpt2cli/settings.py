@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -33,6 +33,8 @@ Task = Literal["lm", "hellaswag"]
 OutputFormat = Literal["table", "json", "jsonl", "csv", "md"]
 EncodingErrors = Literal["strict", "replace"]
 DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what DEVICE_PATTERN accepts, for help texts
+# Open (cuda:N), so a pattern rather than a Literal; every section that runs a model has one.
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")]
 
 
 # The embedded default run: a model small enough to train on two CPU cores in about five minutes.
@@ -109,7 +111,7 @@ class DataSettings(Section):
 class TrainSettings(Section):
     """Optimisation and run bookkeeping for `gpt2 train` (the llm.c GPT-2 recipe by default)."""
 
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")
+    device: Device = "auto"
     dtype: Dtype = Field("auto", description="Compute dtype; auto picks the best for the device.")
     compile: bool = Field(False, description="Compile the transformer blocks and the loss with torch.compile.")
     parallel: Parallel = Field(
@@ -171,7 +173,7 @@ class SampleSettings(Section):
     seed: int | None = Field(None, ge=0, description="Random seed: the same seed gives the same text.")
     stop: list[str] = Field(default_factory=list, description="Stop just before this text (repeatable).")
     ignore_eot: bool = Field(False, description="Keep going past <|endoftext|> instead of stopping there.")
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")
+    device: Device = "auto"
     dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
     quantize: Quantize = Field("none", description="Weight-only int8 quantization (gpt-fast style).")
     compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
@@ -186,7 +188,7 @@ class EvalSettings(Section):
     max_tokens: int | None = Field(None, ge=2, description="Score at most this many tokens.")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     limit: int | None = Field(None, ge=1, description="Multiple choice: evaluate the first N examples.")
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")
+    device: Device = "auto"
     dtype: Dtype = Field("float32", description="Compute dtype (float32 is exact; auto picks the best for the device).")
 
     @model_validator(mode="after")
@@ -206,7 +208,7 @@ class BenchSettings(Section):
     )
     reps: int = Field(5, ge=1, description="Timed runs per case.")
     warmup: int = Field(1, ge=0, description="Untimed runs first (compilation happens here).")
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")
+    device: Device = "auto"
     dtype: Dtype = Field("auto", description="Compute dtype; auto picks the best for the device.")
     compile: bool = Field(
         False, description="Compile the model with torch.compile (blocks for train, CUDA graphs for decode)."

@@ -19,6 +19,7 @@ from torch import nn
 from gpt2cli.attention import causal_attention, compiled_cpu_attention_applies
 from gpt2cli.errors import ConfigError, UsageError
 from gpt2cli.losses import IGNORE_INDEX, TiedGradient, fused_linear_cross_entropy, tied_embedding
+from gpt2cli.presets import PRESETS
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class GPT2Config:
     def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        return cls(**{**PRESETS[name]._asdict(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,14 +73,6 @@ def block_compile_options() -> dict[str, Any]:
     import torch._inductor.config as inductor_config
 
     return {"cpp.use_decompose_tanh": True} if hasattr(inductor_config.cpp, "use_decompose_tanh") else {}
-
-
-PRESETS: dict[str, GPT2Config] = {
-    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
 
 
 class KVCache:

@@ -11,19 +11,30 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gpt2cli.errors import UsageError
+from gpt2cli.presets import PRESETS, PresetName
 
 CONFIG_ENV_VAR = "GPT2_CONFIG"
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 MAX_SHARD_TOKENS = 2**31 - 1  # the shard header stores the token count as an int32
 
-Preset = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+StorageDtype = Literal["float32", "bfloat16", "float16"]  # a dtype to hold weights in: no "auto"
+# The closed choices: named once here, so validation and the CLI's choices (help, completion) agree.
+Schedule = Literal["cosine", "linear", "constant", "wsd"]
+Parallel = Literal["ddp", "fsdp"]
+Quantize = Literal["none", "int8"]
+Task = Literal["lm", "hellaswag"]
+OutputFormat = Literal["table", "json", "jsonl", "csv", "md"]
+EncodingErrors = Literal["strict", "replace"]
+DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what DEVICE_PATTERN accepts, for help texts
+# Open (cuda:N), so a pattern rather than a Literal; every section that runs a model has one.
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")]
 
 
 # The embedded default run: a model small enough to train on two CPU cores in about five minutes.
@@ -41,6 +52,7 @@ DEFAULT_RUN: dict[str, dict[str, Any]] = {
     },
 }
 
+
 class Section(BaseModel):
     """One table of the configuration file; a misspelt key is an error, not silently ignored."""
 
@@ -50,7 +62,7 @@ class Section(BaseModel):
 class ModelSettings(Section):
     """The network's shape. Unset dimensions come from `preset` (default `gpt2`, the 124M model)."""
 
-    preset: Preset = Field("gpt2", description="Named GPT-2 shape: gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl.")
+    preset: PresetName = Field("gpt2", description="Named GPT-2 shape (gpt2 is the 124M model).")
     n_layer: int | None = Field(None, ge=1, description="Transformer blocks (default: the preset's).")
     n_head: int | None = Field(None, ge=1, description="Attention heads per block (default: the preset's).")
     n_embd: int | None = Field(None, ge=1, description="Model width (default: the preset's).")
@@ -60,8 +72,8 @@ class ModelSettings(Section):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSettings:
-        width = self.n_embd or _PRESET_WIDTHS[self.preset][1]
-        heads = self.n_head or _PRESET_WIDTHS[self.preset][0]
+        width = self.n_embd or PRESETS[self.preset].n_embd
+        heads = self.n_head or PRESETS[self.preset].n_head
         if width % heads:
             raise ValueError(f"n_embd ({width}) must be divisible by n_head ({heads})")
         return self
@@ -78,15 +90,6 @@ class ModelSettings(Section):
         return GPT2Config.from_preset(self.preset, dropout=self.dropout, **explicit)
 
 
-# (n_head, n_embd) per preset, kept here so validation needs no torch import; checked against model.PRESETS in tests.
-_PRESET_WIDTHS: dict[str, tuple[int, int]] = {
-    "gpt2": (12, 768),
-    "gpt2-medium": (16, 1024),
-    "gpt2-large": (20, 1280),
-    "gpt2-xl": (25, 1600),
-}
-
-
 class DataSettings(Section):
     """How text becomes tokens: shared by `tokenize` and every command that reads text."""
 
@@ -96,7 +99,7 @@ class DataSettings(Section):
     shard_size: int | None = Field(
         None, ge=1, le=MAX_SHARD_TOKENS, description="Tokens per output shard (default: a single file)."
     )
-    errors: Literal["strict", "replace"] = Field(
+    errors: EncodingErrors = Field(
         "strict", description="Bytes that are not UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD."
     )
     allow_special: bool = Field(False, description="Encode '<|endoftext|>' in the text as the special token 50256.")
@@ -108,10 +111,10 @@ class DataSettings(Section):
 class TrainSettings(Section):
     """Optimisation and run bookkeeping for `gpt2 train` (the llm.c GPT-2 recipe by default)."""
 
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
-    dtype: Dtype = Field("auto", description="Compute dtype: auto, float32, bfloat16 or float16.")
+    device: Device = "auto"
+    dtype: Dtype = Field("auto", description="Compute dtype; auto picks the best for the device.")
     compile: bool = Field(False, description="Compile the transformer blocks and the loss with torch.compile.")
-    parallel: Literal["ddp", "fsdp"] = Field(
+    parallel: Parallel = Field(
         "ddp",
         description="Under torchrun: ddp keeps a full model on every process; fsdp shards weights, gradients and "
         "optimizer state across them (FSDP2, for models too large for one device).",
@@ -124,7 +127,7 @@ class TrainSettings(Section):
     lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
     min_lr: float | None = Field(None, ge=0, description="Final learning rate (default: lr / 10).")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (default: from the run length).")
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field("cosine", description="Learning-rate schedule.")
+    schedule: Schedule = Field("cosine", description="Learning-rate schedule.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training tokens.")
     max_tokens: int | None = Field(None, ge=1, description="Training tokens to process.")
@@ -170,25 +173,23 @@ class SampleSettings(Section):
     seed: int | None = Field(None, ge=0, description="Random seed: the same seed gives the same text.")
     stop: list[str] = Field(default_factory=list, description="Stop just before this text (repeatable).")
     ignore_eot: bool = Field(False, description="Keep going past <|endoftext|> instead of stopping there.")
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights and compute dtype (float32 is exact)."
-    )
-    quantize: Literal["none", "int8"] = Field("none", description="Weight-only int8 quantization (gpt-fast style).")
+    device: Device = "auto"
+    dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
+    quantize: Quantize = Field("none", description="Weight-only int8 quantization (gpt-fast style).")
     compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
 
 
 class EvalSettings(Section):
     """Evaluation for `gpt2 eval`."""
 
-    task: Literal["lm", "hellaswag"] = Field("lm", description="lm: loss and perplexity; hellaswag: multiple choice.")
+    task: Task = Field("lm", description="lm: loss and perplexity; hellaswag: multiple choice.")
     context: int | None = Field(None, ge=1, description="Tokens per window (default: the model's block size).")
     stride: int | None = Field(None, ge=1, description="Tokens between window starts (default: the context).")
     max_tokens: int | None = Field(None, ge=2, description="Score at most this many tokens.")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     limit: int | None = Field(None, ge=1, description="Multiple choice: evaluate the first N examples.")
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
-    dtype: Dtype = Field("float32", description="Compute dtype: float32 (exact), bfloat16, float16, or auto.")
+    device: Device = "auto"
+    dtype: Dtype = Field("float32", description="Compute dtype (float32 is exact; auto picks the best for the device).")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> EvalSettings:
@@ -207,13 +208,15 @@ class BenchSettings(Section):
     )
     reps: int = Field(5, ge=1, description="Timed runs per case.")
     warmup: int = Field(1, ge=0, description="Untimed runs first (compilation happens here).")
-    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N or mps.")
-    dtype: Dtype = Field("auto", description="auto, float32, bfloat16 or float16.")
-    compile: bool = Field(False, description="torch.compile the model (blocks for train, CUDA graphs for decode).")
+    device: Device = "auto"
+    dtype: Dtype = Field("auto", description="Compute dtype; auto picks the best for the device.")
+    compile: bool = Field(
+        False, description="Compile the model with torch.compile (blocks for train, CUDA graphs for decode)."
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="Device peak for MFU (default: from the known-GPU table)."
     )
-    output_format: Literal["table", "json", "jsonl", "csv", "md"] = Field("table", description="How to print results.")
+    output_format: OutputFormat = Field("table", description="How to print results.")
 
     @model_validator(mode="after")
     def _positive_lists(self) -> BenchSettings:

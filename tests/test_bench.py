@@ -12,7 +12,7 @@ import torch
 from conftest import assert_one_line_error, run_cli
 from gpt2cli.benchmark import Case, Runner, plan_cases
 from gpt2cli.devices import resolve_precision
-from gpt2cli.model import GPT2, PRESETS, GPT2Config
+from gpt2cli.model import GPT2, GPT2Config
 
 TINY = ("--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--reps", "2", "--warmup", "1")
 
@@ -44,7 +44,7 @@ def test_every_test_kind_reports_positive_numbers_in_documented_json():
 
 def test_flops_per_token_of_the_124m_preset_by_hand():
     with torch.device("meta"):
-        model = GPT2(PRESETS["gpt2"])
+        model = GPT2(GPT2Config.from_preset("gpt2"))
     n = 124_439_808 - 1024 * 768  # parameters without the position embeddings
     assert model.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024 == 855_166_464
 

@@ -9,8 +9,7 @@ import torch
 
 from gpt2cli import GPT2, GPT2Config, load_model
 from gpt2cli.errors import ConfigError, UsageError
-from gpt2cli.model import PRESETS
-from gpt2cli.settings import _PRESET_WIDTHS
+from gpt2cli.presets import PRESETS
 
 
 @pytest.mark.parametrize(
@@ -47,10 +46,9 @@ def test_loss_matches_transformers_and_ignores_minus_one(hf_model_factory):
 
 def test_presets_have_the_published_sizes():
     counts = {}
-    for name, config in PRESETS.items():
+    for name in PRESETS:
         with torch.device("meta"):
-            counts[name] = GPT2(config).num_parameters()
-        assert _PRESET_WIDTHS[name] == (config.n_head, config.n_embd)  # settings validate without torch
+            counts[name] = GPT2(GPT2Config.from_preset(name)).num_parameters()
     assert counts["gpt2"] == 124_439_808
     assert counts["gpt2-medium"] == 354_823_168
     assert counts["gpt2-large"] == 774_030_080

@@ -6,12 +6,15 @@ torch (and anything heavy) inside their functions, so `gpt2 --help` stays fast.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from importlib.metadata import entry_points
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, get_args
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from gpt2cli import __version__
 from gpt2cli.cli.output import OutputClosed
@@ -48,11 +51,69 @@ def warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
+# The metavars click users know (`--lr FLOAT`), instead of Typer's `<float>`; flags that take no value show none.
+_CONVENTIONAL_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+def conventional_metavar(param: Any, ctx: Any) -> str:
+    """`INTEGER`, `FLOAT`, `TEXT`, `PATH`, `[a|b|c]` for a choice, "" for an on/off flag."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return ""
+    if param.metavar is not None and not isinstance(param, TyperArgument):  # an argument's metavar is its name
+        return param.metavar  # set on purpose (e.g. --device's kinds)
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is None:  # a Typer that still uses click's types
+        return param.type.name.upper()
+    if descriptor.choices is not None:
+        return "[" + "|".join(str(choice) for choice in descriptor.choices) + "]"
+    annotation = descriptor.annotation
+    element = get_args(annotation)[0] if descriptor.is_list and get_args(annotation) else annotation
+    if descriptor.is_path:
+        return "PATH"
+    return _CONVENTIONAL_METAVARS.get(element, param.display_type(ctx))
+
+
+class _ConventionalMetavars:
+    """Mixed into the root group and every command: each parameter shows a conventional metavar in `--help`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            label = conventional_metavar(param, ctx)
+            if isinstance(param, TyperArgument):  # an argument's metavar is its name: replace only the type shown
+                param.display_type_rich = lambda ctx, label=label: label
+            else:
+                param.metavar = label
+        return params
+
+
+class Command(_ConventionalMetavars, TyperCommand):
+    pass
+
+
+class Group(_ConventionalMetavars, TyperGroup):
+    pass
+
+
+def reflow(docstring: str | None) -> str | None:
+    """A docstring whose paragraphs Rich wraps to the terminal: line breaks inside a paragraph are dropped.
+
+    Paragraphs with indented lines (examples) keep their lines as written.
+    """
+    if docstring is None:
+        return None
+    paragraphs = inspect.cleandoc(docstring).split("\n\n")
+    return "\n\n".join(
+        paragraph if any(line.startswith(" ") for line in paragraph.splitlines()) else " ".join(paragraph.split("\n"))
+        for paragraph in paragraphs
+    )
+
+
 def _register(app: typer.Typer, name: str, command: Any) -> None:
     if isinstance(command, typer.Typer):
         app.add_typer(command, name=name)
     elif callable(command):
-        app.command(name=name)(command)
+        app.command(name=name, help=reflow(command.__doc__), cls=Command)(command)
     else:
         raise TypeError(f"entry point must be a function or a typer.Typer, got {type(command).__name__}")
 
@@ -61,6 +122,7 @@ def build_app(only: str | None = None) -> typer.Typer:
     """The root app with every installed command (or just `only`); a broken plugin is skipped with one warning."""
     app = typer.Typer(
         name=PROG,
+        cls=Group,
         no_args_is_help=True,
         add_completion=True,
         pretty_exceptions_enable=False,
@@ -142,7 +204,8 @@ def _render_command_line_error(error: Any) -> int:
             print(help_text)
         return 2
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    return _fail(f"{error.format_message()}{hint}", getattr(error, "exit_code", 2))
+    message = error.format_message().replace("Value error, ", "")  # Typer's wording for a choice not offered
+    return _fail(f"{message}{hint}", getattr(error, "exit_code", 2))
 
 
 def main() -> None:

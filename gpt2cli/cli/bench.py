@@ -11,17 +11,22 @@ from typing import Annotated, Any
 import typer
 
 from gpt2cli.cli.options import (
+    OUTPUT,
+    RUN,
     BlockSizeOption,
+    CompileOption,
     ConfigOption,
+    DeviceOption,
+    DtypeOption,
     NEmbdOption,
     NHeadOption,
     NLayerOption,
     PresetOption,
     overrides,
-    setting_help,
+    setting,
 )
 from gpt2cli.cli.output import info, write_stdout
-from gpt2cli.settings import BenchSettings
+from gpt2cli.settings import BenchSettings, ModelSettings, OutputFormat
 
 COLUMNS = [
     *("test", "batch_size", "seq_len", "dtype", "compile", "tokens_per_s", "tokens_per_s_std", "mfu"),
@@ -29,8 +34,8 @@ COLUMNS = [
 ]
 
 
-def _b(field: str) -> str:
-    return setting_help(BenchSettings, field)
+def _b(field: str, panel: str = RUN, *declarations: str, **extra: Any) -> Any:
+    return setting(BenchSettings, field, *declarations, panel=panel, **extra)
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -45,24 +50,23 @@ def _ints(text: str | None) -> list[int] | None:
 
 
 def command(
-    device: Annotated[str | None, typer.Option(help=_b("device"), show_default=False)] = None,
     preset: PresetOption = None,
     n_layer: NLayerOption = None,
     n_head: NHeadOption = None,
     n_embd: NEmbdOption = None,
     block_size: BlockSizeOption = None,
-    dtype: Annotated[str | None, typer.Option(help=_b("dtype"), show_default=False)] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help=_b("compile"), show_default=False)
-    ] = None,
-    batch_size: Annotated[str | None, typer.Option(help=_b("batch_sizes"), show_default=False)] = None,
-    seq_len: Annotated[str | None, typer.Option(help=_b("seq_lens"), show_default=False)] = None,
-    tests: Annotated[str | None, typer.Option(help=_b("tests"), show_default=False)] = None,
-    reps: Annotated[int | None, typer.Option(help=_b("reps"), show_default=False)] = None,
-    warmup: Annotated[int | None, typer.Option(help=_b("warmup"), show_default=False)] = None,
-    peak_tflops: Annotated[float | None, typer.Option(help=_b("peak_tflops"), show_default=False)] = None,
-    output_format: Annotated[str | None, typer.Option("--format", help=_b("output_format"), show_default=False)] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    device: DeviceOption[BenchSettings] = None,
+    dtype: DtypeOption[BenchSettings] = None,
+    compile: CompileOption[BenchSettings] = None,
+    # Comma lists on the command line, lists in the settings: these three are converted below.
+    batch_size: Annotated[str | None, _b("batch_sizes", RUN, metavar="INTEGERS")] = None,
+    seq_len: Annotated[str | None, _b("seq_lens", RUN, metavar="INTEGERS")] = None,
+    tests: Annotated[str | None, _b("tests", RUN, metavar="TEXT")] = None,
+    reps: Annotated[int | None, _b("reps")] = None,
+    warmup: Annotated[int | None, _b("warmup")] = None,
+    peak_tflops: Annotated[float | None, _b("peak_tflops")] = None,
+    output_format: Annotated[OutputFormat | None, _b("output_format", OUTPUT, "--format")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Same as --format json.", rich_help_panel=OUTPUT)] = False,
     config: ConfigOption = None,
 ) -> None:
     """Measure tokens/s (mean ± std), MFU and peak memory of train, fwd, ppN (prefill) and tgN (decode).
@@ -74,24 +78,15 @@ def command(
     """
     from gpt2cli.settings import load_settings
 
-    settings = load_settings(
-        config,
-        overrides(
-            model=dict(preset=preset, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size),
-            bench=dict(
-                device=device,
-                dtype=dtype,
-                compile=compile,
-                batch_sizes=_ints(batch_size),
-                seq_lens=_ints(seq_len),
-                tests=tests.split(",") if tests is not None else None,
-                reps=reps,
-                warmup=warmup,
-                peak_tflops=peak_tflops,
-                output_format="json" if json_output else output_format,
-            ),
-        ),
-    )
+    flags = overrides(locals(), model=ModelSettings, bench=BenchSettings)
+    lists = {
+        "batch_sizes": _ints(batch_size),
+        "seq_lens": _ints(seq_len),
+        "tests": tests.split(",") if tests is not None else None,
+        "output_format": "json" if json_output else output_format,
+    }
+    flags.setdefault("bench", {}).update({name: value for name, value in lists.items() if value is not None})
+    settings = load_settings(config, flags)
     run_bench(settings)
 
 

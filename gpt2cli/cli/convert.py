@@ -9,13 +9,18 @@ import typer
 
 from gpt2cli.cli.options import JsonOption
 from gpt2cli.cli.output import info, print_json
+from gpt2cli.settings import StorageDtype
 
 
 def command(
-    source: Annotated[Path, typer.Argument(help="The checkpoint to read (format detected from its content).")],
+    source: Annotated[
+        Path, typer.Argument(metavar="SRC", help="The checkpoint to read (format detected from its content).")
+    ],
     destination: Annotated[
         Path,
-        typer.Argument(help="Where to write: .safetensors (ours), a folder (transformers), .bin (llm.c), .gguf."),
+        typer.Argument(
+            metavar="DST", help="Where to write: .safetensors (ours), a folder (transformers), .bin (llm.c), .gguf."
+        ),
     ],
     source_format: Annotated[
         str, typer.Option("--from", help="Source format: auto, native, hf, nanogpt or llmc.")
@@ -25,8 +30,7 @@ def command(
         typer.Option(help="Target format: native, hf, llmc or gguf (default: from DST's suffix).", show_default=False),
     ] = None,
     dtype: Annotated[
-        str | None,
-        typer.Option(help="Store weights as float32, bfloat16 or float16 (default: as read).", show_default=False),
+        StorageDtype | None, typer.Option(help="Store weights in this dtype (default: as read).", show_default=False)
     ] = None,
     quant: Annotated[str | None, typer.Option(help="GGUF only: q8_0 for 8-bit weights.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
@@ -42,8 +46,6 @@ def command(
     from gpt2cli.devices import DTYPES
     from gpt2cli.errors import UsageError
 
-    if dtype is not None and dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     if quant is not None and quant != "q8_0":
         raise UsageError(f"--quant {quant}: only q8_0 is supported")
     summary = convert(source, destination, source_format, to, DTYPES[dtype] if dtype else None, quant, force)

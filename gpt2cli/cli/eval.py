@@ -7,13 +7,24 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import CheckpointArgument, ConfigOption, JsonOption, TextFieldOption, overrides, setting_help
+from gpt2cli.cli.options import (
+    DATA,
+    RUN,
+    CheckpointArgument,
+    ConfigOption,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    TextFieldOption,
+    overrides,
+    setting,
+)
 from gpt2cli.cli.output import print_json, progress_bar
-from gpt2cli.settings import EvalSettings
+from gpt2cli.settings import DataSettings, EvalSettings, Task
 
 
-def _e(field: str) -> str:
-    return setting_help(EvalSettings, field)
+def _e(field: str, panel: str = DATA) -> Any:
+    return setting(EvalSettings, field, panel=panel)
 
 
 def command(
@@ -21,18 +32,20 @@ def command(
     data: Annotated[
         list[str],
         typer.Argument(
-            help="Text, .jsonl or .bin files (lm); a HellaSwag-format .jsonl (hellaswag).", show_default=False
+            metavar="DATA",
+            help="Text, .jsonl or .bin files (lm); a HellaSwag-format .jsonl (hellaswag).",
+            show_default=False,
         ),
     ],
-    task: Annotated[str | None, typer.Option(help=_e("task"), show_default=False)] = None,
-    context: Annotated[int | None, typer.Option(help=_e("context"), show_default=False)] = None,
-    stride: Annotated[int | None, typer.Option(help=_e("stride"), show_default=False)] = None,
-    max_tokens: Annotated[int | None, typer.Option(help=_e("max_tokens"), show_default=False)] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_e("batch_size"), show_default=False)] = None,
-    limit: Annotated[int | None, typer.Option(help=_e("limit"), show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help=_e("device"), show_default=False)] = None,
-    dtype: Annotated[str | None, typer.Option(help=_e("dtype"), show_default=False)] = None,
+    task: Annotated[Task | None, _e("task", RUN)] = None,
+    context: Annotated[int | None, _e("context")] = None,
+    stride: Annotated[int | None, _e("stride")] = None,
+    max_tokens: Annotated[int | None, _e("max_tokens")] = None,
+    batch_size: Annotated[int | None, _e("batch_size")] = None,
+    limit: Annotated[int | None, _e("limit")] = None,
     text_field: TextFieldOption = None,
+    device: DeviceOption[EvalSettings] = None,
+    dtype: DtypeOption[EvalSettings] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -42,22 +55,8 @@ def command(
     """
     from gpt2cli.settings import load_settings
 
-    settings = load_settings(
-        config,
-        overrides(
-            eval=dict(
-                task=task,
-                context=context,
-                stride=stride,
-                max_tokens=max_tokens,
-                batch_size=batch_size,
-                limit=limit,
-                device=device,
-                dtype=dtype,
-            ),
-            data=dict(text_field=text_field),
-        ),
-    )
+    # `data` here is the input files, not DataSettings' `paths`: only text_field is a data setting.
+    settings = load_settings(config, overrides(locals(), eval=EvalSettings, data=DataSettings))
     run_evaluation(checkpoint, data, settings, json_output)
 
 

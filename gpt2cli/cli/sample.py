@@ -9,48 +9,67 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import CheckpointArgument, ConfigOption, overrides, setting_help
+from gpt2cli.cli.options import (
+    DATA,
+    OUTPUT,
+    SPEED,
+    CheckpointArgument,
+    CompileOption,
+    ConfigOption,
+    DeviceOption,
+    DtypeOption,
+    SeedOption,
+    overrides,
+    setting,
+)
 from gpt2cli.cli.output import info, write_stdout
-from gpt2cli.settings import SampleSettings
+from gpt2cli.settings import Quantize, SampleSettings
+
+DECODING = "Decoding"
 
 
-def _s(field: str) -> str:
-    return setting_help(SampleSettings, field)
+def _s(field: str, panel: str = DECODING, *declarations: str) -> Any:
+    return setting(SampleSettings, field, *declarations, panel=panel)
 
 
 def command(
     checkpoint: CheckpointArgument,
     prompt: Annotated[
-        str | None, typer.Option(help="The prompt text (none: start from <|endoftext|>).", show_default=False)
+        str | None,
+        typer.Option(
+            help="The prompt text (none: start from <|endoftext|>).", show_default=False, rich_help_panel=DATA
+        ),
     ] = None,
     prompt_file: Annotated[
-        str | None, typer.Option(help="Read the prompt from this file (- for stdin).", show_default=False)
+        str | None,
+        typer.Option(help="Read the prompt from this file (- for stdin).", show_default=False, rich_help_panel=DATA),
     ] = None,
     prompts_file: Annotated[
         str | None,
-        typer.Option(help="One prompt per line (- for stdin); prompts are generated in batches.", show_default=False),
+        typer.Option(
+            help="One prompt per line (- for stdin); prompts are generated in batches.",
+            show_default=False,
+            rich_help_panel=DATA,
+        ),
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help=_s("max_new_tokens"), show_default=False)] = None,
-    temperature: Annotated[float | None, typer.Option(help=_s("temperature"), show_default=False)] = None,
-    top_k: Annotated[int | None, typer.Option(help=_s("top_k"), show_default=False)] = None,
-    top_p: Annotated[float | None, typer.Option(help=_s("top_p"), show_default=False)] = None,
-    min_p: Annotated[float | None, typer.Option(help=_s("min_p"), show_default=False)] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help=_s("repetition_penalty"), show_default=False)] = None,
-    num_samples: Annotated[int | None, typer.Option(help=_s("num_samples"), show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help=_s("seed"), show_default=False)] = None,
-    stop: Annotated[list[str] | None, typer.Option(help=_s("stop"), show_default=False)] = None,
-    ignore_eot: Annotated[
-        bool | None, typer.Option("--ignore-eot/--stop-at-eot", help=_s("ignore_eot"), show_default=False)
-    ] = None,
-    device: Annotated[str | None, typer.Option(help=_s("device"), show_default=False)] = None,
-    dtype: Annotated[str | None, typer.Option(help=_s("dtype"), show_default=False)] = None,
-    quantize: Annotated[str | None, typer.Option(help=_s("quantize"), show_default=False)] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help=_s("compile"), show_default=False)
-    ] = None,
+    max_new_tokens: Annotated[int | None, _s("max_new_tokens")] = None,
+    temperature: Annotated[float | None, _s("temperature")] = None,
+    top_k: Annotated[int | None, _s("top_k")] = None,
+    top_p: Annotated[float | None, _s("top_p")] = None,
+    min_p: Annotated[float | None, _s("min_p")] = None,
+    repetition_penalty: Annotated[float | None, _s("repetition_penalty")] = None,
+    num_samples: Annotated[int | None, _s("num_samples")] = None,
+    stop: Annotated[list[str] | None, _s("stop")] = None,
+    ignore_eot: Annotated[bool | None, _s("ignore_eot", DECODING, "--ignore-eot/--stop-at-eot")] = None,
+    device: DeviceOption[SampleSettings] = None,
+    dtype: DtypeOption[SampleSettings] = None,
+    quantize: Annotated[Quantize | None, _s("quantize", SPEED)] = None,
+    compile: CompileOption[SampleSettings] = None,
+    seed: SeedOption[SampleSettings] = None,
     config: ConfigOption = None,
     json_output: Annotated[
-        bool, typer.Option("--json", help="One JSON object per sample, one per line, on stdout.")
+        bool,
+        typer.Option("--json", help="One JSON object per sample, one per line, on stdout.", rich_help_panel=OUTPUT),
     ] = False,
 ) -> None:
     """Generate text from a GPT-2 checkpoint: streamed to stdout as it is produced, timings on stderr.
@@ -61,27 +80,7 @@ def command(
     """
     from gpt2cli.settings import load_settings
 
-    settings = load_settings(
-        config,
-        overrides(
-            sample=dict(
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
-                num_samples=num_samples,
-                seed=seed,
-                stop=stop or None,
-                ignore_eot=ignore_eot,
-                device=device,
-                dtype=dtype,
-                quantize=quantize,
-                compile=compile,
-            )
-        ),
-    ).sample
+    settings = load_settings(config, overrides(locals(), sample=SampleSettings)).sample
     prompts = _read_prompts(prompt, prompt_file, prompts_file)
     run_sampling(checkpoint, prompts, settings, json_output)
 

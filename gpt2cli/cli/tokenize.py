@@ -8,16 +8,17 @@ from typing import Annotated
 
 import typer
 
-from gpt2cli.cli.options import ConfigOption, JsonOption, TextFieldOption, overrides, setting_help
+from gpt2cli.cli.options import DATA, OUTPUT, ConfigOption, JsonOption, TextFieldOption, overrides, setting
 from gpt2cli.cli.output import info, print_json, progress_bar, write_stdout
 from gpt2cli.errors import UsageError
-from gpt2cli.settings import DataSettings
+from gpt2cli.settings import DataSettings, EncodingErrors
 
 
 def command(
     inputs: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="INPUTS",
             help="Text files (one document each), .jsonl files (one document per line), or - for stdin. "
             "With --decode: .bin shards or files of ids.",
             show_default=False,
@@ -26,22 +27,26 @@ def command(
     output: Annotated[
         Path | None,
         typer.Option(
-            "-o", "--output", help="Write an llm.c token shard (.bin) instead of printing ids.", show_default=False
+            "-o",
+            "--output",
+            help="Write an llm.c token shard (.bin) instead of printing ids.",
+            show_default=False,
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
     decode: Annotated[
-        bool, typer.Option("--decode", help="Turn ids (stdin, files) or .bin shards back into text.")
+        bool,
+        typer.Option("--decode", help="Turn ids (stdin, files) or .bin shards back into text.", rich_help_panel=OUTPUT),
     ] = False,
-    count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
+    count: Annotated[
+        bool, typer.Option("--count", help="Print only the number of tokens.", rich_help_panel=OUTPUT)
+    ] = False,
     text_field: TextFieldOption = None,
-    workers: Annotated[int | None, typer.Option(help=setting_help(DataSettings, "workers"), show_default=False)] = None,
-    shard_size: Annotated[
-        int | None, typer.Option(help=setting_help(DataSettings, "shard_size"), show_default=False)
-    ] = None,
-    errors: Annotated[str | None, typer.Option(help=setting_help(DataSettings, "errors"), show_default=False)] = None,
+    workers: Annotated[int | None, setting(DataSettings, "workers", panel=DATA)] = None,
+    shard_size: Annotated[int | None, setting(DataSettings, "shard_size", panel=OUTPUT)] = None,
+    errors: Annotated[EncodingErrors | None, setting(DataSettings, "errors", panel=DATA)] = None,
     special: Annotated[
-        bool | None,
-        typer.Option("--special/--no-special", help=setting_help(DataSettings, "allow_special"), show_default=False),
+        bool | None, setting(DataSettings, "allow_special", "--special/--no-special", panel=DATA)
     ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -57,14 +62,8 @@ def command(
     from gpt2cli.text_encoding import EncodeOptions, check_sources
     from gpt2cli.tokenize_jobs import count_tokens, decode_sources, ids_as_lines, tokenize_to_shards
 
-    settings = load_settings(
-        config,
-        overrides(
-            data=dict(
-                text_field=text_field, workers=workers, shard_size=shard_size, errors=errors, allow_special=special
-            )
-        ),
-    ).data
+    flags = overrides({**locals(), "allow_special": special}, data=DataSettings)
+    settings = load_settings(config, flags).data
     names = inputs or ["-"]
     to_stdout = output is None or str(output) == "-"
     if sum((decode, count)) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -12,31 +13,44 @@ from typing import Annotated, Any
 import typer
 
 from gpt2cli.cli.options import (
+    DATA,
+    MODEL,
+    OPTIMIZER,
+    OUTPUT,
+    RUN,
+    SCHEDULE,
+    SPEED,
     BlockSizeOption,
+    CompileOption,
     ConfigOption,
+    DeviceOption,
+    DtypeOption,
     JsonOption,
     NEmbdOption,
     NHeadOption,
     NLayerOption,
     PresetOption,
+    SeedOption,
     TextFieldOption,
     overrides,
-    setting_help,
+    profile_help,
+    setting,
 )
 from gpt2cli.cli.output import info, print_json
-from gpt2cli.settings import DEFAULT_RUN, ModelSettings, TrainSettings
+from gpt2cli.settings import DEFAULT_RUN, DataSettings, ModelSettings, Parallel, Schedule, TrainSettings
 
 SAMPLE_PROMPT = "ROMEO:"
 
 
-def _t(field: str) -> str:
-    return setting_help(TrainSettings, field)
+def _t(field: str, panel: str, *declarations: str) -> Any:
+    return setting(TrainSettings, field, *declarations, panel=panel)
 
 
 def command(
     data: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="DATA",
             help="Text, .jsonl or .gz files, llm.c .bin shards, folders of shards, or quoted globs. "
             "None: the bundled Shakespeare corpus with a small model (the default run).",
             show_default=False,
@@ -47,43 +61,39 @@ def command(
     n_head: NHeadOption = None,
     n_embd: NEmbdOption = None,
     block_size: BlockSizeOption = None,
-    dropout: Annotated[
-        float | None, typer.Option(help=setting_help(ModelSettings, "dropout"), show_default=False)
-    ] = None,
-    init_from: Annotated[str | None, typer.Option(help=_t("init_from"), show_default=False)] = None,
-    val_data: Annotated[list[str] | None, typer.Option(help=_t("val_data"), show_default=False)] = None,
-    val_fraction: Annotated[float | None, typer.Option(help=_t("val_fraction"), show_default=False)] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_t("batch_size"), show_default=False)] = None,
-    seq_len: Annotated[int | None, typer.Option(help=_t("seq_len"), show_default=False)] = None,
-    total_batch_tokens: Annotated[int | None, typer.Option(help=_t("total_batch_tokens"), show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option(help=_t("lr"), show_default=False)] = None,
-    min_lr: Annotated[float | None, typer.Option(help=_t("min_lr"), show_default=False)] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help=_t("warmup_steps"), show_default=False)] = None,
-    schedule: Annotated[str | None, typer.Option(help=_t("schedule"), show_default=False)] = None,
-    schedule_steps: Annotated[int | None, typer.Option(help=_t("schedule_steps"), show_default=False)] = None,
-    max_steps: Annotated[int | None, typer.Option(help=_t("max_steps"), show_default=False)] = None,
-    epochs: Annotated[float | None, typer.Option(help=_t("epochs"), show_default=False)] = None,
-    max_tokens: Annotated[int | None, typer.Option(help=_t("max_tokens"), show_default=False)] = None,
-    weight_decay: Annotated[float | None, typer.Option(help=_t("weight_decay"), show_default=False)] = None,
-    beta1: Annotated[float | None, typer.Option(help=_t("beta1"), show_default=False)] = None,
-    beta2: Annotated[float | None, typer.Option(help=_t("beta2"), show_default=False)] = None,
-    grad_clip: Annotated[float | None, typer.Option(help=_t("grad_clip"), show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help=_t("device"), show_default=False)] = None,
-    dtype: Annotated[str | None, typer.Option(help=_t("dtype"), show_default=False)] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help=_t("compile"), show_default=False)
-    ] = None,
-    parallel: Annotated[str | None, typer.Option(help=_t("parallel"), show_default=False)] = None,
-    out: Annotated[str | None, typer.Option(help=_t("out"), show_default=False)] = None,
-    log_interval: Annotated[int | None, typer.Option(help=_t("log_interval"), show_default=False)] = None,
-    eval_interval: Annotated[int | None, typer.Option(help=_t("eval_interval"), show_default=False)] = None,
-    eval_tokens: Annotated[int | None, typer.Option(help=_t("eval_tokens"), show_default=False)] = None,
-    save_interval: Annotated[int | None, typer.Option(help=_t("save_interval"), show_default=False)] = None,
-    keep: Annotated[int | None, typer.Option(help=_t("keep"), show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help=_t("seed"), show_default=False)] = None,
-    resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help=_t("resume"), show_default=False)] = None,
+    dropout: Annotated[float | None, setting(ModelSettings, "dropout", panel=MODEL)] = None,
+    init_from: Annotated[str | None, _t("init_from", MODEL)] = None,
+    val_data: Annotated[list[str] | None, _t("val_data", DATA)] = None,
+    val_fraction: Annotated[float | None, _t("val_fraction", DATA)] = None,
+    batch_size: Annotated[int | None, _t("batch_size", DATA)] = None,
+    seq_len: Annotated[int | None, _t("seq_len", DATA)] = None,
+    total_batch_tokens: Annotated[int | None, _t("total_batch_tokens", DATA)] = None,
     text_field: TextFieldOption = None,
+    lr: Annotated[float | None, _t("lr", OPTIMIZER)] = None,
+    min_lr: Annotated[float | None, _t("min_lr", OPTIMIZER)] = None,
+    weight_decay: Annotated[float | None, _t("weight_decay", OPTIMIZER)] = None,
+    beta1: Annotated[float | None, _t("beta1", OPTIMIZER)] = None,
+    beta2: Annotated[float | None, _t("beta2", OPTIMIZER)] = None,
+    grad_clip: Annotated[float | None, _t("grad_clip", OPTIMIZER)] = None,
+    schedule: Annotated[Schedule | None, _t("schedule", SCHEDULE)] = None,
+    warmup_steps: Annotated[int | None, _t("warmup_steps", SCHEDULE)] = None,
+    schedule_steps: Annotated[int | None, _t("schedule_steps", SCHEDULE)] = None,
+    max_steps: Annotated[int | None, _t("max_steps", SCHEDULE)] = None,
+    epochs: Annotated[float | None, _t("epochs", SCHEDULE)] = None,
+    max_tokens: Annotated[int | None, _t("max_tokens", SCHEDULE)] = None,
+    device: DeviceOption[TrainSettings] = None,
+    dtype: DtypeOption[TrainSettings] = None,
+    compile: CompileOption[TrainSettings] = None,
+    parallel: Annotated[Parallel | None, _t("parallel", SPEED)] = None,
+    out: Annotated[str | None, _t("out", RUN)] = None,
+    resume: Annotated[bool | None, _t("resume", RUN, "--resume/--no-resume")] = None,
+    seed: SeedOption[TrainSettings] = None,
     config: ConfigOption = None,
+    log_interval: Annotated[int | None, _t("log_interval", OUTPUT)] = None,
+    eval_interval: Annotated[int | None, _t("eval_interval", OUTPUT)] = None,
+    eval_tokens: Annotated[int | None, _t("eval_tokens", OUTPUT)] = None,
+    save_interval: Annotated[int | None, _t("save_interval", OUTPUT)] = None,
+    keep: Annotated[int | None, _t("keep", OUTPUT)] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Train GPT-2 from scratch or fine-tune a checkpoint; resumable exactly, Ctrl-C saves before stopping.
@@ -91,45 +101,12 @@ def command(
     With no DATA it trains a small model on the bundled Shakespeare corpus (about five minutes on two CPU
     cores) and prints the command that samples from it.
     """
-    flags = overrides(
-        model=dict(
-            preset=preset, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout
-        ),
-        data=dict(text_field=text_field, paths=data or None),
-        train=dict(
-            init_from=init_from,
-            val_data=val_data or None,
-            val_fraction=val_fraction,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            total_batch_tokens=total_batch_tokens,
-            lr=lr,
-            min_lr=min_lr,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-            schedule_steps=schedule_steps,
-            max_steps=max_steps,
-            epochs=epochs,
-            max_tokens=max_tokens,
-            weight_decay=weight_decay,
-            beta1=beta1,
-            beta2=beta2,
-            grad_clip=grad_clip,
-            device=device,
-            dtype=dtype,
-            compile=compile,
-            parallel=parallel,
-            out=out,
-            log_interval=log_interval,
-            eval_interval=eval_interval,
-            eval_tokens=eval_tokens,
-            save_interval=save_interval,
-            keep=keep,
-            seed=seed,
-            resume=resume,
-        ),
-    )
+    flags = overrides({**locals(), "paths": data}, model=ModelSettings, data=DataSettings, train=TrainSettings)
     run_training_command(config, flags, json_output)
+
+
+# The default run's own values replace the settings' defaults shown beside each option: say so, once, in the help.
+command.__doc__ = f"{inspect.cleandoc(command.__doc__ or '')}\n\n{profile_help(DEFAULT_RUN)}"
 
 
 def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], json_output: bool) -> None:

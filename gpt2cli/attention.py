@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 _cpu_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 LONGEST_SEQUENCE = 512  # measured break-even: faster up to 512 positions, slower at 1024
@@ -65,3 +66,21 @@ class _CausalAttention(torch.autograd.Function):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, is_causal=True)` for `(B, nh, T, hs)` tensors, without dropout."""
     return _CausalAttention.apply(q, k, v)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention of queries `(B, nh, T, hs)` over keys and values `(B, nh, S, hs)`.
+
+    SDPA picks flash / memory-efficient kernels where the device has them; compiled bf16 training on the CPU takes
+    `causal_attention`, SDPA's kernel with a faster backward (see the module docstring)."""
+    if mask is None and causal and k.size(-2) == q.size(-2) and compiled_cpu_attention_applies(q, dropout):
+        return causal_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)

@@ -25,6 +25,7 @@ from gpt2cli.devices import Precision, fast_matmul, peak_bandwidth_gbps, peak_tf
 from gpt2cli.errors import UsageError
 from gpt2cli.model import GPT2, KVCache
 from gpt2cli.optim import build_optimizer
+from gpt2cli.training_model import TrainingModel, compile_blocks
 
 _TEST = re.compile(r"^(train|fwd|pp(\d+)|tg(\d+))$")
 
@@ -179,14 +180,15 @@ class Runner:
         if case.kind == "train":
             model.train()
             if self.compile and not getattr(model, "_bench_blocks_compiled", False):
-                model.compile_blocks()
+                compile_blocks(model)
                 model._bench_blocks_compiled = True  # type: ignore[attr-defined]
             optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), self.device)
             inputs, targets = self._tokens(case.batch_size, case.seq_len), self._tokens(case.batch_size, case.seq_len)
+            trained = TrainingModel(model, compiled_loss=self.compile)  # the training forward, as `gpt2 train` runs it
 
             def train_step() -> None:
                 with precision.autocast():
-                    _, loss = model(inputs, targets, return_logits=False, compiled_loss=self.compile)
+                    loss = trained(inputs, targets)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()

@@ -54,22 +54,23 @@ def start(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def parallelize(model: torch.nn.Module, world: World, parallel: str, device: torch.device) -> torch.nn.Module:
-    """The module the training step calls: the model itself, its DDP wrapper, or the model sharded in place."""
+def parallelize(module: torch.nn.Module, world: World, parallel: str, device: torch.device) -> torch.nn.Module:
+    """The module the training step calls: `module` (a `TrainingModel`) itself, its DDP wrapper, or `module`
+    sharded in place. Training must call the returned module's `forward`: that is where DDP and FSDP hook in."""
     if not world.distributed:
-        return model
+        return module
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        # One unit per block (gathered for its forward and backward only), then the root: embeddings, the final
-        # LayerNorm and the tied output projection.
-        for block in model.transformer.h:  # type: ignore[union-attr]
+        # One unit per block (gathered for its forward and backward only), then the root, the training module:
+        # embeddings, the final LayerNorm and the tied output projection, gathered for its forward (the loss).
+        for block in module.model.transformer.h:  # type: ignore[union-attr]
             fully_shard(block)
-        fully_shard(model)
-        return model
+        fully_shard(module)
+        return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 @contextlib.contextmanager

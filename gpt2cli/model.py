@@ -3,6 +3,9 @@
 Module and parameter names follow Hugging Face's `GPT2LMHeadModel` so that checkpoints map
 one-to-one; the projections are `nn.Linear` (weight `[out, in]`), transposed to transformers'
 Conv1D layout only when a checkpoint is written (see `checkpoint.py`).
+
+Shapes in comments: B batch, T time (positions), C channels (n_embd), nh heads, hs head size (C // nh),
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2cli.attention import causal_attention, compiled_cpu_attention_applies
+from gpt2cli.attention import attention
 from gpt2cli.errors import ConfigError, UsageError
-from gpt2cli.losses import IGNORE_INDEX, TiedGradient, fused_linear_cross_entropy, tied_embedding
+from gpt2cli.losses import IGNORE_INDEX
 from gpt2cli.presets import PRESETS
 
 
@@ -64,17 +67,6 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
 
-def block_compile_options() -> dict[str, Any]:
-    """torch.compile options for the blocks. On the CPU, Inductor then computes GELU's tanh from one exp instead of
-    a vectorised tanh: 2.3x faster forward (1.9 → 0.8 ms for 2048 × 1024 values on a 2-core Xeon), 1.3x backward.
-    torch leaves it off because the decomposition loses relative precision for tanh near 0, but GELU adds tanh's
-    output to 1: against float64, GELU's largest error is 5.2e-7 with it and 4.3e-7 without. GPUs ignore it, and
-    torch releases before the option (2.7) would refuse it, so it is only passed where it exists."""
-    import torch._inductor.config as inductor_config
-
-    return {"cpp.use_decompose_tanh": True} if hasattr(inductor_config.cpp, "use_decompose_tanh") else {}
-
-
 class KVCache:
     """Preallocated keys and values for every layer: the prompt is encoded once, then one token per step."""
 
@@ -110,8 +102,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        B, T, C = x.shape  # batch, time (sequence length), channels (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -124,13 +116,9 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         dropout = self.dropout if self.training else 0.0
-        if cache is None and compiled_cpu_attention_applies(q, dropout):
-            y = causal_attention(q, k, v)  # SDPA's CPU kernel with a faster compiled backward (attention.py)
-        else:  # SDPA picks flash / memory-efficient kernels where the device has them.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        # y: (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = attention(q, k, v, mask=mask, causal=causal, dropout=dropout)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -143,7 +131,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers).
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -157,8 +146,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, start)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), cache, layer, start)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
 class GPT2(nn.Module):
@@ -167,14 +156,14 @@ class GPT2(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings (V, C)
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings (block_size, C)
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # weight (V, C)
         self.tie_weights()
         self.apply(self._init_weights)
 
@@ -210,12 +199,6 @@ class GPT2(nn.Module):
         config = self.config
         return 6 * self.num_parameters(exclude_positions=True) + 12 * config.n_layer * config.n_embd * seq_len
 
-    def compile_blocks(self) -> None:
-        """torch.compile every block in place (one compilation serves them all: the code is the same)."""
-        options = block_compile_options()
-        for block in self.transformer.h:
-            block.compile(options=options)
-
     def set_dropout(self, probability: float) -> None:
         """Change dropout after construction (e.g. when fine-tuning a loaded checkpoint)."""
         self.config = dataclasses.replace(self.config, dropout=probability)
@@ -226,12 +209,16 @@ class GPT2(nn.Module):
                 module.dropout = probability
 
     def hidden_states(
-        self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0, tied: TiedGradient | None = None
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        tok_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection.
 
-        With a `cache`, `idx` holds the tokens at positions `start...`; earlier ones are read from the cache. With
-        `tied`, the token embedding's gradient is added into the fused loss's (see `losses.TiedGradient`).
+        With a `cache`, `idx` holds the tokens at positions `start...`; earlier ones are read from the cache.
+        `tok_emb` `(B, T, C)` replaces the token-embedding lookup (training passes its own: `training_model.py`).
         """
         if idx.dim() != 2:
             raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
@@ -239,41 +226,27 @@ class GPT2(nn.Module):
         if end > self.config.block_size:
             raise UsageError(f"sequence of {end} tokens is longer than the block size {self.config.block_size}")
         pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
-        wte = self.transformer.wte
-        tokens = wte(idx) if tied is None else tied_embedding(idx, wte.weight, tied)
-        x = self.transformer.drop(tokens + self.transformer.wpe(pos))  # (B, T, C)
+        if tok_emb is None:
+            tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, start)
-        return self.transformer.ln_f(x)
+            x = block(x, cache, layer, start)  # (B, T, C)
+        return self.transformer.ln_f(x)  # (B, T, C)
 
     def next_token_logits(self, idx: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Logits `(B, vocab)` for the position after `idx`, reading and extending `cache` (generation)."""
-        x = self.hidden_states(idx, cache, start)
-        return self.lm_head(x[:, -1, :])
+        x = self.hidden_states(idx, cache, start)  # (B, T, C)
+        return self.lm_head(x[:, -1, :])  # (B, V)
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        *,
-        return_logits: bool = True,
-        compiled_loss: bool = False,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits `(B, T, vocab)` for token ids `idx` `(B, T)`; with `targets`, also the mean cross-entropy.
-
-        Targets equal to -1 are ignored in the loss. With targets and `return_logits=False` (training), the loss is
-        computed block by block without storing the logits (see `losses.py`) and the logits returned are None.
-        """
-        if targets is not None and not return_logits:
-            tied = TiedGradient() if self.lm_head.weight is self.transformer.wte.weight else None
-            x = self.hidden_states(idx, tied=tied)  # (B, T, C)
-            flat = x.view(-1, x.size(-1))  # (B*T, C)
-            return None, fused_linear_cross_entropy(
-                flat, self.lm_head.weight, targets.reshape(-1), compiled=compiled_loss, tied=tied
-            )
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits `(B, T, vocab)` for token ids `idx` `(B, T)`; with `targets` `(B, T)`, also the mean cross-entropy
+        (targets equal to -1 are ignored). Training computes its loss without the logits: `training_model.py`."""
         x = self.hidden_states(idx)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        flat_logits = logits.view(-1, logits.size(-1)).float()  # (B*T, vocab)
+        loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return logits, loss

@@ -1,24 +1,13 @@
-"""Training: the loop, its exact-resume state, and checkpoints that survive a crash at any instant.
+"""Training: the plan (numbers derived from the settings), the step, the loop and evaluation.
 
-A run folder holds:
-    model.safetensors     the latest weights (a hard link into the newest checkpoint); loads in transformers too
-    config.json           transformers' config, so the folder itself is a transformers checkpoint
-    config.toml           the resolved settings of the run
-    metrics.jsonl         one JSON object per log line
-    checkpoints/step-NNNNNN/{model,optimizer}.safetensors, state.json
-    checkpoints/latest    the name of the newest complete checkpoint folder
-A checkpoint folder is written under a temporary name and renamed when complete, then `latest` is replaced
-atomically: killing the process at any instant leaves the previous checkpoint intact and pointed to.
+The pieces a run needs (model, optimizer, data windows, restored state) are prepared by `training_setup.py`; every
+file of the run folder is written by `run_folder.py`. Read `Trainer.run`, then `Trainer._train_step`, top to bottom.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from gpt2cli import __version__
 from gpt2cli.batches import SamplerState, Windows, WindowSampler
-from gpt2cli.checkpoint import checkpoint_layout, hf_config_dict, load_model, unwrap, write_checkpoint
-from gpt2cli.devices import Precision, fast_matmul, keep_freed_memory, peak_tflops
+from gpt2cli.devices import Precision, fast_matmul, peak_tflops
 from gpt2cli.distributed import (
     World,
     any_across,
@@ -41,20 +27,15 @@ from gpt2cli.distributed import (
     gradient_sync,
     is_sharded,
     mean_across,
-    parallelize,
-    shard_like,
     sum_across,
 )
-from gpt2cli.errors import CheckpointError, DataError, Gpt2Error, UsageError
-from gpt2cli.files import atomic_path, atomic_write_bytes
+from gpt2cli.errors import DataError, Gpt2Error, UsageError
 from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import Schedule, build_optimizer
+from gpt2cli.optim import Schedule
+from gpt2cli.run_folder import RunFolder, gather_model_state, optimizer_tensors, rng_state
 from gpt2cli.settings import Settings, TrainSettings
 from gpt2cli.training_data import TokenData
-
-STATE_FORMAT = 1
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
+from gpt2cli.training_model import TrainingModel
 
 Report = Callable[[str, dict[str, Any]], None]
 
@@ -88,6 +69,7 @@ class RunPlan:
 
 
 def plan_run(train: TrainSettings, config: GPT2Config, train_windows: int, world_size: int = 1) -> RunPlan:
+    """The run's numbers: a step is `tokens_per_step` tokens, split into `grad_accum` micro-batches per process."""
     seq_len = train.seq_len or config.block_size
     if seq_len > config.block_size:
         raise UsageError(f"--seq-len {seq_len} is longer than the model's block size {config.block_size}")
@@ -130,11 +112,10 @@ def plan_run(train: TrainSettings, config: GPT2Config, train_windows: int, world
     )
 
 
-# ---------------------------------------------------------------- saved state
-
-
 @dataclass
 class Progress:
+    """Where the run stands: saved in every checkpoint, restored on resume."""
+
     step: int = 0
     tokens: int = 0
     elapsed_s: float = 0.0
@@ -142,258 +123,58 @@ class Progress:
     last_val_loss: float | None = None
 
 
-def _encode_rng(state: torch.Tensor) -> str:
-    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
-
-
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": _encode_rng(torch.get_rng_state())}
-    if device.type == "cuda":
-        state["cuda"] = _encode_rng(torch.cuda.get_rng_state(device))
-    return state
-
-
-def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(_decode_rng(state["torch"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(_decode_rng(state["cuda"]), device)
-
-
-def gather_model_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """The model's whole weights in the checkpoint layout. Under FSDP every rank must call this (the shards are
-    gathered one tensor at a time); ranks that do not write pass `keep=False` and get nothing back."""
-    state = {}
-    for name, tensor in unwrap(model).state_dict().items():
-        if name == "lm_head.weight":  # tied to the embedding, stored once
-            continue
-        whole = full_tensor(tensor.detach())
-        if keep:
-            state[name] = whole.cpu()
-    return checkpoint_layout(state)
-
-
-def optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, torch.Tensor]:
-    """AdamW's moments and step counts, named after their parameters (gathered whole under FSDP, like the weights)."""
-    tensors = {}
-    for name, parameter in unwrap(model).named_parameters():
-        for key, value in optimizer.state.get(parameter, {}).items():
-            whole = full_tensor(value.detach())
-            if keep:
-                tensors[f"{name}.{key}"] = whole.contiguous().cpu()
-    return tensors
-
-
-def load_optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    fused = any(group.get("fused") for group in optimizer.param_groups)  # fused AdamW keeps `step` on the device
-    for name, parameter in unwrap(model).named_parameters():
-        if f"{name}.exp_avg" not in tensors:
-            raise CheckpointError(f"optimizer state has no moments for {name}")
-        # Copies: optimizer state is updated in place and must not alias the loaded file's buffers. Under FSDP
-        # each rank keeps its own shard of the whole moments saved in the file.
-        optimizer.state[parameter] = {
-            "step": tensors[f"{name}.step"].to(parameter.device if fused else "cpu", copy=True),
-            "exp_avg": shard_like(tensors[f"{name}.exp_avg"].to(parameter.device, copy=True), parameter),
-            "exp_avg_sq": shard_like(tensors[f"{name}.exp_avg_sq"].to(parameter.device, copy=True), parameter),
-        }
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / CHECKPOINTS / LATEST
-    if not pointer.is_file():
-        return None
-    folder = out / CHECKPOINTS / pointer.read_text().strip()
-    return folder if (folder / "state.json").is_file() else None
-
-
-def _link_or_copy(source: Path, destination: Path) -> None:
-    with atomic_path(destination) as temporary:
-        try:
-            os.link(source, temporary)
-        except OSError:  # no hard links on this filesystem
-            shutil.copyfile(source, temporary)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def to_toml(values: dict[str, Any]) -> str:
-    """Settings as TOML: tables of scalars and lists (None values are left out)."""
-
-    def literal(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return repr(value)
-        if isinstance(value, list):
-            return "[" + ", ".join(literal(item) for item in value) + "]"
-        return json.dumps(str(value))
-
-    lines = []
-    for table, fields in values.items():
-        lines.append(f"[{table}]")
-        lines.extend(f"{key} = {literal(value)}" for key, value in fields.items() if value is not None)
-        lines.append("")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- the trainer
 
 
 class Trainer:
-    """One training run: `run()` trains until the planned step, saving and evaluating on the way."""
+    """One training run: `run()` trains until the planned step, saving and evaluating on the way.
+
+    It receives its pieces prepared (see `training_setup.prepare_trainer`) and changes no settings object."""
 
     def __init__(
         self,
+        *,
         settings: Settings,
         data: TokenData,
-        out: Path,
+        plan: RunPlan,
+        model: GPT2,
+        trained: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        sampler: WindowSampler,
+        progress: Progress,
+        folder: RunFolder,
         precision: Precision,
+        world: World,
         report: Report | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-        world: World | None = None,
     ) -> None:
-        self.world = world or World()
         self.settings = settings
         self.train_settings = settings.train
-        self.out = out
+        self.data = data
+        self.train_windows = Windows(data.train, plan.seq_len)
+        self.val_windows = Windows(data.val, plan.seq_len)
+        self.plan = plan
+        self.model = model  # the GPT2 itself: its parameter names are the checkpoint's
+        self.trained = trained  # what the step calls: a TrainingModel, DDP around one, or one sharded by FSDP
+        # Evaluation needs no gradient sync; FSDP shards in place, so this is the sharded root under FSDP.
+        self.loss_model: TrainingModel = getattr(trained, "module", trained)
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.sampler = sampler
+        self.progress = progress
+        self.folder = folder
+        self.out = folder.path
         self.precision = precision
         self.device = precision.device
+        self.world = world
         # Under torchrun only rank 0 reports and writes files; every rank trains.
-        self.report = (report if self.world.is_main else None) or (lambda event, payload: None)
+        self.report = (report if world.is_main else None) or (lambda event, payload: None)
         self.should_stop = should_stop
-        self.data = data
-        self.progress = Progress()
-
-        resume_from = self._checkpoint_to_resume()
-        if resume_from is not None:
-            self._keep_saved_schedule(resume_from)
-        self.model = self._build_model(resume_from)
-        config = self.model.config
-        seq_len = self.train_settings.seq_len or config.block_size
-        self.train_windows = Windows(data.train, seq_len)
-        self.val_windows = Windows(data.val, seq_len)
-        self.plan = plan_run(self.train_settings, config, len(self.train_windows), self.world.world_size)
-        if data.val and len(self.val_windows) == 0:
-            raise DataError(
-                f"the validation data ({data.val_tokens} tokens) is shorter than one window of {seq_len + 1} tokens; "
-                "raise --val-fraction, give --val-data, or lower --seq-len"
-            )
-        if resume_from is None and self.world.is_main:
-            self._create_out_folder()  # only once everything checked out: a refused run leaves nothing behind
-        train = self.train_settings
-        self.compiled = train.compile
-        if train.compile:
-            self.model.compile_blocks()
-        # What the step runs: the model, its DDP wrapper, or (FSDP) the model with its weights sharded in place.
-        self.trained = parallelize(self.model, self.world, train.parallel, self.device)
-        self.sharded = is_sharded(self.model.transformer.wte.weight)
-        self.optimizer = build_optimizer(
-            self.model, train.lr, train.weight_decay, (train.beta1, train.beta2), self.device
-        )
-        self.scaler = _grad_scaler(self.device, self.sharded) if precision.needs_scaler else None
-        self.sampler = WindowSampler(len(self.train_windows), train.seed)
-        self.saved_step = -1
-        if resume_from is not None:
-            self._restore(resume_from)
-            self.saved_step = self.progress.step
-        keep_freed_memory(self.device)
+        self.sharded = is_sharded(model.transformer.wte.weight)
+        self.saved_step = progress.step if progress.step else -1
         self.peak = peak_tflops(self.device)
-        self.flops_per_token = self.model.flops_per_token(self.plan.seq_len)
-
-    # ------------------------------------------------------------ setup
-
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The checkpoint `--resume` continues from (None for a new run, whose folder must not hold one)."""
-        out = self.out
-        for stale in (out / CHECKPOINTS).glob(".step-*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        existing = latest_checkpoint(out)
-        if self.train_settings.resume:
-            if existing is None:
-                raise UsageError(f"{out}: no training state to resume (expected {out / CHECKPOINTS / LATEST})")
-            return existing
-        if existing is not None:
-            raise UsageError(f"{out} already holds a run; continue it with --resume or choose another --out")
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out}: exists and is not a folder")
-        return None
-
-    def _keep_saved_schedule(self, folder: Path) -> None:
-        """A resumed run keeps its learning-rate schedule even when --max-steps changes, unless told otherwise."""
-        saved = json.loads((folder / "state.json").read_text())["plan"]["schedule"]
-        train = self.train_settings
-        if train.schedule_steps is None:
-            train.schedule_steps = saved["total_steps"]
-        if train.warmup_steps is None:
-            train.warmup_steps = saved["warmup_steps"]
-
-    def _create_out_folder(self) -> None:
-        try:
-            (self.out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise UsageError(f"--out {self.out}: cannot write there ({error.strerror})") from None
-
-    def _build_model(self, resume_from: Path | None) -> GPT2:
-        torch.manual_seed(self.train_settings.seed)
-        if resume_from is not None:
-            model = load_model(resume_from / "model.safetensors", device=self.device, dtype=torch.float32)
-            wanted = self.settings.model.to_config() if self.train_settings.init_from is None else None
-            if wanted is not None and dataclasses.replace(wanted, dropout=model.config.dropout) != model.config:
-                raise UsageError(
-                    f"{self.out}: the saved model's shape ({_shape(model.config)}) differs from the settings' "
-                    f"({_shape(wanted)}); resume with the run's own settings"
-                )
-        elif self.train_settings.init_from is not None:
-            model = load_model(self.train_settings.init_from, device=self.device, dtype=torch.float32)
-        else:
-            model = GPT2(self.settings.model.to_config()).to(self.device)
-        model.set_dropout(self.settings.model.dropout)
-        return model.train()
-
-    def _restore(self, folder: Path) -> None:
-        state = json.loads((folder / "state.json").read_text())
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{folder}: unsupported state format {state.get('format')!r}")
-        if state["data"] != self.data.fingerprint():
-            raise UsageError(
-                f"{self.out}: the training data differs from the run's ({state['data']['train_tokens']:,} training "
-                f"tokens from {len(state['data']['sources'])} source(s)); resume with the same data"
-            )
-        if state["plan"]["tokens_per_step"] != self.plan.tokens_per_step:
-            raise UsageError(
-                f"{self.out}: the run used {state['plan']['tokens_per_step']} tokens per step, these settings "
-                f"{self.plan.tokens_per_step}; resume with the same batch"
-            )
-        load_optimizer_tensors(self.model, self.optimizer, load_file(folder / "optimizer.safetensors"))
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(
-            step=state["step"],
-            tokens=state["tokens"],
-            elapsed_s=state["elapsed_s"],
-            sampler=SamplerState(**state["sampler"]),
-            last_val_loss=state.get("last_val_loss"),
-        )
-        self.sampler.state = self.progress.sampler
-        restore_rng(state["rng"], self.device)
-        if self.world.is_main:
-            self._truncate_metrics(self.progress.step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines written after the checkpoint being resumed (they will be written again)."""
-        metrics = self.out / "metrics.jsonl"
-        if metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            atomic_write_bytes(metrics, "".join(line + "\n" for line in kept).encode())
+        self.flops_per_token = model.flops_per_token(plan.seq_len)
 
     # ------------------------------------------------------------ the loop
 
@@ -401,7 +182,7 @@ class Trainer:
         """Train to the planned step; returns the summary. Raises `Interrupted` after saving on a stop request."""
         plan, progress = self.plan, self.progress
         if self.world.is_main:
-            self._write_run_files()
+            self.folder.write_run_files(self.settings.model_dump(mode="json"), self.model.config)
         self.report("start", self._start_payload())
         window_seconds, window_tokens = 0.0, 0  # training time only: evaluation and saving excluded
         losses: list[float] = []
@@ -425,6 +206,7 @@ class Trainer:
                     window_seconds, window_tokens = 0.0, 0
                 if progress.step % self.train_settings.save_interval == 0 or last:
                     self.save_checkpoint()
+                # Ctrl-C: every rank stops after the same step, with its state saved.
                 if any_across(self.should_stop(), self.world, self.device) and not last:
                     self.save_checkpoint()
                     # No rank may exit before rank 0 has written: torchrun stops the whole job when one exits early.
@@ -436,6 +218,7 @@ class Trainer:
         return self._summary(losses)
 
     def _train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over the global batch; returns the mean loss, the gradient norm and the lr."""
         plan = self.plan
         lr = plan.schedule.lr_at(self.progress.step)
         for group in self.optimizer.param_groups:
@@ -446,15 +229,16 @@ class Trainer:
         for micro in range(plan.grad_accum):
             first = (micro * world.world_size + world.rank) * plan.batch_size  # this rank's slice of the micro-step
             inputs, targets = self.train_windows.batch(windows[first : first + plan.batch_size], self.device)
+            # Gradients are exchanged once per step, on the last micro-step; earlier ones accumulate locally.
             with gradient_sync(self.trained, enabled=micro == plan.grad_accum - 1):
                 with self.precision.autocast():
-                    _, loss = self.trained(inputs, targets, return_logits=False, compiled_loss=self.compiled)
-                scaled = loss / plan.grad_accum
+                    loss = self.trained(inputs, targets)  # hidden states and the fused loss (training_model.py)
+                scaled = loss / plan.grad_accum  # the step's loss is the mean over its micro-batches
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()
         loss_sum = mean_across(loss_sum, world)
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         norm_value = _clip_gradients(list(self.model.parameters()), self.train_settings.grad_clip or math.inf)
         loss_value = (loss_sum / plan.grad_accum).item()
         if not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(norm_value)):
@@ -489,7 +273,7 @@ class Trainer:
                 indices = np.arange(1)
             inputs, targets = self.val_windows.batch(indices, self.device)
             with self.precision.autocast():
-                _, loss = self.model(inputs, targets, return_logits=False)
+                loss = self.loss_model(inputs, targets)
             total += loss.item() * weight
             seen += weight
         self.model.train()
@@ -519,8 +303,7 @@ class Trainer:
         }
         if evaluated:
             record["val_loss"] = round(progress.last_val_loss, 6)  # type: ignore[arg-type]
-        with open(self.out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.folder.append_metrics(record)
         self.report("log", {**record, "total_steps": self.plan.total_steps, "epoch": self.sampler.epochs_done})
 
     def _start_payload(self) -> dict[str, Any]:
@@ -555,24 +338,15 @@ class Trainer:
             "dtype": self.precision.name,
         }
 
-    # ------------------------------------------------------------ files
-
-    def _write_run_files(self) -> None:
-        atomic_write_bytes(self.out / "config.toml", to_toml(self.settings.model_dump(mode="json")).encode())
-        if self.model.config.bias:
-            config_json = json.dumps(hf_config_dict(self.model.config), indent=2) + "\n"
-            atomic_write_bytes(self.out / "config.json", config_json.encode())
+    # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        """Write the model, optimizer and state as a new checkpoint folder, then point `latest` at it (rank 0).
+        """Save the model, optimizer and progress as the run's newest checkpoint (rank 0 writes it).
 
         Under FSDP every rank takes part in gathering the whole tensors; rank 0 alone writes."""
         progress = self.progress
-        name = f"step-{progress.step:06d}"
-        root = self.out / CHECKPOINTS
-        folder = root / name
         if self.saved_step == progress.step:
-            return folder
+            return self.folder.checkpoints / f"step-{progress.step:06d}"
         self.saved_step = progress.step
         if not (self.world.is_main or self.sharded):
             return None
@@ -581,50 +355,23 @@ class Trainer:
         moments = optimizer_tensors(self.model, self.optimizer, keep)
         if not keep:
             return None
-        staging = root / f".{name}.{os.getpid()}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            write_checkpoint(model_tensors, self.model.config, staging / "model.safetensors")
-            save_file(moments, staging / "optimizer.safetensors")
-            state = {
-                "format": STATE_FORMAT,
-                "version": __version__,
-                "step": progress.step,
-                "tokens": progress.tokens,
-                "elapsed_s": progress.elapsed_s,
-                "sampler": dataclasses.asdict(self.sampler.state),
-                "last_val_loss": progress.last_val_loss,
-                "rng": rng_state(self.device),
-                "plan": {**dataclasses.asdict(self.plan)},
-                "data": self.data.fingerprint(),
-                "settings": self.settings.model_dump(mode="json"),
-            }
-            if self.scaler is not None:
-                state["scaler"] = self.scaler.state_dict()
-            (staging / "state.json").write_text(json.dumps(state, indent=1))
-            for path in staging.iterdir():
-                _fsync_file(path)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        pointer = root / LATEST
-        with atomic_path(pointer) as temporary:
-            temporary.write_text(name + "\n")
-        _link_or_copy(folder / "model.safetensors", self.out / "model.safetensors")
-        self._prune(root, keep=self.train_settings.keep, newest=name)
+        state = {
+            "tokens": progress.tokens,
+            "elapsed_s": progress.elapsed_s,
+            "sampler": dataclasses.asdict(self.sampler.state),
+            "last_val_loss": progress.last_val_loss,
+            "rng": rng_state(self.device),
+            "plan": dataclasses.asdict(self.plan),
+            "data": self.data.fingerprint(),
+            "settings": self.settings.model_dump(mode="json"),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        folder = self.folder.save_checkpoint(
+            progress.step, model_tensors, self.model.config, moments, state, keep=self.train_settings.keep
+        )
         self.report("checkpoint", {"step": progress.step, "path": str(folder)})
         return folder
-
-    @staticmethod
-    def _prune(root: Path, keep: int, newest: str) -> None:
-        folders = sorted(path for path in root.glob("step-*") if path.is_dir())
-        for old in folders[: max(0, len(folders) - keep)]:
-            if old.name != newest:
-                shutil.rmtree(old, ignore_errors=True)
 
 
 def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -635,16 +382,3 @@ def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> fl
     if norm + 1e-6 > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
     return norm
-
-
-def _grad_scaler(device: torch.device, sharded: bool) -> torch.amp.GradScaler:
-    """fp16 loss scaling; with sharded gradients every rank must agree on overflow, which the sharded scaler does."""
-    if sharded:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device.type)
-    return torch.amp.GradScaler(device.type)
-
-
-def _shape(config: GPT2Config) -> str:
-    return f"{config.n_layer} layers, {config.n_head} heads, width {config.n_embd}, block {config.block_size}"

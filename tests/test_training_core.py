@@ -13,6 +13,7 @@ from gpt2cli.losses import cross_entropy_block, cross_entropy_block_for_compile,
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import Schedule, parameter_groups
 from gpt2cli.training_data import hold_out_tail
+from gpt2cli.training_model import TrainingModel
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
@@ -156,8 +157,8 @@ def test_training_forward_gives_the_same_loss_without_logits():
     model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=16))
     idx = torch.randint(0, 50257, (2, 16))
     logits, loss = model(idx, idx)
-    none, fused = model(idx, idx, return_logits=False)
-    assert none is None and logits is not None
+    fused = TrainingModel(model)(idx, idx)
+    assert logits is not None
     torch.testing.assert_close(fused, loss)
     assert math.isfinite(fused.item())
 
@@ -172,9 +173,12 @@ def test_tied_embedding_gradient_is_added_into_the_fused_loss_gradient():
     other = torch.randint(0, 50257, (1, 16))
     weight = model.transformer.wte.weight
 
-    def weight_gradient(return_logits, objective):
+    trained = TrainingModel(model)
+
+    def weight_gradient(fused, objective):
         model.zero_grad(set_to_none=True)
-        objective(lambda tokens: model(tokens, tokens.roll(1, dims=1), return_logits=return_logits)[1]).backward()
+        forward = trained if fused else (lambda tokens, targets: model(tokens, targets)[1])
+        objective(lambda tokens: forward(tokens, tokens.roll(1, dims=1))).backward()
         return weight.grad.clone()
 
     objectives = [

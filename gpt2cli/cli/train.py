@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,8 +36,6 @@ from gpt2cli.cli.options import (
 )
 from gpt2cli.cli.output import info, print_json
 from gpt2cli.settings import DEFAULT_RUN, DataSettings, ModelSettings, Parallel, Schedule, TrainSettings
-
-SAMPLE_PROMPT = "ROMEO:"
 
 
 def _t(field: str, panel: str, *declarations: str) -> Any:
@@ -112,12 +108,13 @@ command.__doc__ = f"{inspect.cleandoc(command.__doc__ or '')}\n\n{profile_help(D
 def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], json_output: bool) -> None:
     from gpt2cli.devices import resolve_device
     from gpt2cli.distributed import barrier, from_environment, start, stop
+    from gpt2cli.run_folder import new_run_folder
     from gpt2cli.training import Interrupted
+    from gpt2cli.training_setup import resolve_settings
 
-    settings, bundled = _resolve_settings(config, flags)
+    settings, bundled = resolve_settings(config, flags)
     world = from_environment()
-    out = Path(settings.train.out or _new_run_folder(world.distributed))
-    settings.train.out = str(out)
+    out = Path(settings.train.out) if settings.train.out else new_run_folder(world.distributed)
 
     device = start(world, resolve_device(settings.train.device))
     try:
@@ -133,10 +130,11 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
 
 
 def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, json_output: bool) -> None:
+    from gpt2cli.cli.train_display import TrainingDisplay, print_summary
     from gpt2cli.devices import resolve_precision
     from gpt2cli.text_encoding import EncodeOptions
-    from gpt2cli.training import Trainer
     from gpt2cli.training_data import bundled_corpus, default_cache_dir, load_token_data
+    from gpt2cli.training_setup import prepare_trainer, with_absolute_paths
 
     precision = resolve_precision(settings.train.dtype, device)
     options = EncodeOptions.from_settings(settings.data)
@@ -149,7 +147,7 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
         Path(settings.data.cache_dir) if settings.data.cache_dir else default_cache_dir(),
         settings.data.workers,
     )
-    _make_paths_absolute(settings)  # once found (errors name the paths as given), so a resume finds them anywhere
+    settings = with_absolute_paths(settings, out)  # once found: errors name the paths as given
     source = "the bundled Shakespeare corpus" if bundled else f"{len(data.sources)} source(s)"
     processes = f", {world.world_size} processes" if world.distributed else ""
     display = TrainingDisplay(
@@ -157,54 +155,17 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
         f"({time.perf_counter() - started:.1f} s){processes}"
     )
     with _graceful_interrupt(announce=world.is_main) as should_stop:
-        trainer = Trainer(settings, data, out, precision, report=display.report, should_stop=should_stop, world=world)
+        trainer = prepare_trainer(
+            settings, data, out, precision, world=world, report=display.report, should_stop=should_stop
+        )
         try:
             summary = trainer.run()
         finally:
             display.close()
     if world.is_main:
-        _print_summary(summary)
+        print_summary(summary)
         if json_output:
             print_json(summary)
-
-
-def _resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> tuple[Any, bool]:
-    """The run's settings, and whether it is the embedded default run (no data given anywhere).
-
-    `--resume` reads the run's own saved settings (unless --config is given); flags given now still win.
-    """
-    from gpt2cli.errors import UsageError
-    from gpt2cli.settings import load_settings
-
-    probe = load_settings(config, flags)
-    bundled = not probe.data.paths
-    if probe.train.resume:
-        if probe.train.out is None:
-            raise UsageError("--resume needs --out, the folder of the run to continue")
-        saved = Path(probe.train.out) / "config.toml"
-        if config is None and saved.is_file():
-            config = saved
-            bundled = not load_settings(config, flags).data.paths
-    return load_settings(config, flags, profile=DEFAULT_RUN if bundled else None), bundled
-
-
-def _make_paths_absolute(settings: Any) -> None:
-    """Input paths as absolute ones in the settings the run saves."""
-    settings.data.paths = [os.path.abspath(path) for path in settings.data.paths]
-    settings.train.val_data = [os.path.abspath(path) for path in settings.train.val_data]
-    if settings.train.init_from is not None:
-        settings.train.init_from = os.path.abspath(settings.train.init_from)
-
-
-def _new_run_folder(distributed: bool = False) -> str:
-    if distributed:  # every rank must name the same folder: torchrun gives the job one id
-        return str(Path("runs") / f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate, n = Path("runs") / stamp, 1
-    while candidate.exists():
-        n += 1
-        candidate = Path("runs") / f"{stamp}-{n}"
-    return str(candidate)
 
 
 class _graceful_interrupt:
@@ -228,99 +189,3 @@ class _graceful_interrupt:
 
     def __exit__(self, *_: object) -> None:
         signal.signal(signal.SIGINT, self.previous)
-
-
-def _print_settings(settings: dict[str, dict[str, Any]]) -> None:
-    for section, values in settings.items():
-        shown = " ".join(f"{key}={value}" for key, value in values.items() if value not in (None, []))
-        info(f"{section}: {shown}")
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return (
-        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else (f"{seconds // 60}:{seconds % 60:02d}")
-    )
-
-
-class TrainingDisplay:
-    """A live line on a terminal (Rich), plain log lines otherwise; both on stderr."""
-
-    def __init__(self, data_line: str) -> None:
-        self.data_line = data_line  # shown with the settings once the run is under way (errors come alone)
-        self.interactive = sys.stderr.isatty()
-        self.live: Any = None
-        self.started_step = 0
-
-    def report(self, event: str, payload: dict[str, Any]) -> None:
-        if event == "start":
-            _print_settings(payload["settings"])
-            info(self.data_line)
-            self.started_step = payload["resumed_at"]
-            plan = payload["plan"]
-            resumed = f", resuming at step {payload['resumed_at']}" if payload["resumed_at"] else ""
-            info(
-                f"model: {payload['parameters'] / 1e6:.2f}M parameters on {payload['device']} ({payload['dtype']}"
-                f"{', compiled' if payload['compile'] else ''}); {plan['total_steps']} steps of "
-                f"{plan['tokens_per_step']:,} tokens (batch {plan['batch_size']} × {plan['seq_len']}"
-                f" × {plan['grad_accum']} accumulation){resumed}; run folder {payload['out']}"
-            )
-            if self.interactive:
-                from rich.live import Live
-
-                from gpt2cli.cli.output import stderr_console
-
-                self.live = Live("", console=stderr_console(), transient=True, refresh_per_second=4)
-                self.live.start()
-        elif event == "log":
-            line = self._line(payload)
-            if self.live is not None:
-                self.live.update(line)
-                if "val_loss" in payload:
-                    self.live.console.print(line, highlight=False)
-            else:
-                info(line)
-
-    def _line(self, payload: dict[str, Any]) -> str:
-        step, total = payload["step"], payload["total_steps"]
-        done = step - self.started_step
-        eta = payload["elapsed_s"] / max(done, 1) * (total - step) if done else 0.0
-        parts = [
-            f"step {step}/{total}",
-            f"loss {payload['loss']:.4f}",
-            f"val {payload['val_loss']:.4f}" if "val_loss" in payload else None,
-            f"lr {payload['lr']:.2e}",
-            f"{payload['tok_per_s']:,.0f} tok/s",
-            f"MFU {payload['mfu'] * 100:.1f}%" if payload.get("mfu") is not None else None,
-            f"{_format_duration(payload['elapsed_s'])} elapsed",
-            f"ETA {_format_duration(eta)}",
-        ]
-        return " | ".join(part for part in parts if part)
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
-            self.live = None
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from gpt2cli.cli.output import stderr_console
-
-    table = Table(title="training finished", show_header=False, title_justify="left")
-    rows = [
-        ("steps", f"{summary['steps']:,}"),
-        ("tokens", f"{summary['tokens']:,}"),
-        ("wall time", _format_duration(summary["elapsed_s"])),
-        ("final train loss", f"{summary['train_loss']:.4f}" if summary["train_loss"] is not None else "-"),
-        ("final val loss", f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "-"),
-        ("mean tokens/s", f"{summary['tokens_per_s']:,.0f}"),
-        ("weights", summary["model"]),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
-    stderr_console().print(table)
-    info(f'sample from it: gpt2 sample {summary["model"]} --prompt "{SAMPLE_PROMPT}"')

@@ -1,0 +1,107 @@
+"""What `gpt2 train` shows on stderr: the settings, a live progress line (plain log lines when not a terminal),
+and the summary table at the end."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from gpt2cli.cli.output import info
+
+SAMPLE_PROMPT = "ROMEO:"
+
+
+def _print_settings(settings: dict[str, dict[str, Any]]) -> None:
+    for section, values in settings.items():
+        shown = " ".join(f"{key}={value}" for key, value in values.items() if value not in (None, []))
+        info(f"{section}: {shown}")
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
+    )
+
+
+class TrainingDisplay:
+    """A live line on a terminal (Rich), plain log lines otherwise; both on stderr."""
+
+    def __init__(self, data_line: str) -> None:
+        self.data_line = data_line  # shown with the settings once the run is under way (errors come alone)
+        self.interactive = sys.stderr.isatty()
+        self.live: Any = None
+        self.started_step = 0
+
+    def report(self, event: str, payload: dict[str, Any]) -> None:
+        if event == "start":
+            _print_settings(payload["settings"])
+            info(self.data_line)
+            self.started_step = payload["resumed_at"]
+            plan = payload["plan"]
+            resumed = f", resuming at step {payload['resumed_at']}" if payload["resumed_at"] else ""
+            info(
+                f"model: {payload['parameters'] / 1e6:.2f}M parameters on {payload['device']} ({payload['dtype']}"
+                f"{', compiled' if payload['compile'] else ''}); {plan['total_steps']} steps of "
+                f"{plan['tokens_per_step']:,} tokens (batch {plan['batch_size']} × {plan['seq_len']}"
+                f" × {plan['grad_accum']} accumulation){resumed}; run folder {payload['out']}"
+            )
+            if self.interactive:
+                from rich.live import Live
+
+                from gpt2cli.cli.output import stderr_console
+
+                self.live = Live("", console=stderr_console(), transient=True, refresh_per_second=4)
+                self.live.start()
+        elif event == "log":
+            line = self._line(payload)
+            if self.live is not None:
+                self.live.update(line)
+                if "val_loss" in payload:
+                    self.live.console.print(line, highlight=False)
+            else:
+                info(line)
+
+    def _line(self, payload: dict[str, Any]) -> str:
+        step, total = payload["step"], payload["total_steps"]
+        done = step - self.started_step
+        eta = payload["elapsed_s"] / max(done, 1) * (total - step) if done else 0.0
+        parts = [
+            f"step {step}/{total}",
+            f"loss {payload['loss']:.4f}",
+            f"val {payload['val_loss']:.4f}" if "val_loss" in payload else None,
+            f"lr {payload['lr']:.2e}",
+            f"{payload['tok_per_s']:,.0f} tok/s",
+            f"MFU {payload['mfu'] * 100:.1f}%" if payload.get("mfu") is not None else None,
+            f"{_format_duration(payload['elapsed_s'])} elapsed",
+            f"ETA {_format_duration(eta)}",
+        ]
+        return " | ".join(part for part in parts if part)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from gpt2cli.cli.output import stderr_console
+
+    table = Table(title="training finished", show_header=False, title_justify="left")
+    rows = [
+        ("steps", f"{summary['steps']:,}"),
+        ("tokens", f"{summary['tokens']:,}"),
+        ("wall time", _format_duration(summary["elapsed_s"])),
+        ("final train loss", f"{summary['train_loss']:.4f}" if summary["train_loss"] is not None else "-"),
+        ("final val loss", f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "-"),
+        ("mean tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+        ("weights", summary["model"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    stderr_console().print(table)
+    info(f'sample from it: gpt2 sample {summary["model"]} --prompt "{SAMPLE_PROMPT}"')

@@ -1,0 +1,123 @@
+"""The planning arithmetic and the Trainer called in-process on a tiny model and real tokenized text."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shakespeare_text
+from gpt2cli import get_tokenizer
+from gpt2cli.corpus import TokenData
+from gpt2cli.devices import resolve_precision
+from gpt2cli.errors import DataError, UsageError
+from gpt2cli.model import GPT2Config
+from gpt2cli.settings import load_settings
+from gpt2cli.training import plan_run
+from gpt2cli.training_setup import prepare_trainer
+
+TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
+
+
+def train_settings(**train):
+    return load_settings(None, {"model": TINY_MODEL, "train": {"device": "cpu", "dtype": "float32", **train}}).train
+
+
+def test_plan_derives_accumulation_steps_and_schedule_from_the_batch():
+    config = GPT2Config(**TINY_MODEL)
+    plan = plan_run(train_settings(batch_size=4, seq_len=16, total_batch_tokens=256, epochs=2.0), config, 100, 2)
+    assert plan.seq_len == 16 and plan.grad_accum == 2  # 256 tokens = 4 sequences × 16 tokens × 2 processes × 2
+    assert plan.windows_per_step == 16
+    assert plan.total_steps == 13  # ceil(2 epochs × 100 windows / 16 windows per step)
+    assert plan.schedule.total_steps == 13 and plan.schedule.warmup_steps == 0  # 5% of 13, rounded down
+    assert plan.schedule.min_lr == pytest.approx(plan.schedule.lr / 10)
+    by_tokens = plan_run(train_settings(batch_size=4, max_tokens=1000, schedule_steps=50, warmup_steps=3), config, 9)
+    assert by_tokens.seq_len == 32 and by_tokens.tokens_per_step == 128 and by_tokens.total_steps == 8
+    assert (by_tokens.schedule.total_steps, by_tokens.schedule.warmup_steps) == (50, 3)
+
+
+def test_plan_refuses_what_cannot_run():
+    config = GPT2Config(**TINY_MODEL)
+    with pytest.raises(UsageError, match="longer than the model's block size 32"):
+        plan_run(train_settings(seq_len=33), config, 100)
+    with pytest.raises(UsageError, match=r"not a multiple of batch_size × seq_len × processes \(4 × 32 × 1 = 128\)"):
+        plan_run(train_settings(batch_size=4, total_batch_tokens=200), config, 100)
+    with pytest.raises(DataError, match="3 window"):
+        plan_run(train_settings(batch_size=4), config, 3)
+
+
+@pytest.fixture(scope="module")
+def tokens() -> TokenData:
+    ids = np.array(get_tokenizer().encode(shakespeare_text()[:20_000]), dtype=np.uint16)
+    return TokenData(train=[ids[:-600]], val=[ids[-600:]], sources=["shakespeare"])
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-for-bit comparisons: see conftest.exact_environment
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(tokens, out, **train):
+    flags = {"model": TINY_MODEL, "train": {"device": "cpu", "dtype": "float32", "batch_size": 4, "out": str(out)}}
+    flags["train"].update(train)
+    settings = load_settings(None, flags)
+    return prepare_trainer(settings, tokens, out, resolve_precision("float32", torch.device("cpu")))
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_trainer_built_in_process_learns(tmp_path, tokens):
+    out = tmp_path / "run"
+    trainer = make_trainer(tokens, out, max_steps=12, lr=1e-2, log_interval=1, eval_interval=6)
+    summary = trainer.run()
+    losses = [record["loss"] for record in metrics(out)]
+    assert len(losses) == 12 and losses[0] > 10.5 and losses[-1] < losses[0] - 1.5
+    assert summary["steps"] == 12 and summary["val_loss"] < 10.0
+    assert trainer.folder.latest_checkpoint() == out / "checkpoints" / "step-000012"
+
+
+def test_resume_in_process_continues_bit_for_bit(tmp_path, tokens, one_thread):
+    common = {
+        "max_steps": 6,
+        "log_interval": 1,
+        "eval_interval": 3,
+        "save_interval": 3,
+        "keep": 2,
+        "lr": 1e-3,
+        "schedule_steps": 6,
+    }
+    straight = tmp_path / "straight"
+    make_trainer(tokens, straight, **common).run()
+    resumed = tmp_path / "resumed"
+    make_trainer(tokens, resumed, **{**common, "max_steps": 4}).run()  # saves at 3 and at 4
+    (resumed / "checkpoints" / "latest").write_text("step-000003\n")  # back to step 3: step 4 is logged again
+    trainer = make_trainer(tokens, resumed, **{**common, "resume": True})
+    assert trainer.progress.step == 3 and [r["step"] for r in metrics(resumed)] == [1, 2, 3]  # truncated
+    trainer.run()
+    assert metrics(straight) == [
+        {**record, "elapsed_s": a["elapsed_s"], "tok_per_s": a["tok_per_s"]}
+        for a, record in zip(metrics(straight), metrics(resumed), strict=True)
+    ]
+
+
+def test_a_refused_run_writes_nothing_and_settings_are_not_changed(tmp_path, tokens):
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match="no training state to resume"):
+        make_trainer(tokens, out, resume=True)
+    with pytest.raises(UsageError, match="block size"):
+        make_trainer(tokens, out, seq_len=64)
+    assert not out.exists()
+    make_trainer(tokens, out, max_steps=2, schedule="constant").run()
+    flags = {"model": TINY_MODEL, "train": {"device": "cpu", "dtype": "float32", "batch_size": 4, "resume": True}}
+    settings = load_settings(None, flags)
+    before = settings.model_dump()
+    trainer = prepare_trainer(settings, tokens, out, resolve_precision("float32", torch.device("cpu")))
+    assert settings.model_dump() == before  # the saved schedule is kept in a copy
+    assert trainer.plan.schedule.total_steps == 2 and trainer.settings.train.schedule_steps == 2

@@ -245,26 +245,41 @@ def exact_env(tmp_path: Path) -> dict[str, str]:
     return exact_environment(tmp_path)
 
 
+def build_hf_model(root: Path, seed: int = 0, **shape: int):
+    """A random-weight transformers GPT2LMHeadModel saved with save_pretrained under `root`: (model, folder)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=shape.get("vocab_size", 50257),
+        n_positions=shape.get("n_positions", 64),
+        n_embd=shape.get("n_embd", 64),
+        n_layer=shape.get("n_layer", 2),
+        n_head=shape.get("n_head", 4),
+    )
+    model = GPT2LMHeadModel(config).eval()
+    folder = root / f"hf-{seed}-{'-'.join(f'{k}{v}' for k, v in sorted(shape.items()))}"
+    model.save_pretrained(folder)
+    return model, folder
+
+
 @pytest.fixture
 def hf_model_factory(tmp_path: Path):
-    """Build a random-weight transformers GPT2LMHeadModel, save it with save_pretrained, return (model, dir)."""
+    """Build a random-weight transformers model in this test's folder (the test may change its files)."""
+    return lambda seed=0, **shape: build_hf_model(tmp_path, seed, **shape)
+
+
+@pytest.fixture(scope="session")
+def shared_hf_model_factory(tmp_path_factory: pytest.TempPathFactory):
+    """The same, built once per shape for the whole session, for tests that only read the model and its folder."""
+    root, built = tmp_path_factory.mktemp("shared-hf"), {}
 
     def build(seed: int = 0, **shape: int):
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(seed)
-        config = GPT2Config(
-            vocab_size=shape.get("vocab_size", 50257),
-            n_positions=shape.get("n_positions", 64),
-            n_embd=shape.get("n_embd", 64),
-            n_layer=shape.get("n_layer", 2),
-            n_head=shape.get("n_head", 4),
-        )
-        model = GPT2LMHeadModel(config).eval()
-        folder = tmp_path / f"hf-{seed}-{'-'.join(f'{k}{v}' for k, v in sorted(shape.items()))}"
-        model.save_pretrained(folder)
-        return model, folder
+        key = (seed, *sorted(shape.items()))
+        if key not in built:
+            built[key] = build_hf_model(root, seed, **shape)
+        return built[key]
 
     return build
 

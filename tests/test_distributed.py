@@ -18,6 +18,7 @@ from gpt2cli import load_model
 COMMON = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--device", "cpu",
           "--dtype", "float32", "--log-interval", "1", "--eval-interval", "3", "--val-fraction", "0.05"]  # fmt: skip
 PARALLEL = pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+pytestmark = pytest.mark.slow  # every test launches torchrun jobs of 2 processes
 
 
 @pytest.fixture

@@ -12,19 +12,15 @@ target allows 1e-3).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# benchmarks/tokenize.py shadows the standard library's `tokenize` for scripts run from this folder: drop the folder.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import gzip
 import json
 import math
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONTEXT = 1024

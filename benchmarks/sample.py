@@ -14,20 +14,16 @@ numerical error only).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# benchmarks/tokenize.py shadows the standard library's `tokenize` for scripts run from this folder: drop the folder.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import gzip
 import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent

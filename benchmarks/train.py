@@ -19,12 +19,6 @@ repository root:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# benchmarks/tokenize.py shadows the standard library's `tokenize` for scripts run from this folder: drop the folder.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import gzip
 import json
@@ -32,8 +26,10 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,12 +1,20 @@
-"""Shared fixtures: the real CLI in a subprocess, the bundled corpus, and random-weight transformers models."""
+"""Shared fixtures: the real CLI (in this process, or in a subprocess where that matters), the bundled corpus, and
+random-weight transformers models."""
 
 from __future__ import annotations
 
 import gzip
+import importlib
 import importlib.resources
+import io
 import os
+import signal
 import subprocess
 import sys
+import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +32,7 @@ def shakespeare_text() -> str:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for CLI subprocesses, without settings leaking in from the developer's shell."""
+    """The environment for CLI calls, without settings leaking in from the developer's shell."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("GPT2_")}
     env.update(extra)
     return env
@@ -36,7 +44,31 @@ def run_cli(
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """`python -m gpt2cli ARGS` as a real process; stdout and stderr captured as bytes."""
+    """`gpt2 ARGS` called in this process (`gpt2cli.cli.app.run`), as `run_cli_process` would see it: the same exit
+    code, stdout and stderr as bytes. Saves the ~1-2 s of imports a fresh interpreter pays on every call."""
+    from gpt2cli.cli.app import run
+
+    argv = [str(arg) for arg in args]
+    stdin = input.encode() if isinstance(input, str) else (input or b"")
+    stdout, stderr = io.BytesIO(), io.BytesIO()
+    with _process_like(env if env is not None else cli_env(), cwd, stdin, stdout, stderr):
+        try:
+            code = run(argv)
+        except SystemExit as exit_:  # what the interpreter would turn into an exit status
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except BaseException:  # GPT2_DEBUG=1 re-raises: a process would print the traceback and exit 1
+            traceback.print_exc(file=sys.stderr)
+            code = 1
+    return subprocess.CompletedProcess(["gpt2", *argv], code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_cli_process(
+    *args: str | os.PathLike[str],
+    input: bytes | str | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """`python -m gpt2cli ARGS` as a real process, for tests where the process boundary is the behaviour."""
     if isinstance(input, str):
         input = input.encode()
     return subprocess.run(
@@ -47,6 +79,135 @@ def run_cli(
         cwd=cwd,
         timeout=300,
     )
+
+
+@contextmanager
+def _process_like(env: dict[str, str], cwd: str | os.PathLike[str] | None, stdin: bytes, stdout: io.BytesIO,
+                  stderr: io.BytesIO) -> Iterator[None]:  # fmt: skip
+    """What a fresh process would give one CLI call, all restored afterwards."""
+    with ExitStack() as stack:
+        stack.enter_context(_standard_streams(stdin, stdout, stderr))
+        stack.enter_context(_environment(env))
+        stack.enter_context(_thread_count(env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS")))
+        stack.enter_context(_import_path([entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]))
+        stack.enter_context(_signal_handlers())
+        stack.enter_context(_printed_warnings())
+        stack.enter_context(_working_folder(cwd))
+        yield
+
+
+@contextmanager
+def _standard_streams(stdin: bytes, stdout: io.BytesIO, stderr: io.BytesIO) -> Iterator[None]:
+    """Pipes, as a process has them: text streams with `.buffer` for binary data, no terminal (`isatty()` false).
+    The Rich console is cached with the stderr it first saw, so it is dropped on the way in and out."""
+    from gpt2cli.cli.output import stderr_console
+
+    saved = sys.stdin, sys.stdout, sys.stderr
+    streams = (
+        io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"),
+        io.TextIOWrapper(stdout, encoding="utf-8", write_through=True),
+        io.TextIOWrapper(stderr, encoding="utf-8", errors="backslashreplace", write_through=True),
+    )
+    sys.stdin, sys.stdout, sys.stderr = streams
+    stderr_console.cache_clear()
+    try:
+        yield
+    finally:
+        for stream in streams:
+            stream.flush()
+            stream.detach()  # keeps the captured bytes readable once the wrapper is collected
+        sys.stdin, sys.stdout, sys.stderr = saved
+        stderr_console.cache_clear()
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` replaces os.environ, as it would a child's environment (tests pass full ones, built by cli_env)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextmanager
+def _thread_count(threads: str | None) -> Iterator[None]:
+    """OMP_NUM_THREADS is read once, when torch starts: in this process it becomes torch.set_num_threads."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextmanager
+def _import_path(entries: list[str]) -> Iterator[None]:
+    """PYTHONPATH at start-up: modules and entry points (plugins) are found there. Modules imported from there are
+    forgotten afterwards, so a plugin of the same name in another test's folder is imported afresh."""
+    if not entries:
+        yield
+        return
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    sys.path[:0] = entries
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - saved_modules:
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if any(origin.startswith(entry) for entry in entries):
+                del sys.modules[name]
+        importlib.invalidate_caches()
+
+
+@contextmanager
+def _signal_handlers() -> Iterator[None]:
+    """A command that installs a handler (train's Ctrl-C) must not leave it behind for the next test."""
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def _printed_warnings() -> Iterator[None]:
+    """Warnings printed on stderr under a fresh interpreter's filters (the Python docs' "Default Warning Filter"),
+    where pytest would record them instead; catch_warnings also resets which were already shown."""
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        warnings.showwarning = _print_warning
+        yield
+
+
+def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: object = None, line: str | None = None) -> None:  # fmt: skip
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextmanager
+def _working_folder(cwd: str | os.PathLike[str] | None) -> Iterator[None]:
+    saved = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(saved)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[bytes], code: int, *fragments: str) -> str:
@@ -84,26 +245,41 @@ def exact_env(tmp_path: Path) -> dict[str, str]:
     return exact_environment(tmp_path)
 
 
+def build_hf_model(root: Path, seed: int = 0, **shape: int):
+    """A random-weight transformers GPT2LMHeadModel saved with save_pretrained under `root`: (model, folder)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=shape.get("vocab_size", 50257),
+        n_positions=shape.get("n_positions", 64),
+        n_embd=shape.get("n_embd", 64),
+        n_layer=shape.get("n_layer", 2),
+        n_head=shape.get("n_head", 4),
+    )
+    model = GPT2LMHeadModel(config).eval()
+    folder = root / f"hf-{seed}-{'-'.join(f'{k}{v}' for k, v in sorted(shape.items()))}"
+    model.save_pretrained(folder)
+    return model, folder
+
+
 @pytest.fixture
 def hf_model_factory(tmp_path: Path):
-    """Build a random-weight transformers GPT2LMHeadModel, save it with save_pretrained, return (model, dir)."""
+    """Build a random-weight transformers model in this test's folder (the test may change its files)."""
+    return lambda seed=0, **shape: build_hf_model(tmp_path, seed, **shape)
+
+
+@pytest.fixture(scope="session")
+def shared_hf_model_factory(tmp_path_factory: pytest.TempPathFactory):
+    """The same, built once per shape for the whole session, for tests that only read the model and its folder."""
+    root, built = tmp_path_factory.mktemp("shared-hf"), {}
 
     def build(seed: int = 0, **shape: int):
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(seed)
-        config = GPT2Config(
-            vocab_size=shape.get("vocab_size", 50257),
-            n_positions=shape.get("n_positions", 64),
-            n_embd=shape.get("n_embd", 64),
-            n_layer=shape.get("n_layer", 2),
-            n_head=shape.get("n_head", 4),
-        )
-        model = GPT2LMHeadModel(config).eval()
-        folder = tmp_path / f"hf-{seed}-{'-'.join(f'{k}{v}' for k, v in sorted(shape.items()))}"
-        model.save_pretrained(folder)
-        return model, folder
+        key = (seed, *sorted(shape.items()))
+        if key not in built:
+            built[key] = build_hf_model(root, seed, **shape)
+        return built[key]
 
     return build
 

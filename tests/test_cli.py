@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import assert_one_line_error, cli_env, run_cli
+from conftest import assert_one_line_error, cli_env, run_cli, run_cli_process
 from gpt2cli import __version__
 
 
@@ -44,7 +44,7 @@ def test_subcommand_help_does_not_import_torch(command, option):
 
 
 def test_version_and_module_entry_point():
-    assert run_cli("--version").stdout.decode().strip() == f"gpt2 {__version__}"
+    assert run_cli_process("--version").stdout.decode().strip() == f"gpt2 {__version__}"
     script = os.path.join(os.path.dirname(sys.executable), "gpt2")
     if os.path.exists(script):
         console = subprocess.run([script, "--version"], capture_output=True, env=cli_env(), timeout=60)

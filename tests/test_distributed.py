@@ -12,12 +12,13 @@ import time
 import pytest
 import torch
 
-from conftest import exact_environment, write_corpus
+from conftest import exact_environment, run_cli, write_corpus
 from gpt2cli import load_model
 
 COMMON = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--device", "cpu",
           "--dtype", "float32", "--log-interval", "1", "--eval-interval", "3", "--val-fraction", "0.05"]  # fmt: skip
 PARALLEL = pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+pytestmark = pytest.mark.slow  # every test launches torchrun jobs of 2 processes
 
 
 @pytest.fixture
@@ -26,10 +27,11 @@ def env(exact_env):
 
 
 def launch(*args, env, processes: int = 1) -> subprocess.CompletedProcess[bytes]:
-    launcher = [sys.executable, "-m", "gpt2cli"]
-    if processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                    str(processes), "-m", "gpt2cli"]  # fmt: skip
+    """`gpt2 train ARGS` under torchrun with `processes` workers, or in this process for one."""
+    if processes == 1:
+        return run_cli("train", *args, env=env)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+                "-m", "gpt2cli"]  # fmt: skip
     return subprocess.run([*launcher, "train", *map(str, args)], capture_output=True, env=env, timeout=300)
 
 

@@ -15,9 +15,9 @@ from gpt2cli.evaluation import sliding_windows
 TEXT = shakespeare_text()[:6000]
 
 
-@pytest.fixture
-def hf_model(hf_model_factory):
-    return hf_model_factory(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+@pytest.fixture(scope="module")
+def hf_model(shared_hf_model_factory):  # read only: built once
+    return shared_hf_model_factory(n_layer=2, n_head=4, n_embd=64, n_positions=64)
 
 
 @pytest.fixture

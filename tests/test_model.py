@@ -91,6 +91,7 @@ def test_shapes_that_cannot_work_are_clear_errors():
         model(torch.zeros(9, dtype=torch.long))
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_cpu_attention_matches_sdpa_in_value_and_gradients():
     """The compiled bf16 training path (attention.py): SDPA's output, and gradients as close to float64 as SDPA's."""
     from gpt2cli.attention import causal_attention, compiled_cpu_attention_applies
@@ -118,6 +119,7 @@ def test_compiled_cpu_attention_matches_sdpa_in_value_and_gradients():
     assert not compiled_cpu_attention_applies(q.requires_grad_(), 0.0)  # eager: SDPA's own backward is faster
 
 
+@pytest.mark.slow  # torch.compile
 def test_a_compiled_block_trains_like_the_eager_one_in_bfloat16():
     torch.manual_seed(0)
     block = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=16)).transformer.h[0]

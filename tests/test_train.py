@@ -100,6 +100,7 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path,
     assert str(corpus) in (tmp_path / "run" / "config.toml").read_text()  # saved as an absolute path
 
 
+@pytest.mark.slow  # a real process, signalled mid-run, then runs to compare with
 def test_ctrl_c_saves_then_resume_matches_an_uninterrupted_run(tmp_path, corpus, exact_env):
     env = exact_env
     common = [corpus, *TINY, *EXACT, "--max-steps", "400", "--save-interval", "1000", "--eval-interval", "1000"]
@@ -130,6 +131,7 @@ def test_ctrl_c_saves_then_resume_matches_an_uninterrupted_run(tmp_path, corpus,
     assert losses(interrupted) == losses(straight)
 
 
+@pytest.mark.slow  # a real process, signalled mid-run, then runs to compare with
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, corpus, env):
     out = tmp_path / "killed"
     args = [corpus, *TINY, *EXACT, "--max-steps", "1000", "--save-interval", "1", "--out", out]

@@ -83,7 +83,7 @@ def test_block_kernels_match_the_definition_on_hand_made_logits(kernel):
     assert torch.count_nonzero(probs_ignored[1]) == 0
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # torch.compile
 @pytest.mark.parametrize("rows", [5, 3000])  # one block, and several blocks for a 50257-word vocabulary
 def test_fused_loss_and_gradients_equal_the_plain_ones(rows, compiled, recwarn):
     generator = torch.Generator().manual_seed(0)

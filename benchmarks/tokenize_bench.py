@@ -15,8 +15,8 @@ run. GPT2_* environment variables are removed for both, so `gpt2` runs with its 
 
 Run it from the repository root with the project's interpreter:
 
-  python benchmarks/tokenize.py                  # ~20 MB, 3 timed runs each, a table
-  python benchmarks/tokenize.py --size-mb 50 --reps 5 --json
+  python benchmarks/tokenize_bench.py                  # ~20 MB, 3 timed runs each, a table
+  python benchmarks/tokenize_bench.py --size-mb 50 --reps 5 --json
 """
 
 from __future__ import annotations
@@ -90,16 +90,6 @@ class Timing(NamedTuple):
     @property
     def mean(self) -> float:
         return statistics.mean(self.seconds)
-
-
-def _keep_stdlib_tokenize() -> None:
-    """This file is named like the stdlib's `tokenize`; take its folder off the import path.
-
-    Python puts a script's folder first on `sys.path`, so any later `import tokenize` (numpy,
-    tiktoken and `dataclasses` all do one) would load this file instead of the standard module.
-    """
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
 
 
 def split_pattern() -> str:
@@ -259,7 +249,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _keep_stdlib_tokenize()
     args = parse_args(argv)
     pattern = split_pattern()
     with tempfile.TemporaryDirectory(prefix="gpt2-tokenize-bench-") as folder:

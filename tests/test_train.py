@@ -307,7 +307,7 @@ def test_unwritable_out(tmp_path, corpus, env):
 
 def test_invalid_settings_exit_2(tmp_path, corpus, env):
     assert_one_line_error(train(corpus, "--lr", "-1", env=env), 2, "train.lr")
-    assert_one_line_error(train(corpus, "--schedule", "exponential", env=env), 2, "train.schedule")
+    assert_one_line_error(train(corpus, "--schedule", "exponential", env=env), 2, "--schedule", "cosine")
     assert_one_line_error(train(corpus, "--max-steps", "5", "--epochs", "1", env=env), 2, "only one of")
 
 

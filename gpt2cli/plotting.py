@@ -40,6 +40,7 @@ def _plotext(rows: int, width: int, height: int) -> Any:
     plt = import_extra("plotext", "plot", "drawing in the terminal")
     if not hasattr(plt, "build"):
         raise UsageError("drawing in the terminal needs plotext 5: pip install 'gpt2cli[plot]'")
+    plt.main()  # plotext keeps one global figure: select the whole of it, not the last subplot drawn, and clear it
     plt.clear_figure()
     plt.subplots(rows, 1)
     plt.plotsize(width, height)  # before a subplot is selected: the size of the whole figure

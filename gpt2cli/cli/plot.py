@@ -82,6 +82,8 @@ def _check_writable(output: Path) -> None:
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"-o {output}: no such folder {folder}")
+    if output.is_dir():
+        raise UsageError(f"-o {output}: is a folder")
     if not os.access(folder, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise UsageError(f"-o {output}: cannot write there (permission denied)")
 

@@ -214,19 +214,43 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
 def sparkline(values: Sequence[float], width: int, low: float | None = None, high: float | None = None) -> str:
-    """The last values as one line of block characters, `width` wide at most (buckets averaged).
+    """Values as one line of block characters, `width` wide at most (buckets averaged).
 
-    `low`/`high` fix the scale, so two lines (train and validation loss) can share it."""
+    `low`/`high` fix the scale, so that several lines can share it."""
     if not values or width < 1:
         return ""
     data = np.asarray(values, dtype=np.float64)
     if len(data) > width:
         edges = np.linspace(0, len(data), width + 1).astype(int)
         data = np.add.reduceat(data, edges[:-1]) / np.diff(edges)
-    low = float(data.min()) if low is None else low
-    high = float(data.max()) if high is None else high
+    return _blocks(data, low, high)
+
+
+def step_sparkline(
+    steps: Sequence[int], values: Sequence[float], first: int, last: int, width: int, low: float, high: float
+) -> str:
+    """Values placed by step in `width` columns spanning steps first..last (a column's values averaged; a
+    column without any is a space), so lines logged at different steps (train, validation) line up."""
+    if not values or width < 1:
+        return ""
+    columns = min(width, last - first + 1)
+    where = ((np.asarray(steps) - first) * columns // (last - first + 1)).clip(0, columns - 1)
+    counts = np.bincount(where, minlength=columns)
+    sums = np.bincount(where, weights=np.asarray(values, dtype=np.float64), minlength=columns)
+    means = np.divide(sums, counts, out=np.full(columns, np.nan), where=counts > 0)
+    return _blocks(means, low, high)
+
+
+def _blocks(data: np.ndarray, low: float | None, high: float | None) -> str:
+    finite = data[np.isfinite(data)]
+    if len(finite) == 0:
+        return " " * len(data)
+    low = float(finite.min()) if low is None else low
+    high = float(finite.max()) if high is None else high
     span = high - low
-    if span <= 0 or not math.isfinite(span):
-        return _BLOCKS[0] * len(data)
-    levels = np.clip(((data - low) / span * (len(_BLOCKS) - 1)).round(), 0, len(_BLOCKS) - 1).astype(int)
-    return "".join(_BLOCKS[level] for level in levels)
+    top = len(_BLOCKS) - 1
+    scaled = (data - low) / span * top if span > 0 and math.isfinite(span) else np.zeros_like(data)
+    levels = np.nan_to_num(scaled, nan=-1).round().clip(-1, top).astype(int)
+    return "".join(
+        " " if np.isnan(value) else _BLOCKS[max(level, 0)] for value, level in zip(data, levels, strict=True)
+    )

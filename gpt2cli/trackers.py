@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -105,7 +106,7 @@ class WandbTracker:
         wandb = import_extra("wandb", "wandb", "--log-to wandb")
         self.state_path = folder / WANDB_STATE
         state = _read_json(self.state_path) if resumed_step is not None else {}
-        run_id = state.get("run_id") or wandb.util.generate_id()
+        run_id = state.get("run_id") or secrets.token_hex(4)  # W&B ids: lowercase letters and digits
         self.last_step: int = state.get("last_step", -1)
         try:
             self.run = wandb.init(

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import cli_env, run_cli, write_corpus
 from gpt2cli.cli.app import run as run_gpt2
-from gpt2cli.curves import METRICS, downsample, moving_average, sparkline
+from gpt2cli.cli.loss_chart import LossChart
+from gpt2cli.curves import METRICS, downsample, moving_average, sparkline, step_sparkline
 from gpt2cli.metrics import read_metrics
 from gpt2cli.settings import PlotMetric, load_settings
 
@@ -215,3 +216,15 @@ def test_sparkline_scales_to_the_given_range_and_width():
     assert sparkline(list(range(100)), 10) == "▁▂▃▃▄▅▆▆▇█"  # bucket means, first to last
     assert sparkline([5.0, 5.0], 4, low=0, high=10) == "▅▅"
     assert sparkline([], 10) == ""
+
+
+def test_step_sparklines_line_up_train_and_validation():
+    assert step_sparkline([50, 100], [8.0, 6.0], 10, 100, 10, 5.0, 10.0) == "    ▅    ▂"
+    chart = LossChart(width=10)
+    for step in range(10, 110, 10):
+        validation = {"val_loss": 10.0 - step / 25} if step % 50 == 0 else {}
+        chart.add({"step": step, "loss": 11.0 - step / 20, **validation})
+    train, val = chart.render().splitlines()
+    assert train == "train █▇▆▆▅▄▃▃▂▁  6.0000 (min 6.0000)"  # one scale: 6.0 (▁) to 10.5 (█)
+    assert val == "val       ▄    ▁  6.0000 (min 6.0000)"  # steps 50 and 100, under theirs
+    assert chart.renders == 1 and chart.render_seconds > 0

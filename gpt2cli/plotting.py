@@ -123,7 +123,8 @@ def curves_figure(panels: Sequence[Panel], log_y: bool = False) -> Any:
     for axes, panel in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True):
         runs = list(dict.fromkeys(series.run for series in panel.series))
         for series in panel.series:
-            color = _PALETTE[runs.index(series.run) % len(_PALETTE)]
+            # One run: train and validation in two colours; several: a colour per run, validation dashed.
+            color = _PALETTE[(runs.index(series.run) + (series.alone and series.metric == "val_loss")) % len(_PALETTE)]
             if series.metric == "val_loss":  # few points: dashed with markers, so each evaluation shows
                 axes.plot(series.x, series.y, color=color, linestyle="--", marker="o", markersize=3,
                           linewidth=1.3, label=series.label)  # fmt: skip
@@ -151,8 +152,9 @@ def bars_figure(charts: dict[str, list[BarGroup]], log_y: bool = False) -> Any:
                         xs.append(position + (index - (len(cases) - 1) / 2) * width)
                         heights.append(value)
                         errors.append(std)
-            axes.bar(xs, heights, width * 0.92, yerr=errors, capsize=2, label=case,
-                     color=_PALETTE[index % len(_PALETTE)], error_kw={"linewidth": 0.8})  # fmt: skip
+            bars = axes.bar(xs, heights, width * 0.92, yerr=errors, capsize=2, label=case,
+                            color=_PALETTE[index % len(_PALETTE)], error_kw={"linewidth": 0.8})  # fmt: skip
+            axes.bar_label(bars, labels=[_short_number(value) for value in heights], fontsize=7, padding=2)
         axes.set_xticks(range(len(groups)), [group.name for group in groups], fontsize=8)
         axes.set_title(test, fontsize=9, loc="left")
         axes.set_ylabel("tokens/s", fontsize=9)
@@ -160,8 +162,17 @@ def bars_figure(charts: dict[str, list[BarGroup]], log_y: bool = False) -> Any:
         axes.grid(False, axis="x")
         if log_y:
             axes.set_yscale("log")
-        axes.legend(fontsize=8, frameon=False)
+        else:
+            axes.set_ylim(0, axes.get_ylim()[1] * 1.2)  # room for the value labels and the legend above the bars
+        axes.legend(fontsize=8, frameon=False, ncols=len(cases), loc="upper left")
     return figure
+
+
+def _short_number(value: float) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def save_figure(figure: Any, path: Path, data: dict[str, Any]) -> None:

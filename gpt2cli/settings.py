@@ -43,6 +43,7 @@ DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what DEVICE_PATTERN a
 # Open (cuda:N), so a pattern rather than a Literal; every section that runs a model has one.
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")]
 Tracker = Literal["tensorboard", "wandb"]
+PlotX = Literal["step", "tokens", "time"]
 PlotMetric = Literal["loss", "val_loss", "lr", "grad_norm", "tok_per_s", "mfu", "hellaswag_acc", "hellaswag_acc_norm"]
 
 
@@ -257,7 +258,7 @@ class PlotSettings(Section):
         min_length=1,
         description="Metrics to draw (comma list): " + ", ".join(PlotMetric.__args__),
     )
-    x: Literal["step", "tokens", "time"] = Field("step", description="The x axis: step, tokens or time (seconds).")
+    x: PlotX = Field("step", description="The x axis: step, tokens or time (seconds).")
     smooth: int = Field(1, ge=1, description="Average each point with the N-1 before it (1: no smoothing).")
     log_y: bool = Field(False, description="Logarithmic y axis.")
     width: int | None = Field(None, ge=20, description="Terminal chart width in columns (default: the terminal's).")

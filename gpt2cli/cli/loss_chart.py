@@ -28,6 +28,18 @@ class LossChart:
             self.val_steps.append(record["step"])
             self.val_losses.append(record["val_loss"])
 
+    def add_history(self, run: str) -> None:
+        """The records a resumed run logged before this process (metrics.jsonl, cut back to the checkpoint)."""
+        from gpt2cli.errors import UsageError
+        from gpt2cli.metrics import read_metrics
+
+        try:
+            for record in read_metrics(run).records:
+                if isinstance(record.get("loss"), (int, float)):
+                    self.add(record)
+        except UsageError:  # no metrics yet: the chart starts empty
+            pass
+
     def render(self) -> str:
         """Two lines (`train ▇▆▅▄▃ 4.812 (min 4.790)`, `val ...` aligned by step), or "" before any record."""
         started = time.perf_counter()

@@ -10,18 +10,19 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import ConfigOption, overrides, setting_help
-from gpt2cli.settings import PlotSettings
+from gpt2cli.cli.options import OUTPUT, ConfigOption, overrides, setting
+from gpt2cli.settings import PlotSettings, PlotX
 
 
-def _p(field: str) -> str:
-    return setting_help(PlotSettings, field)
+def _p(field: str, *declarations: str, panel: str = OUTPUT, **extra: Any) -> Any:
+    return setting(PlotSettings, field, *declarations, panel=panel, **extra)
 
 
 def command(
     runs: Annotated[
         list[str],
         typer.Argument(
+            metavar="RUN",
             help="Run folders or metrics.jsonl files (one line per run), or gpt2 bench --json files (bars).",
             show_default=False,
         ),
@@ -33,28 +34,26 @@ def command(
             "--output",
             help="Write .png, .svg, .pdf or .html instead of drawing in the terminal.",
             show_default=False,
+            rich_help_panel=OUTPUT,
         ),
     ] = None,
-    metric: Annotated[str | None, typer.Option("--metric", help=_p("metrics"), show_default=False)] = None,
-    x: Annotated[str | None, typer.Option("--x", help=_p("x"), show_default=False)] = None,
-    smooth: Annotated[int | None, typer.Option(help=_p("smooth"), show_default=False)] = None,
-    log_y: Annotated[bool | None, typer.Option("--log-y/--no-log-y", help=_p("log_y"), show_default=False)] = None,
-    width: Annotated[int | None, typer.Option(help=_p("width"), show_default=False)] = None,
-    height: Annotated[int | None, typer.Option(help=_p("height"), show_default=False)] = None,
+    metrics: Annotated[str | None, _p("metrics", "--metric")] = None,
+    x: Annotated[PlotX | None, _p("x", "--x")] = None,
+    smooth: Annotated[int | None, _p("smooth")] = None,
+    log_y: Annotated[bool | None, _p("log_y", "--log-y/--no-log-y")] = None,
+    width: Annotated[int | None, _p("width")] = None,
+    height: Annotated[int | None, _p("height")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Draw training curves: loss and validation loss by default, one line per run, labelled by folder name.
 
     Reads runs that are still being written. Without -o the chart is drawn in the terminal (plotext); -o writes
-    a picture (matplotlib) or one self-contained HTML file. Both need: pip install 'gpt2cli\\[plot]'. Long runs are
-    downsampled to what a figure can show (each bucket keeps its lowest and highest point, so spikes stay).
+    a picture (matplotlib) or one self-contained HTML file. Both need: pip install 'gpt2cli\\[plot]'. Long runs
+    are downsampled to what a figure can show (each bucket keeps its lowest and highest point, so spikes stay).
     """
     from gpt2cli.settings import load_settings
 
-    settings = load_settings(
-        config,
-        overrides(plot=dict(metrics=metric, x=x, smooth=smooth, log_y=log_y, width=width, height=height)),
-    ).plot
+    settings = load_settings(config, overrides(locals(), plot=PlotSettings)).plot
     if output is not None and str(output) == "-":
         output = None
     if output is not None:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from conftest import cli_env, run_cli, write_corpus
-from gpt2cli.cli.app import run as run_gpt2
 from gpt2cli.cli.loss_chart import LossChart
 from gpt2cli.curves import METRICS, downsample, moving_average, sparkline, step_sparkline
 from gpt2cli.metrics import read_metrics
@@ -39,11 +38,10 @@ def runs(tmp_path_factory) -> list[Path]:
     return made
 
 
-def plot(*args, capsys) -> tuple[int, str, str]:
-    """`gpt2 plot ARGS` in this process: exit code, stdout, stderr."""
-    code = run_gpt2(["plot", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def plot(*args) -> tuple[int, str, str]:
+    """`gpt2 plot ARGS`: exit code, stdout, stderr."""
+    result = run_cli("plot", *args)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
 def records(run: Path) -> list[dict]:
@@ -56,10 +54,10 @@ def html_points(page: str) -> dict[tuple[str, str], list[list[float]]]:
     return {(s["run"], s["metric"]): s["points"] for s in json.loads(data.group(1))["series"]}
 
 
-def test_png_svg_pdf_from_two_runs(runs, tmp_path, capsys):
+def test_png_svg_pdf_from_two_runs(runs, tmp_path):
     for suffix, header in ((".png", b"\x89PNG\r\n\x1a\n"), (".svg", b"<?xml"), (".pdf", b"%PDF-")):
         out = tmp_path / f"curves{suffix}"
-        code, _, err = plot(*runs, "-o", out, capsys=capsys)
+        code, _, err = plot(*runs, "-o", out)
         assert code == 0, err
         assert out.read_bytes().startswith(header) and out.stat().st_size > 1000
         assert f"wrote {out} (2 run(s), 4 line(s))" in err
@@ -67,9 +65,9 @@ def test_png_svg_pdf_from_two_runs(runs, tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
 
 
-def test_html_holds_both_runs_points_and_needs_no_network(runs, tmp_path, capsys):
+def test_html_holds_both_runs_points_and_needs_no_network(runs, tmp_path):
     out = tmp_path / "curves.html"
-    code, _, err = plot(*runs, "-o", out, "--metric", "loss,val_loss,lr", capsys=capsys)
+    code, _, err = plot(*runs, "-o", out, "--metric", "loss,val_loss,lr")
     assert code == 0, err
     page = out.read_text()
     points = html_points(page)
@@ -81,9 +79,9 @@ def test_html_holds_both_runs_points_and_needs_no_network(runs, tmp_path, capsys
     assert "<svg" in page and not re.search(r"(src|href)=\"https?:", page)  # self-contained
 
 
-def test_x_axis_and_smoothing_change_the_points(runs, tmp_path, capsys):
+def test_x_axis_and_smoothing_change_the_points(runs, tmp_path):
     out = tmp_path / "curves.html"
-    assert plot(runs[0], "-o", out, "--x", "tokens", "--smooth", "3", "--metric", "loss", capsys=capsys)[0] == 0
+    assert plot(runs[0], "-o", out, "--x", "tokens", "--smooth", "3", "--metric", "loss")[0] == 0
     logged = records(runs[0])
     losses = np.array([r["loss"] for r in logged])
     expected = [[r["tokens"], pytest.approx(v)] for r, v in zip(logged, moving_average(losses, 3), strict=True)]
@@ -91,8 +89,8 @@ def test_x_axis_and_smoothing_change_the_points(runs, tmp_path, capsys):
     assert expected[2][1] == pytest.approx(losses[:3].mean())
 
 
-def test_terminal_plot_renders_to_the_requested_width(runs, capsys):
-    code, out, err = plot(*runs, "--width", "72", "--height", "14", capsys=capsys)
+def test_terminal_plot_renders_to_the_requested_width(runs):
+    code, out, err = plot(*runs, "--width", "72", "--height", "14")
     assert code == 0, err
     lines = out.rstrip("\n").splitlines()
     assert len(lines) >= 10 and {len(line) for line in lines} == {72}
@@ -100,7 +98,7 @@ def test_terminal_plot_renders_to_the_requested_width(runs, capsys):
     assert "lr-high" in out and "lr-low (val)" in out and "step" in out
 
 
-def test_bench_files_as_grouped_bars(tmp_path, capsys):
+def test_bench_files_as_grouped_bars(tmp_path):
     result = run_cli(
         "bench", *TINY[:8], "--device", "cpu", "--tests", "train,tg4", "--batch-size", "1,2",
         "--reps", "1", "--warmup", "0", "--json",
@@ -113,7 +111,7 @@ def test_bench_files_as_grouped_bars(tmp_path, capsys):
         row["tokens_per_s"] *= 2
     after.write_text(json.dumps(document))
     out = tmp_path / "bench.html"
-    code, _, err = plot(before, after, "-o", out, capsys=capsys)
+    code, _, err = plot(before, after, "-o", out)
     assert code == 0, err
     bars = json.loads(re.search(r'id="gpt2-plot-data">(.*?)</script>', out.read_text(), re.S).group(1))["bars"]
     assert {(b["test"], b["file"], b["case"]) for b in bars} == {
@@ -121,22 +119,22 @@ def test_bench_files_as_grouped_bars(tmp_path, capsys):
     }
     speed = {(b["test"], b["file"], b["case"]): b["tokens_per_s"] for b in bars}
     assert speed[("tg4", "after", "batch 2")] == pytest.approx(2 * speed[("tg4", "before", "batch 2")])
-    assert plot(before, after, "-o", tmp_path / "bench.png", capsys=capsys)[0] == 0
-    code, text, _ = plot(before, after, "--width", "80", capsys=capsys)
+    assert plot(before, after, "-o", tmp_path / "bench.png")[0] == 0
+    code, text, _ = plot(before, after, "--width", "80")
     assert code == 0 and "train: tokens/s" in text and {len(line) for line in text.splitlines()} == {80}
 
 
 # ---------------------------------------------------------------- reading runs that are still being written
 
 
-def test_half_written_last_line_is_normal_and_a_corrupt_middle_line_is_skipped_once(runs, tmp_path, capsys):
+def test_half_written_last_line_is_normal_and_a_corrupt_middle_line_is_skipped_once(runs, tmp_path):
     run_folder = tmp_path / "live"
     shutil.copytree(runs[0], run_folder)
     lines = (run_folder / "metrics.jsonl").read_text().splitlines()
     lines[2] = lines[2][: len(lines[2]) // 2]  # step 3 cut in the middle of the file
     (run_folder / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "loss": 4.')  # still being written
     out = tmp_path / "live.html"
-    code, _, err = plot(run_folder, "-o", out, capsys=capsys)
+    code, _, err = plot(run_folder, "-o", out)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert warnings == [f"gpt2: warning: {run_folder / 'metrics.jsonl'}: skipped 1 unreadable line (line 3)"]
@@ -154,17 +152,17 @@ def test_a_whole_last_line_without_newline_counts(tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
-def test_folder_without_metrics_is_a_usage_error(tmp_path, capsys):
-    code, _, err = plot(tmp_path, capsys=capsys)
+def test_folder_without_metrics_is_a_usage_error(tmp_path):
+    code, _, err = plot(tmp_path)
     assert code == 2 and err == f"gpt2: error: {tmp_path}: no metrics.jsonl in this folder (is it a run folder?)\n"
 
 
-def test_unknown_metric_is_a_usage_error(runs, capsys):
-    code, _, err = plot(runs[0], "--metric", "loss,perplexity", capsys=capsys)
+def test_unknown_metric_is_a_usage_error(runs):
+    code, _, err = plot(runs[0], "--metric", "loss,perplexity")
     assert code == 2 and err.startswith("gpt2: error: plot.metrics.1: Input should be 'loss', 'val_loss'")
 
 
-def test_unwritable_output_is_refused_before_drawing(runs, tmp_path, capsys):
+def test_unwritable_output_is_refused_before_drawing(runs, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     (tmp_path / "taken.png").mkdir()
@@ -174,15 +172,15 @@ def test_unwritable_output_is_refused_before_drawing(runs, tmp_path, capsys):
         (tmp_path / "taken.png", "is a folder"),
         (tmp_path / "curves.gif", "unknown format 'gif'"),
     ):
-        code, _, err = plot(runs[0], "-o", target, capsys=capsys)
+        code, _, err = plot(runs[0], "-o", target)
         assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(("module", "args"), [("matplotlib", ["-o", "x.png"]), ("plotext", [])])
-def test_missing_plot_extra_names_the_install(runs, module, args, monkeypatch, capsys, tmp_path):
+def test_missing_plot_extra_names_the_install(runs, module, args, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if it were not installed
-    code, _, err = plot(runs[0], *args, capsys=capsys)
+    code, _, err = plot(runs[0], *args)
     assert code == 2 and "pip install 'gpt2cli[plot]'" in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
 

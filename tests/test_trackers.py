@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from gpt2cli.cli.app import run as run_gpt2
 from gpt2cli.errors import UsageError
 from gpt2cli.trackers import check_trackers, hyperparameters, tracker_scalars
 
@@ -101,12 +100,12 @@ def test_wandb_offline_holds_the_losses_and_a_resume_continues_the_same_run(tmp_
 
 
 @pytest.mark.parametrize(("tracker", "module"), [("tensorboard", "tensorboard"), ("wandb", "wandb")])
-def test_missing_tracker_stops_before_training(tracker, module, tmp_path, corpus, monkeypatch, capsys):
+def test_missing_tracker_stops_before_training(tracker, module, tmp_path, corpus, monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if it were not installed
     out = tmp_path / "run"
-    code = run_gpt2(["train", str(corpus), *SHORT, "--max-steps", "2", "--log-to", tracker, "--out", str(out)])
-    stderr = capsys.readouterr().err
-    assert code == 2 and f"pip install 'gpt2cli[{tracker}]'" in stderr, stderr
+    result = run_cli("train", corpus, *SHORT, "--max-steps", "2", "--log-to", tracker, "--out", out)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and f"pip install 'gpt2cli[{tracker}]'" in stderr, stderr
     assert stderr.count("\n") == 1 and not out.exists()  # nothing printed or written before the check
     with pytest.raises(UsageError, match=rf"--log-to {tracker} needs the {tracker} extra"):
         check_trackers([tracker])

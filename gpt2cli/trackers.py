@@ -67,7 +67,6 @@ def hyperparameters(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, str 
 
 class Tracker(Protocol):
     def log(self, record: Mapping[str, Any]) -> None: ...
-    def log_text(self, step: int, name: str, text: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -91,9 +90,6 @@ class TensorBoardTracker:
     def log(self, record: Mapping[str, Any]) -> None:
         for tag, value in tracker_scalars(record).items():
             self.writer.add_scalar(tag, value, record["step"])
-
-    def log_text(self, step: int, name: str, text: str) -> None:
-        self.writer.add_text(name, text, step)
 
     def close(self) -> None:
         self.writer.close()
@@ -137,10 +133,6 @@ class WandbTracker:
         self.last_step = step
         self._save_state()
 
-    def log_text(self, step: int, name: str, text: str) -> None:
-        if step >= self.last_step:
-            self.run.log({name: text}, step=step)
-
     def close(self) -> None:
         self.run.finish()
 
@@ -157,10 +149,6 @@ class Trackers:
     def log(self, record: Mapping[str, Any]) -> None:
         for tracker in self.trackers:
             tracker.log(record)
-
-    def log_text(self, step: int, name: str, text: str) -> None:
-        for tracker in self.trackers:
-            tracker.log_text(step, name, text)
 
     def close(self) -> None:
         for tracker in self.trackers:

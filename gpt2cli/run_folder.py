@@ -31,6 +31,7 @@ from gpt2cli.distributed import full_tensor, shard_like
 from gpt2cli.errors import CheckpointError, UsageError
 from gpt2cli.files import atomic_path, atomic_write_bytes
 from gpt2cli.model import GPT2, GPT2Config
+from gpt2cli.trackers import Trackers, open_trackers
 
 STATE_FORMAT = 1
 CHECKPOINTS = "checkpoints"
@@ -58,6 +59,7 @@ class RunFolder:
         self.checkpoints = path / CHECKPOINTS
         self.metrics = path / "metrics.jsonl"
         self.model_file = path / "model.safetensors"
+        self.trackers = Trackers()  # none until `start_trackers`
 
     # ------------------------------------------------------------ reading
 
@@ -116,9 +118,18 @@ class RunFolder:
             config_json = json.dumps(hf_config_dict(config), indent=2) + "\n"
             atomic_write_bytes(self.path / "config.json", config_json.encode())
 
+    def start_trackers(self, names: list[str], settings: dict[str, Any], resumed_step: int | None) -> None:
+        """TensorBoard / W&B, fed every metrics record from now on (`resumed_step`: None for a new run)."""
+        self.trackers = open_trackers(names, self.path, settings, resumed_step)
+
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """One log line into metrics.jsonl, the run's record; the trackers get the same record, as views of it."""
         with open(self.metrics, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.trackers.log(record)
+
+    def close_trackers(self) -> None:
+        self.trackers.close()
 
     def truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint being resumed (they will be written again)."""

@@ -7,14 +7,21 @@ between levels: `GPT2_DATA__WORKERS=4`) < command-line flags (passed as init val
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from gpt2cli.errors import UsageError
 from gpt2cli.presets import PRESETS, PresetName
@@ -35,6 +42,19 @@ EncodingErrors = Literal["strict", "replace"]
 DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what DEVICE_PATTERN accepts, for help texts
 # Open (cuda:N), so a pattern rather than a Literal; every section that runs a model has one.
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")]
+Tracker = Literal["tensorboard", "wandb"]
+PlotX = Literal["step", "tokens", "time"]
+PlotMetric = Literal["loss", "val_loss", "lr", "grad_norm", "tok_per_s", "mfu", "hellaswag_acc", "hellaswag_acc_norm"]
+
+
+def _comma_list(value: Any) -> Any:
+    """A list given as text (a flag, an environment variable): `a,b` or a JSON list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 # The embedded default run: a model small enough to train on two CPU cores in about five minutes.
@@ -151,6 +171,9 @@ class TrainSettings(Section):
     save_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
     keep: int = Field(1, ge=1, description="Checkpoints to keep.")
     seed: int = Field(1337, ge=0, description="Random seed.")
+    log_to: Annotated[list[Tracker], NoDecode, BeforeValidator(_comma_list)] = Field(
+        default_factory=list, description="Also log to these trackers: tensorboard, wandb (comma list)."
+    )
 
     @model_validator(mode="after")
     def _one_run_length(self) -> TrainSettings:
@@ -227,6 +250,21 @@ class BenchSettings(Section):
         return self
 
 
+class PlotSettings(Section):
+    """`gpt2 plot`: which curves, against what, and how."""
+
+    metrics: Annotated[list[PlotMetric], NoDecode, BeforeValidator(_comma_list)] = Field(
+        ["loss", "val_loss"],
+        min_length=1,
+        description="Metrics to draw (comma list): " + ", ".join(PlotMetric.__args__),
+    )
+    x: PlotX = Field("step", description="The x axis: step, tokens or time (seconds).")
+    smooth: int = Field(1, ge=1, description="Average each point with the N-1 before it (1: no smoothing).")
+    log_y: bool = Field(False, description="Logarithmic y axis.")
+    width: int | None = Field(None, ge=20, description="Terminal chart width in columns (default: the terminal's).")
+    height: int | None = Field(None, ge=10, description="Terminal chart height in rows (default: from the terminal).")
+
+
 class Settings(BaseSettings):
     """All sections. Build it with `load_settings`, which applies the configuration file."""
 
@@ -240,6 +278,7 @@ class Settings(BaseSettings):
     sample: SampleSettings = Field(default_factory=SampleSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     bench: BenchSettings = Field(default_factory=BenchSettings)
+    plot: PlotSettings = Field(default_factory=PlotSettings)
 
 
 # ---------------------------------------------------------------- configuration files

@@ -1,7 +1,8 @@
 """Training: the plan (numbers derived from the settings), the step, the loop and evaluation.
 
 The pieces a run needs (model, optimizer, data windows, restored state) are prepared by `training_setup.py`; every
-file of the run folder is written by `run_folder.py`. Read `Trainer.run`, then `Trainer._train_step`, top to bottom.
+file of the run folder is written by `run_folder.py`. Read `Trainer.run` and `Trainer._loop`, then
+`Trainer._train_step`, top to bottom.
 """
 
 from __future__ import annotations
@@ -182,7 +183,16 @@ class Trainer:
         """Train to the planned step; returns the summary. Raises `Interrupted` after saving on a stop request."""
         plan, progress = self.plan, self.progress
         if self.world.is_main:
-            self.folder.write_run_files(self.settings.model_dump(mode="json"), self.model.config)
+            settings = self.settings.model_dump(mode="json")
+            self.folder.write_run_files(settings, self.model.config)
+            self.folder.start_trackers(self.train_settings.log_to, settings, progress.step or None)
+        try:
+            return self._loop(plan, progress)
+        finally:
+            self.folder.close_trackers()  # flushed whatever ends the run: done, Ctrl-C, divergence
+
+    def _loop(self, plan: RunPlan, progress: Progress) -> dict[str, Any]:
+        """Step, evaluate, log, save until the planned step (or a stop request)."""
         self.report("start", self._start_payload())
         window_seconds, window_tokens = 0.0, 0  # training time only: evaluation and saving excluded
         losses: list[float] = []

@@ -90,6 +90,7 @@ def command(
     eval_tokens: Annotated[int | None, _t("eval_tokens", OUTPUT)] = None,
     save_interval: Annotated[int | None, _t("save_interval", OUTPUT)] = None,
     keep: Annotated[int | None, _t("keep", OUTPUT)] = None,
+    log_to: Annotated[str | None, _t("log_to", OUTPUT)] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Train GPT-2 from scratch or fine-tune a checkpoint; resumable exactly, Ctrl-C saves before stopping.
@@ -109,10 +110,12 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
     from gpt2cli.devices import resolve_device
     from gpt2cli.distributed import barrier, from_environment, start, stop
     from gpt2cli.run_folder import new_run_folder
+    from gpt2cli.trackers import check_trackers
     from gpt2cli.training import Interrupted
     from gpt2cli.training_setup import resolve_settings
 
     settings, bundled = resolve_settings(config, flags)
+    check_trackers(settings.train.log_to)  # a missing tracker package stops here, before any training starts
     world = from_environment()
     out = Path(settings.train.out) if settings.train.out else new_run_folder(world.distributed)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from gpt2cli.cli.loss_chart import LossChart
 from gpt2cli.cli.output import info
 
 SAMPLE_PROMPT = "ROMEO:"
@@ -27,12 +28,13 @@ def _format_duration(seconds: float) -> str:
 
 
 class TrainingDisplay:
-    """A live line on a terminal (Rich), plain log lines otherwise; both on stderr."""
+    """A live line and loss chart on a terminal (Rich), plain log lines otherwise; both on stderr."""
 
     def __init__(self, data_line: str) -> None:
         self.data_line = data_line  # shown with the settings once the run is under way (errors come alone)
         self.interactive = sys.stderr.isatty()
         self.live: Any = None
+        self.chart: LossChart | None = None
         self.started_step = 0
 
     def report(self, event: str, payload: dict[str, Any]) -> None:
@@ -53,12 +55,20 @@ class TrainingDisplay:
 
                 from gpt2cli.cli.output import stderr_console
 
-                self.live = Live("", console=stderr_console(), transient=True, refresh_per_second=4)
+                console = stderr_console()
+                # The sparklines beside their latest values ("train ▇▅▃▂  4.8123 (min 4.7990)") fit the terminal.
+                self.chart = LossChart(width=max(10, min(60, console.width - 32)))
+                if payload["resumed_at"]:
+                    self.chart.add_history(payload["out"])
+                self.live = Live("", console=console, transient=True, refresh_per_second=4)
                 self.live.start()
         elif event == "log":
             line = self._line(payload)
-            if self.live is not None:
-                self.live.update(line)
+            if self.live is not None and self.chart is not None:
+                from rich.text import Text
+
+                self.chart.add(payload)
+                self.live.update(Text(f"{line}\n{self.chart.render()}"))
                 if "val_loss" in payload:
                     self.live.console.print(line, highlight=False)
             else:

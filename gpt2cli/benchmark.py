@@ -167,7 +167,7 @@ class Runner:
                 with torch.device("meta"):
                     copy = GPT2(self.model.config)
                 # named_parameters yields the tied embedding once; tie_weights shares it with the head again.
-                cast = {name: tensor.detach().to(dtype) for name, tensor in self.model.named_parameters()}
+                cast = {name: tensor.detach().to(self.device, dtype) for name, tensor in self.model.named_parameters()}
                 copy.load_state_dict(cast, strict=False, assign=True)
                 copy.tie_weights()
                 self._inference_model = copy.eval().requires_grad_(False)

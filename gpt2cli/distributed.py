@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -147,30 +148,37 @@ def poll_interval(step_seconds: float, budget_s: float = STOP_POLL_SECONDS, most
 class StopPoll:
     """When all ranks agree to stop (Ctrl-C), without a collective every step.
 
-    A single process reads its own flag every step. Under torchrun the ranks exchange their flag, with their
-    slowest step time, only every K steps, K chosen from that step time so that a request waits at most
-    `budget_s` seconds; every rank gets the same values, so all check (and stop) at the same steps.
+    A single process reads its own flag every step. Under torchrun the ranks exchange their flag, with the time their
+    steps took since the last exchange (evaluation and saving included), only every K steps, K chosen from the
+    slowest rank's time so that a request waits at most `budget_s` seconds; every rank gets the same values, so all
+    check (and stop) at the same steps.
     """
 
-    def __init__(self, world: World, device: torch.device, budget_s: float = STOP_POLL_SECONDS) -> None:
-        self.world, self.device, self.budget_s = world, device, budget_s
+    def __init__(
+        self,
+        world: World,
+        device: torch.device,
+        budget_s: float = STOP_POLL_SECONDS,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.world, self.device, self.budget_s, self.clock = world, device, budget_s, clock
         self.next_check = 0  # the first step always checks (it also measures the first, compiling, step)
-        self.seconds = 0.0  # this rank's training time since the last check
+        self.since = clock()
         self.steps = 0
 
-    def agreed_stop(self, step: int, requested: bool, step_seconds: float) -> bool:
-        """Whether to stop after `step` (called after every step by every rank with its own request flag)."""
+    def agreed_stop(self, step: int, requested: bool) -> bool:
+        """Whether to stop after `step`: called by every rank after every step, with its own request flag."""
         if not self.world.distributed:
             return requested
-        self.seconds += step_seconds
         self.steps += 1
         if step < self.next_check:
             return False
-        value = torch.tensor([1.0 if requested else 0.0, self.seconds / self.steps], device=self.device)
+        seconds_per_step = (self.clock() - self.since) / self.steps
+        value = torch.tensor([1.0 if requested else 0.0, seconds_per_step], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         stop, slowest = value.tolist()
         self.next_check = step + poll_interval(slowest, self.budget_s)
-        self.seconds, self.steps = 0.0, 0
+        self.since, self.steps = self.clock(), 0
         return stop > 0
 
 

@@ -173,11 +173,10 @@ class Trainer:
         # Under torchrun only rank 0 reports and writes files; every rank trains.
         self.report = (report if world.is_main else None) or (lambda event, payload: None)
         self.should_stop = should_stop
+        self.stop_poll = StopPoll(world, self.device)  # when the ranks agree on a stop request
         self.sharded = is_sharded(model.transformer.wte.weight)
         self.saved_step = progress.step if progress.step else -1
-        # The run's compute dtype picks the peak: a float32 (TF32) run is not measured against the bf16 peak.
-        self.peak = peak_tflops(self.device, precision.dtype)
-        self.stop_poll = StopPoll(world, self.device)
+        self.peak = peak_tflops(self.device, precision.dtype)  # the run's compute dtype picks the peak
         self.flops_per_token = model.flops_per_token(plan.seq_len)
 
     # ------------------------------------------------------------ the loop
@@ -204,8 +203,7 @@ class Trainer:
             while progress.step < plan.total_steps:
                 step_started = time.perf_counter()
                 loss, grad_norm, lr = self._train_step()
-                step_seconds = time.perf_counter() - step_started
-                window_seconds += step_seconds
+                window_seconds += time.perf_counter() - step_started
                 progress.step += 1
                 progress.tokens += plan.tokens_per_step
                 progress.elapsed_s = time.perf_counter() - run_started
@@ -221,7 +219,7 @@ class Trainer:
                 if progress.step % self.train_settings.save_interval == 0 or last:
                     self.save_checkpoint()
                 # Ctrl-C: every rank stops after the same step, with its state saved.
-                if self.stop_poll.agreed_stop(progress.step, self.should_stop(), step_seconds) and not last:
+                if self.stop_poll.agreed_stop(progress.step, self.should_stop()) and not last:
                     self.save_checkpoint()
                     # No rank may exit before rank 0 has written: torchrun stops the whole job when one exits early.
                     barrier(self.world)

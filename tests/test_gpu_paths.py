@@ -228,7 +228,7 @@ def test_stop_agreement_is_bounded_in_seconds():
     assert poll_interval(2.0) == 2 and poll_interval(7.0) == 1 and poll_interval(0.0) == 1
     assert poll_interval(0.5, budget_s=10.0) * 0.5 <= 10.0
     poll = StopPoll(World(), torch.device("cpu"))
-    assert [poll.agreed_stop(step, requested, 0.1) for step, requested in [(1, False), (2, True)]] == [False, True]
+    assert [poll.agreed_stop(step, requested) for step, requested in [(1, False), (2, True)]] == [False, True]
 
 
 def test_dropout_seeds_differ_per_rank_and_step():
@@ -270,3 +270,20 @@ def test_the_bench_inference_copy_is_cast_tensor_by_tensor():
     assert {parameter.dtype for parameter in copy.parameters()} == {torch.bfloat16}
     for (name, cast), (_, original) in zip(copy.named_parameters(), model.named_parameters(), strict=True):
         assert torch.equal(cast, original.to(torch.bfloat16)), name
+
+
+def test_ranks_exchange_the_stop_flag_only_every_k_steps(monkeypatch):
+    exchanged = []
+
+    def all_reduce(value, op):  # as if the other rank sent the same values
+        exchanged.append(value.tolist())
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    now = [0.0]
+    poll = StopPoll(World(rank=1, world_size=2), torch.device("cpu"), budget_s=5.0, clock=lambda: now[0])
+    stops = []
+    for step in range(1, 13):
+        now[0] += 1.0  # every step takes 1 s
+        stops.append(poll.agreed_stop(step, requested=step >= 3))
+    assert len(exchanged) == 3  # steps 1, 6 and 11: five 1-second steps apart
+    assert stops == [False] * 5 + [True] + [False] * 4 + [True, False]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2cli import flops
 from gpt2cli.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.devices import Precision, fast_matmul, peak_tflops
 from gpt2cli.distributed import (
@@ -31,7 +32,6 @@ from gpt2cli.distributed import (
     sum_across,
 )
 from gpt2cli.errors import DataError, Gpt2Error, UsageError
-from gpt2cli.flops import mfu
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import Schedule
 from gpt2cli.run_folder import RunFolder, gather_model_state, optimizer_tensors, rng_state
@@ -320,7 +320,7 @@ class Trainer:
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         # `tokens_per_s` counts every rank's tokens: they were computed on world_size devices.
-        return mfu(self.flops_per_token, tokens_per_s, self.peak, self.world.world_size)
+        return flops.mfu(self.flops_per_token, tokens_per_s, self.peak, self.world.world_size)
 
     def _log(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float, evaluated: bool) -> None:
         progress = self.progress

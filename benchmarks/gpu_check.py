@@ -329,6 +329,7 @@ def part_decode(context: Context, part: Part) -> None:
 
     device = resolve_device(context.device)
     dtype = "bfloat16" if context.cuda else "float32"
+    part.numbers["dtype"] = dtype
     torch.manual_seed(0)
     model = GPT2(GPT2Config(**context.shapes.config)).to(device)
     recorded = [0]
@@ -361,7 +362,9 @@ def part_decode(context: Context, part: Part) -> None:
                     numbers.update(compilations=frames, unique_graphs=int(counters["stats"]["unique_graphs"]),
                                    cuda_graphs_recorded=recorded[0], cudagraph_skips=skips)  # fmt: skip
                     # One graph family: a compilation (and a CUDA graph) per batch shape, not one per position.
-                    part.check(f"{name}: compiled once, not per position", 1 <= frames <= 2, frames, "1-2")
+                    least = 1 if batch == 1 else 0  # batch 8 may reuse batch 1's compilation or add one
+                    part.check(f"{name}: compiled once, not per position", least <= frames <= 2, frames,
+                               f"{least}-2 compilations for {case.seq_len} positions")  # fmt: skip
                     if context.cuda:
                         part.check(f"{name}: CUDA graphs recorded, one family", 1 <= recorded[0] <= 2 and skips == 0,
                                    {"recorded": recorded[0], "skips": skips}, "1-2 recorded, 0 skipped")  # fmt: skip

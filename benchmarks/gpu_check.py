@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -389,7 +388,9 @@ def part_bench(context: Context, part: Part) -> None:
         part.numbers[label] = rows
         failed = [f"{r['test']} b{r['batch_size']}: {r['error']}" for r in rows if r["error"] or not r["tokens_per_s"]]
         part.check(f"{label}: every case runs", not failed, failed or len(rows), "no errors")
-        part.check(f"{label}: results say compile={compiled}", all(r["compile"] is compiled for r in rows),
+        # Prefill is never compiled (its shape changes with every prompt): a compiled run says so for the others only.
+        expected = [compiled and not r["test"].startswith("pp") for r in rows]
+        part.check(f"{label}: results say compiled only where compiled", [r["compile"] for r in rows] == expected,
                    [r["compile"] for r in rows])  # fmt: skip
 
 
@@ -405,10 +406,10 @@ def part_distributed(context: Context, part: Part) -> None:
     gpt2("train", *common, "--batch-size", "8", "--out", str(single), timeout=context.timeout_s)
     reference = [r["loss"] for r in metrics(single) if "loss" in r]
     part.numbers["single"] = reference
-    torchrun = shutil.which("torchrun") or "torchrun"
     for parallel in ("ddp", "fsdp"):
         out = context.work / parallel
-        command = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "gpt2cli", "train", *common,
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                   "gpt2cli", "train", *common,
                    "--batch-size", "4", "--parallel", parallel, "--out", str(out)]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, timeout=context.timeout_s)
         if result.returncode != 0:
@@ -417,7 +418,8 @@ def part_distributed(context: Context, part: Part) -> None:
         losses = [r["loss"] for r in metrics(out) if "loss" in r]
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
         part.numbers[parallel] = losses
-        part.check(f"{parallel}: 2 processes give the single-process losses", worst <= 1e-5, worst, "<= 1e-5 rel")
+        # Training runs float32 matmuls as TF32 (10-bit mantissa): batches of 4 and of 8 round differently.
+        part.check(f"{parallel}: 2 processes give the single-process losses", worst <= 1e-4, worst, "<= 1e-4 rel")
 
 
 PARTS: dict[str, Callable[[Context, Part], None]] = {

@@ -253,7 +253,8 @@ class Runner:
     def run(
         self, case: Case, reps: int, warmup: int, on_rep: Callable[[Case, str, int, int], None] | None = None
     ) -> CaseResult:
-        result = CaseResult(case, dtype=self.precision.name, compile=self.compile)
+        # Prefill runs eagerly (its shape changes with every prompt): its result does not claim compilation.
+        result = CaseResult(case, dtype=self.precision.name, compile=self.compile and case.kind != "pp")
         try:
             self._make_resident(case)
             if self.device.type == "cuda":

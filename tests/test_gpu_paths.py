@@ -287,3 +287,9 @@ def test_ranks_exchange_the_stop_flag_only_every_k_steps(monkeypatch):
         stops.append(poll.agreed_stop(step, requested=step >= 3))
     assert len(exchanged) == 3  # steps 1, 6 and 11: five 1-second steps apart
     assert stops == [False] * 5 + [True] + [False] * 4 + [True, False]
+
+
+def test_a_compiled_bench_does_not_call_its_eager_prefill_compiled():
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    runner = Runner(model, resolve_precision("float32", torch.device("cpu")), compile=True)
+    assert runner.run(Case("pp16", 1, 16), reps=1, warmup=0).compile is False

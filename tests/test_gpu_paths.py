@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shakespeare_text
+from conftest import assert_one_line_error, run_cli, shakespeare_text
 from gpt2cli import benchmark, get_tokenizer, losses
 from gpt2cli.benchmark import Case, Runner
 from gpt2cli.devices import (
@@ -293,3 +293,9 @@ def test_a_compiled_bench_does_not_call_its_eager_prefill_compiled():
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=32))
     runner = Runner(model, resolve_precision("float32", torch.device("cpu")), compile=True)
     assert runner.run(Case("pp16", 1, 16), reps=1, warmup=0).compile is False
+
+
+def test_gpt2_sample_refuses_eager_int8_on_cuda_before_loading_anything(monkeypatch, tmp_path):
+    monkeypatch.setattr("gpt2cli.devices.resolve_device", lambda name: torch.device("cuda"))
+    result = run_cli("sample", tmp_path / "absent.safetensors", "--quantize", "int8", "--device", "cuda")
+    assert_one_line_error(result, 2, "--quantize int8 on CUDA needs --compile")

@@ -5,9 +5,9 @@ cache), `tgN` (decode N tokens one step at a time). Each case runs `warmup` time
 reported separately), then `reps` timed runs: mean ± standard deviation of tokens/s.
 
 FLOPs per token (nanoGPT's estimate): training 6·N + 12·L·C·T, with N the parameters without the position
-embeddings, L layers, C the width and T the sequence length; a forward pass is a third of that, 2·N + 4·L·C·T.
-MFU = achieved FLOP/s ÷ the device's dense peak for the dtype (from a table of known GPUs, or --peak-tflops).
-"""
+embeddings, L layers, C the width and T the sequence length; a forward pass is a third of that, 2·N + 4·L·C·T;
+prefill projects only the last position onto the vocabulary (`flops.py`). MFU = achieved FLOP/s ÷ the device's
+dense peak for the dtype (from a table of known GPUs, or --peak-tflops)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+from gpt2cli import losses
 from gpt2cli.devices import Precision, fast_matmul, peak_bandwidth_gbps, peak_tflops
 from gpt2cli.errors import UsageError
+from gpt2cli.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
 from gpt2cli.model import GPT2, KVCache
 from gpt2cli.optim import build_optimizer
 from gpt2cli.training_model import TrainingModel, compile_blocks
@@ -105,8 +107,14 @@ def plan_cases(tests: list[str], batch_sizes: list[int], seq_lens: list[int], bl
     return cases
 
 
-def forward_flops_per_token(model: GPT2, seq_len: int) -> float:
-    return model.flops_per_token(seq_len) / 3
+def case_flops_per_token(model: GPT2, case: Case) -> float:
+    """FLOPs per token of a train, fwd or pp case (see `flops.py`): prefill projects only its last position."""
+    config, parameters = model.config, model.num_parameters(exclude_positions=True)
+    if case.kind == "train":
+        return training_flops_per_token(parameters, config.n_layer, config.n_embd, case.seq_len)
+    if case.kind == "pp":
+        return prefill_flops_per_token(parameters, config.n_layer, config.n_embd, config.vocab_size, case.seq_len)
+    return forward_flops_per_token(parameters, config.n_layer, config.n_embd, case.seq_len)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -136,7 +144,7 @@ class Runner:
         self.precision = precision
         self.device = precision.device
         self.compile = compile
-        self.peak = peak if peak is not None else peak_tflops(self.device, precision.dtype or torch.float32)
+        self.peak = peak if peak is not None else peak_tflops(self.device, precision.dtype)
         self.bandwidth = peak_bandwidth_gbps(self.device)
         itemsize = torch.finfo(precision.dtype).bits // 8 if precision.dtype is not None else 4
         self.weight_bytes = model.num_parameters() * itemsize  # as stored for inference (fwd, pp, tg)
@@ -146,22 +154,36 @@ class Runner:
     def inference_model(self) -> GPT2:
         """The model for fwd/pp/tg: weights stored in the benchmark's dtype, as `gpt2 sample --dtype` runs it.
 
-        Autocast would cast every float32 weight again at each decode step, which is not how inference runs.
+        Autocast would cast every float32 weight again at each decode step, which is not how inference runs. The
+        copy is cast one tensor at a time (never a second float32 model on the device).
         """
         if self._inference_model is None:
             dtype = self.precision.dtype
             if dtype is None:
                 self._inference_model = self.model
             else:
-                import copy
-
                 from gpt2cli.sampling import use_matvec_for_decode
 
-                self._inference_model = copy.deepcopy(self.model).to(dtype).eval()
-                self._inference_model.tie_weights()
+                with torch.device("meta"):
+                    copy = GPT2(self.model.config)
+                # named_parameters yields the tied embedding once; tie_weights shares it with the head again.
+                cast = {name: tensor.detach().to(self.device, dtype) for name, tensor in self.model.named_parameters()}
+                copy.load_state_dict(cast, strict=False, assign=True)
+                copy.tie_weights()
+                self._inference_model = copy.eval().requires_grad_(False)
                 if self.device.type == "cpu" and dtype == torch.bfloat16:
                     use_matvec_for_decode(self._inference_model)
         return self._inference_model
+
+    def _make_resident(self, case: Case) -> None:
+        """Only what the case runs on stays on the GPU, before its peak memory is counted: the float32 training
+        model (with its compiled blocks) leaves while inference cases run on their own copy, and comes back."""
+        if self.device.type != "cuda":
+            return
+        if case.kind == "train":
+            self.model.to(self.device)
+        elif self.inference_model() is not self.model:
+            self.model.to("cpu")
 
     def _tokens(self, batch: int, length: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(batch * 100_003 + length)
@@ -231,11 +253,13 @@ class Runner:
     def run(
         self, case: Case, reps: int, warmup: int, on_rep: Callable[[Case, str, int, int], None] | None = None
     ) -> CaseResult:
-        result = CaseResult(case, dtype=self.precision.name, compile=self.compile)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
+        # Prefill runs eagerly (its shape changes with every prompt): its result does not claim compilation.
+        result = CaseResult(case, dtype=self.precision.name, compile=self.compile and case.kind != "pp")
         try:
+            self._make_resident(case)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(self.device)
             with fast_matmul(self.device):
                 work = self.work(case)
                 started = time.perf_counter()
@@ -262,6 +286,8 @@ class Runner:
             return result
         finally:
             self.model.zero_grad(set_to_none=True)
+        if case.kind == "train" and self.compile and losses.compiled_kernel_failure is not None:
+            result.compile = False  # the blocks were compiled, but the loss ran eagerly: not a compiled result
         rates = [case.tokens / seconds for seconds in result.runs_s]
         result.tokens_per_s = statistics.fmean(rates)
         result.tokens_per_s_std = statistics.stdev(rates) if len(rates) > 1 else 0.0
@@ -278,13 +304,7 @@ class Runner:
             if self.bandwidth is not None:
                 result.bandwidth_fraction = result.bandwidth_gbps / self.bandwidth
             return
-        if self.peak is None:
-            return
-        if case.kind == "train":
-            flops = self.model.flops_per_token(case.seq_len)
-        else:  # fwd, and pp: a forward pass over the prompt (attention to the prompt's own length)
-            flops = forward_flops_per_token(self.model, case.seq_len)
-        result.mfu = flops * rate / (self.peak * 1e12)
+        result.mfu = mfu(case_flops_per_token(self.model, case), rate, self.peak)
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -22,54 +22,70 @@ from gpt2cli.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Dense peak TFLOP/s for 16-bit tensor-core math (bf16/fp16 with fp32 accumulation), from the vendors' datasheets;
-# matched against torch.cuda.get_device_name() in order, so the more specific names come first.
-PEAK_TFLOPS_16BIT: list[tuple[str, float]] = [
-    (r"H200", 989.0),
-    (r"H100.*PCIe", 756.0),
-    (r"H100", 989.0),  # SXM
-    (r"A100", 312.0),
-    (r"L40S", 362.0),
-    (r"L4\b", 121.0),
-    (r"A10G", 70.0),
-    (r"A10\b", 125.0),
-    (r"RTX 4090", 165.0),
-    (r"RTX 3090", 71.0),
-    (r"V100", 125.0),
-    (r"T4\b", 65.0),
+@dataclass(frozen=True)
+class GpuPeaks:
+    """One GPU's dense (not sparse) peaks from the vendor's datasheet; None where the GPU lacks the unit.
+
+    `bf16` and `fp16` are tensor-core rates with float32 accumulation; `tf32` the tensor-core rate for float32
+    matmuls when TF32 is on; `fp32` the plain CUDA-core rate (float32 with TF32 off, or GPUs without TF32).
+    """
+
+    pattern: str  # matched against torch.cuda.get_device_name(), in table order: the more specific names first
+    bf16: float | None
+    fp16: float
+    tf32: float | None
+    fp32: float
+    bandwidth_gbps: float
+
+
+# Word boundaries keep e.g. "GH200" from matching "H200". The NVL parts run at lower clocks than the SXM ones.
+GPU_PEAKS: list[GpuPeaks] = [
+    GpuPeaks(r"\bH200 NVL\b", bf16=835.0, fp16=835.0, tf32=418.0, fp32=60.0, bandwidth_gbps=4800.0),
+    GpuPeaks(r"\bH200\b", bf16=989.0, fp16=989.0, tf32=494.0, fp32=67.0, bandwidth_gbps=4800.0),  # SXM
+    GpuPeaks(r"\bH100 NVL\b", bf16=835.0, fp16=835.0, tf32=418.0, fp32=60.0, bandwidth_gbps=3900.0),
+    GpuPeaks(r"\bH100\b.*PCIe", bf16=756.0, fp16=756.0, tf32=378.0, fp32=51.0, bandwidth_gbps=2000.0),
+    GpuPeaks(r"\bH100\b", bf16=989.0, fp16=989.0, tf32=494.0, fp32=67.0, bandwidth_gbps=3350.0),  # SXM
+    GpuPeaks(r"\bA100\b.*80GB PCIe", bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5, bandwidth_gbps=1935.0),
+    GpuPeaks(r"\bA100\b.*80GB", bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5, bandwidth_gbps=2039.0),
+    GpuPeaks(r"\bA100\b", bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5, bandwidth_gbps=1555.0),
+    GpuPeaks(r"\bL40S\b", bf16=362.0, fp16=362.0, tf32=183.0, fp32=91.6, bandwidth_gbps=864.0),
+    GpuPeaks(r"\bL4\b", bf16=121.0, fp16=121.0, tf32=60.0, fp32=30.3, bandwidth_gbps=300.0),
+    GpuPeaks(r"\bA10G\b", bf16=70.0, fp16=70.0, tf32=35.0, fp32=31.2, bandwidth_gbps=600.0),
+    GpuPeaks(r"\bA10\b", bf16=125.0, fp16=125.0, tf32=62.5, fp32=31.2, bandwidth_gbps=600.0),
+    GpuPeaks(r"RTX 4090\b", bf16=165.0, fp16=165.0, tf32=82.6, fp32=82.6, bandwidth_gbps=1008.0),
+    GpuPeaks(r"RTX 3090\b", bf16=71.0, fp16=71.0, tf32=35.6, fp32=35.6, bandwidth_gbps=936.0),
+    # Volta and Turing: fp16 tensor cores only; bf16 is emulated and there is no TF32.
+    GpuPeaks(r"\bV100\b", bf16=None, fp16=125.0, tf32=None, fp32=15.7, bandwidth_gbps=900.0),
+    GpuPeaks(r"\bT4\b", bf16=None, fp16=65.0, tf32=None, fp32=8.1, bandwidth_gbps=320.0),
 ]
 
 
-# Peak memory bandwidth in GB/s (HBM / GDDR), for decode's achieved-bandwidth column.
-PEAK_BANDWIDTH_GBPS: list[tuple[str, float]] = [
-    (r"H200", 4800.0),
-    (r"H100.*PCIe", 2000.0),
-    (r"H100", 3350.0),
-    (r"A100.*80GB", 2039.0),
-    (r"A100", 1555.0),
-    (r"L40S", 864.0),
-    (r"L4\b", 300.0),
-    (r"A10G", 600.0),
-    (r"A10\b", 600.0),
-    (r"RTX 4090", 1008.0),
-    (r"RTX 3090", 936.0),
-    (r"V100", 900.0),
-    (r"T4\b", 320.0),
-]
-
-
-def _lookup(table: list[tuple[str, float]], device: torch.device) -> float | None:
-    if device.type != "cuda":
+def gpu_peaks(name: str) -> GpuPeaks | None:
+    """The table's row for a device name; None for unknown GPUs and MIG slices (a slice has a fraction of the
+    GPU's units, and its name is the whole GPU's plus "MIG ...")."""
+    if re.search(r"\bMIG\b", name):
         return None
-    name = torch.cuda.get_device_name(device)
-    for pattern, value in table:
-        if re.search(pattern, name):
-            return value
-    return None
+    return next((row for row in GPU_PEAKS if re.search(row.pattern, name)), None)
+
+
+def peak_tflops_for(name: str, dtype: torch.dtype, tf32: bool = True) -> float | None:
+    """The dense peak (TFLOP/s) of the GPU called `name` for matmuls in `dtype` (the run's compute dtype);
+    float32 counts as TF32 where `tf32` is on and the GPU has it. None where unknown: no MFU then."""
+    row = gpu_peaks(name)
+    if row is None:
+        return None
+    if dtype == torch.bfloat16:
+        return row.bf16
+    if dtype == torch.float16:
+        return row.fp16
+    return row.tf32 if tf32 and row.tf32 is not None else row.fp32
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then the CPU; asking for a device that is not there is a usage error."""
+    """`auto` picks CUDA, then MPS, then the CPU; asking for a device that is not there is a usage error.
+
+    `cuda:N` also becomes the current CUDA device: kernels torch launches without an explicit device (Triton's,
+    CUDA graphs, `torch.cuda.synchronize()`) then run on the device asked for rather than on GPU 0."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -82,10 +98,33 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        if device.index is not None:
+            torch.cuda.set_device(device)
         return device
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: MPS is not available on this machine")
     return torch.device(name)
+
+
+def cuda_computes_bf16(device: torch.device) -> bool:
+    """True where the CUDA device used computes bf16 natively: compute capability 8.0 (Ampere) or later.
+
+    `torch.cuda.is_bf16_supported()` also counts emulated bf16 (V100, T4: slower than fp16, often than float32),
+    and asks about the current device, not necessarily `device`."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 8
+
+
+def check_int8_runs_fast(device: torch.device, compiled: bool) -> None:
+    """Weight-only int8 pays only where a kernel reads the int8 weights directly: the CPU's `_weight_int8pack_mm`,
+    or on CUDA the matmul torch.compile generates with the int8-to-float conversion fused into it (gpt-fast's
+    way). Eager CUDA would rebuild every float weight at every step, slower than not quantizing: refused."""
+    if device.type == "cuda" and not compiled:
+        raise UsageError(
+            "--quantize int8 on CUDA needs --compile (torch.compile fuses the int8 weights into the matmul; "
+            "without it every step would rebuild the float weights and run slower than without --quantize)"
+        )
 
 
 @functools.cache
@@ -124,7 +163,7 @@ def resolve_precision(dtype: str, device: torch.device) -> Precision:
     """
     if dtype == "auto":
         if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            dtype = "bfloat16" if cuda_computes_bf16(device) else "float16"
         elif device.type == "cpu" and cpu_has_fast_bf16():
             dtype = "bfloat16"
         else:
@@ -136,20 +175,20 @@ def resolve_precision(dtype: str, device: torch.device) -> Precision:
     return Precision(device, DTYPES[dtype], needs_scaler=dtype == "float16")
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype | None = None) -> float | None:
-    """The device's dense peak for `dtype` (16-bit by default), or None where unknown (MFU is then omitted).
+def peak_tflops(device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """The device's dense peak for a run computing in `dtype` (None: float32), or None where unknown.
 
-    float32 runs on tensor cores as TF32 (enabled for CUDA here), whose dense rate is half the 16-bit one on every
-    GPU in the table.
-    """
-    peak = _lookup(PEAK_TFLOPS_16BIT, device)
-    if peak is not None and dtype == torch.float32:
-        return peak / 2
-    return peak
+    float32 matmuls run as TF32 on CUDA here (`fast_matmul`), so float32 is measured against the TF32 peak."""
+    if device.type != "cuda":
+        return None
+    return peak_tflops_for(torch.cuda.get_device_name(device), dtype or torch.float32)
 
 
 def peak_bandwidth_gbps(device: torch.device) -> float | None:
-    return _lookup(PEAK_BANDWIDTH_GBPS, device)
+    if device.type != "cuda":
+        return None
+    row = gpu_peaks(torch.cuda.get_device_name(device))
+    return None if row is None else row.bandwidth_gbps
 
 
 def device_name(device: torch.device) -> str:

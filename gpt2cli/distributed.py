@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,10 @@ def start(world: World, device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Bound to its GPU from the start: NCCL creates its communicator eagerly and never guesses the device.
+        dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        dist.init_process_group(backend="gloo")
     return device
 
 
@@ -127,6 +131,55 @@ def mean_across(value: torch.Tensor, world: World) -> torch.Tensor:
         sum_across(value, world)
         value /= world.world_size
     return value
+
+
+# How long a stop request may wait for the ranks to agree on it: torchrun and Slurm kill the job about 30 s after
+# their signal, and the checkpoint must be written within that time too.
+STOP_POLL_SECONDS = 5.0
+
+
+def poll_interval(step_seconds: float, budget_s: float = STOP_POLL_SECONDS, most: int = 1000) -> int:
+    """Steps between two agreements on stopping, so that they are at most `budget_s` apart (at least every step)."""
+    if not step_seconds > 0:
+        return 1
+    return max(1, min(most, int(budget_s / step_seconds)))
+
+
+class StopPoll:
+    """When all ranks agree to stop (Ctrl-C), without a collective every step.
+
+    A single process reads its own flag every step. Under torchrun the ranks exchange their flag, with the time their
+    steps took since the last exchange (evaluation and saving included), only every K steps, K chosen from the
+    slowest rank's time so that a request waits at most `budget_s` seconds; every rank gets the same values, so all
+    check (and stop) at the same steps.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        device: torch.device,
+        budget_s: float = STOP_POLL_SECONDS,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.world, self.device, self.budget_s, self.clock = world, device, budget_s, clock
+        self.next_check = 0  # the first step always checks (it also measures the first, compiling, step)
+        self.since = clock()
+        self.steps = 0
+
+    def agreed_stop(self, step: int, requested: bool) -> bool:
+        """Whether to stop after `step`: called by every rank after every step, with its own request flag."""
+        if not self.world.distributed:
+            return requested
+        self.steps += 1
+        if step < self.next_check:
+            return False
+        seconds_per_step = (self.clock() - self.since) / self.steps
+        value = torch.tensor([1.0 if requested else 0.0, seconds_per_step], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        stop, slowest = value.tolist()
+        self.next_check = step + poll_interval(slowest, self.budget_s)
+        self.since, self.steps = self.clock(), 0
+        return stop > 0
 
 
 def any_across(flag: bool, world: World, device: torch.device) -> bool:

@@ -228,10 +228,46 @@ def fused_linear_cross_entropy(
     kernel = block_kernel(compiled)
     try:
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, kernel, tied)
-    except Exception as error:  # torch.compile needs a C++ compiler on the CPU; fall back rather than fail
-        if kernel is cross_entropy_block:
+    except Exception as error:
+        # Only a compiler that cannot build the kernel (no C++ compiler on the CPU, no Triton) falls back; anything
+        # else, out-of-memory first of all, is the caller's to see (`gpt2 bench` reports it as OOM).
+        if kernel is cross_entropy_block or not is_compiler_error(error):
             raise
-        warnings.warn(f"compiled loss kernel unavailable ({type(error).__name__}); using the eager one", stacklevel=2)
-        global _compiled_kernel
-        _compiled_kernel = cross_entropy_block
+        warnings.warn(f"compiled loss kernel unavailable ({_compiler_failure(error)}); using the eager one",
+                      stacklevel=2)  # fmt: skip
+        global _compiled_kernel, compiled_kernel_failure
+        _compiled_kernel, compiled_kernel_failure = cross_entropy_block, _compiler_failure(error)
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, cross_entropy_block, tied)
+
+
+# Why the compiled loss kernel fell back to the eager one in this process (None: it did not). Results that say
+# "compiled" check it: a run whose loss ran eagerly does not report a compiled loss.
+compiled_kernel_failure: str | None = None
+
+
+def _compiler_error_types() -> tuple[type[BaseException], ...]:
+    """torch.compile's "could not compile" errors, as far as this torch release defines them."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    names = [(dynamo_exc, "BackendCompilerFailed"), (inductor_exc, "InvalidCxxCompiler"),
+             (inductor_exc, "CppCompileError"), (inductor_exc, "TritonMissing"),
+             (inductor_exc, "GPUTooOldForTriton")]  # fmt: skip
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+
+
+def is_compiler_error(error: BaseException) -> bool:
+    """True for a failure to compile (not one that happened while compiling for another reason, such as memory)."""
+    if not isinstance(error, _compiler_error_types()):
+        return False
+    inner = getattr(error, "inner_exception", None)  # BackendCompilerFailed wraps what the backend raised
+    return not _is_out_of_memory(error) and not (inner is not None and _is_out_of_memory(inner))
+
+
+def _compiler_failure(error: BaseException) -> str:
+    inner = getattr(error, "inner_exception", None)
+    return type(inner if inner is not None else error).__name__

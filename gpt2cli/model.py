@@ -21,6 +21,7 @@ from torch import nn
 
 from gpt2cli.attention import attention
 from gpt2cli.errors import ConfigError, UsageError
+from gpt2cli.flops import training_flops_per_token
 from gpt2cli.losses import IGNORE_INDEX
 from gpt2cli.presets import PRESETS
 
@@ -197,7 +198,8 @@ class GPT2(nn.Module):
         projection's matmul); the second term is attention's score and value products.
         """
         config = self.config
-        return 6 * self.num_parameters(exclude_positions=True) + 12 * config.n_layer * config.n_embd * seq_len
+        return training_flops_per_token(self.num_parameters(exclude_positions=True), config.n_layer, config.n_embd,
+                                        seq_len)  # fmt: skip
 
     def set_dropout(self, probability: float) -> None:
         """Change dropout after construction (e.g. when fine-tuning a loaded checkpoint)."""

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2cli import flops
 from gpt2cli.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.devices import Precision, fast_matmul, peak_tflops
 from gpt2cli.distributed import (
+    StopPoll,
     World,
-    any_across,
     barrier,
     full_tensor,
     gradient_sync,
@@ -172,9 +173,10 @@ class Trainer:
         # Under torchrun only rank 0 reports and writes files; every rank trains.
         self.report = (report if world.is_main else None) or (lambda event, payload: None)
         self.should_stop = should_stop
+        self.stop_poll = StopPoll(world, self.device)  # when the ranks agree on a stop request
         self.sharded = is_sharded(model.transformer.wte.weight)
         self.saved_step = progress.step if progress.step else -1
-        self.peak = peak_tflops(self.device)
+        self.peak = peak_tflops(self.device, precision.dtype)  # the run's compute dtype picks the peak
         self.flops_per_token = model.flops_per_token(plan.seq_len)
 
     # ------------------------------------------------------------ the loop
@@ -217,7 +219,7 @@ class Trainer:
                 if progress.step % self.train_settings.save_interval == 0 or last:
                     self.save_checkpoint()
                 # Ctrl-C: every rank stops after the same step, with its state saved.
-                if any_across(self.should_stop(), self.world, self.device) and not last:
+                if self.stop_poll.agreed_stop(progress.step, self.should_stop()) and not last:
                     self.save_checkpoint()
                     # No rank may exit before rank 0 has written: torchrun stops the whole job when one exits early.
                     barrier(self.world)
@@ -236,6 +238,10 @@ class Trainer:
         windows = self.sampler.take(plan.windows_per_step)  # the global batch: the same on every rank
         loss_sum = torch.zeros((), device=self.device)
         world = self.world
+        if world.distributed and self.model.config.dropout > 0:
+            # Each rank its own dropout masks (one seed would drop the same units of every rank's slice), derived
+            # from the step so that a resumed run draws the masks the uninterrupted one did.
+            torch.manual_seed(dropout_seed(self.train_settings.seed, self.progress.step, world.rank))
         for micro in range(plan.grad_accum):
             first = (micro * world.world_size + world.rank) * plan.batch_size  # this rank's slice of the micro-step
             inputs, targets = self.train_windows.batch(windows[first : first + plan.batch_size], self.device)
@@ -249,21 +255,39 @@ class Trainer:
         loss_sum = mean_across(loss_sum, world)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        norm_value = _clip_gradients(list(self.model.parameters()), self.train_settings.grad_clip or math.inf)
-        loss_value = (loss_sum / plan.grad_accum).item()
-        if not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(norm_value)):
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            raise TrainingDiverged(
-                f"the {what} became {loss_value if what == 'loss' else norm_value} at step {self.progress.step + 1}; "
-                f"stopped without saving it (the last good checkpoint in {self.out} is kept). Try a lower --lr"
-            )
+        parameters, max_norm = list(self.model.parameters()), self.train_settings.grad_clip or math.inf
+        if self.device.type == "cuda":
+            # Reading a value on the host waits for the GPU to finish: enqueue the whole step first, read after.
+            # A non-finite step is still caught here, before anything is saved.
+            norm = _clip_gradients_on_device(parameters, max_norm)
+            self._optimizer_step()
+            loss_value, norm_value = torch.stack([loss_sum / plan.grad_accum, norm.float()]).tolist()
+            self._check_finite(loss_value, norm_value)
+        else:
+            # The CPU computes in order anyway: reading the norm first skips the clipping pass when it is below the
+            # limit, and a non-finite step is refused before the update.
+            norm_value = _clip_gradients(parameters, max_norm)
+            loss_value = (loss_sum / plan.grad_accum).item()
+            self._check_finite(loss_value, norm_value)
+            self._optimizer_step()
+        return loss_value, norm_value, lr
+
+    def _optimizer_step(self) -> None:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value, lr
+
+    def _check_finite(self, loss_value: float, norm_value: float) -> None:
+        # With fp16 loss scaling an infinite gradient is expected now and then: the scaler skips that update.
+        if not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(norm_value)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise TrainingDiverged(
+                f"the {what} became {loss_value if what == 'loss' else norm_value} at step {self.progress.step + 1}; "
+                f"stopped without saving it (the last good checkpoint in {self.out} is kept). Try a lower --lr"
+            )
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -295,9 +319,8 @@ class Trainer:
     # ------------------------------------------------------------ reporting
 
     def _mfu(self, tokens_per_s: float) -> float | None:
-        if self.peak is None:
-            return None
-        return self.flops_per_token * tokens_per_s / (self.peak * 1e12)
+        # `tokens_per_s` counts every rank's tokens: they were computed on world_size devices.
+        return flops.mfu(self.flops_per_token, tokens_per_s, self.peak, self.world.world_size)
 
     def _log(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float, evaluated: bool) -> None:
         progress = self.progress
@@ -382,6 +405,20 @@ class Trainer:
         )
         self.report("checkpoint", {"step": progress.step, "path": str(folder)})
         return folder
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one rank's dropout masks at one step under torchrun: distinct per rank and per step."""
+    return (seed * 1_000_003 + step) * 65_537 + rank
+
+
+def _clip_gradients_on_device(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients to at most `max_norm` in total without reading anything on the host; returns the norm
+    before clipping (over all shards) as a device tensor. (A scale of exactly 1 below the limit: one cheap pass.)"""
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    total_norm = full_tensor(torch.nn.utils.get_total_norm(grads))
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
 
 
 def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:

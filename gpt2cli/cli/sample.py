@@ -115,7 +115,7 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     import torch
 
     from gpt2cli.checkpoint import load_model
-    from gpt2cli.devices import DTYPES, keep_freed_memory, resolve_device
+    from gpt2cli.devices import DTYPES, check_int8_runs_fast, keep_freed_memory, resolve_device
     from gpt2cli.errors import UsageError
     from gpt2cli.sampling import Generator, SamplingOptions, Timing, quantize_int8
     from gpt2cli.tokenizer import get_tokenizer
@@ -123,6 +123,8 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     device = resolve_device(settings.device)
     if settings.dtype == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
+    if settings.quantize == "int8":
+        check_int8_runs_fast(device, settings.compile)
     keep_freed_memory(device)
     model = load_model(checkpoint, device=device, dtype=DTYPES[settings.dtype])
     if settings.quantize == "int8":

@@ -113,11 +113,25 @@ class ModelSettings(Section):
 class DataSettings(Section):
     """How text becomes tokens: shared by `tokenize` and every command that reads text."""
 
-    paths: list[str] = Field(default_factory=list, description="Input files (text, .jsonl or .bin shards).")
-    text_field: str = Field("text", min_length=1, description="Field holding the document in .jsonl input.")
+    paths: list[str] = Field(default_factory=list, description="Input files (text, .jsonl, .parquet or .bin shards).")
+    text_field: str = Field(
+        "text", min_length=1, description="Field (.jsonl) or column (.parquet) holding the document."
+    )
     workers: int = Field(0, ge=0, description="Tokenizer processes; 0 uses one per core.")
     shard_size: int | None = Field(
         None, ge=1, le=MAX_SHARD_TOKENS, description="Tokens per output shard (default: a single file)."
+    )
+    token_limit: int | None = Field(
+        None,
+        ge=1,
+        description="tokenize -o: stop after this many tokens (separators included; the last document is cut).",
+    )
+    val_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SHARD_TOKENS,
+        description="tokenize -o: the first N tokens to NAME_val_000000.bin, the rest to NAME_train_000001.bin, ... "
+        "(llm.c's names).",
     )
     errors: EncodingErrors = Field(
         "strict", description="Bytes that are not UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD."

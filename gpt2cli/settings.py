@@ -182,6 +182,12 @@ class TrainSettings(Section):
     log_interval: int = Field(10, ge=1, description="Steps between log lines.")
     eval_interval: int = Field(250, ge=1, description="Steps between validation passes.")
     eval_tokens: int = Field(65536, ge=1, description="Validation tokens per evaluation.")
+    hellaswag: str | None = Field(
+        None,
+        description="HellaSwag .jsonl (ctx, endings, label) scored at every evaluation, shared out across processes "
+        "(hellaswag_acc and hellaswag_acc_norm in metrics.jsonl).",
+    )
+    hellaswag_limit: int | None = Field(None, ge=1, description="Score only the first N HellaSwag examples.")
     save_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
     keep: int = Field(1, ge=1, description="Checkpoints to keep.")
     seed: int = Field(1337, ge=0, description="Random seed.")

@@ -19,6 +19,7 @@ from gpt2cli.checkpoint import load_model
 from gpt2cli.devices import Precision, keep_freed_memory
 from gpt2cli.distributed import World, is_sharded, parallelize
 from gpt2cli.errors import DataError, UsageError
+from gpt2cli.evaluation import read_multiple_choice
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import build_optimizer
 from gpt2cli.run_folder import RunFolder, load_optimizer_tensors, restore_rng
@@ -56,6 +57,7 @@ def with_absolute_paths(settings: Settings, out: Path) -> Settings:
                 update={
                     "val_data": [os.path.abspath(path) for path in train.val_data],
                     "init_from": init_from,
+                    "hellaswag": None if train.hellaswag is None else os.path.abspath(train.hellaswag),
                     "out": str(out),
                 }
             ),
@@ -122,6 +124,7 @@ def prepare_trainer(
         )
     if saved_state is not None:
         _check_resumable(saved_state, data, plan.tokens_per_step, out)
+    hellaswag = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
     if world.is_main:
         folder.open_for_writing(new=resume_from is None)  # only once everything checked out
 
@@ -156,6 +159,7 @@ def prepare_trainer(
         world=world,
         report=report,
         should_stop=should_stop,
+        hellaswag=hellaswag,
     )
 
 

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.pop(0)  # this folder holds tokenize.py, which would shadow the standard library's module
 import pyarrow as pa
 import pyarrow.parquet as pq
 

@@ -13,7 +13,7 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from conftest import assert_one_line_error, cli_env, run_cli, shakespeare_text
+from conftest import assert_one_line_error, cli_env, run_cli, run_cli_process, shakespeare_text
 from gpt2cli.evaluation import load_eval_tokens
 from gpt2cli.shards import read_shard
 from gpt2cli.text_encoding import EncodeOptions
@@ -166,7 +166,8 @@ def test_without_pyarrow_the_extra_is_named(tmp_path, parquet_file):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('no pyarrow here')\n")
     env = cli_env(PYTHONPATH=str(blocker.parent))
-    result = run_cli("tokenize", parquet_file, "--text-field", FIELD, "-o", tmp_path / "x.bin", env=env)
+    # A real process: this one has pyarrow imported already.
+    result = run_cli_process("tokenize", parquet_file, "--text-field", FIELD, "-o", tmp_path / "x.bin", env=env)
     assert_one_line_error(result, 2, "pip install 'gpt2cli[parquet]'")
 
 

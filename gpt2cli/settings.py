@@ -124,13 +124,13 @@ class DataSettings(Section):
     token_limit: int | None = Field(
         None,
         ge=1,
-        description="tokenize -o: stop after this many tokens (separators included; the last document is cut).",
+        description="Shards (-o) stop after this many tokens (separators included; the last document is cut).",
     )
     val_tokens: int | None = Field(
         None,
         ge=1,
         le=MAX_SHARD_TOKENS,
-        description="tokenize -o: the first N tokens to NAME_val_000000.bin, the rest to NAME_train_000001.bin, ... "
+        description="Shards (-o): the first N tokens to NAME_val_000000.bin, the rest to NAME_train_000001.bin, ... "
         "(llm.c's names).",
     )
     errors: EncodingErrors = Field(

@@ -113,8 +113,8 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run(command: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """(wall seconds, peak resident bytes of the process tree)."""
+def run(command: list[str], env: dict[str, str]) -> tuple[float, int, float]:
+    """(wall seconds, peak resident bytes of the process tree, CPU seconds of the process and its workers)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
@@ -128,13 +128,15 @@ def run(command: list[str], env: dict[str, str]) -> tuple[float, int]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, stderr = process.communicate()
+    stderr = process.stderr.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(process.pid, 0)  # its rusage includes the worker processes it waited for
+    process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
     done.set()
     sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode()}")
-    return seconds, peak
+    return seconds, peak, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -159,7 +161,7 @@ def main() -> None:
         ours = [sys.executable, "-m", "gpt2cli", "tokenize", str(grouped), "-o", str(folder / "ours.bin")]
         ours_default = [sys.executable, "-m", "gpt2cli", "tokenize", str(default), "-o", str(folder / "ours2.bin")]
         peer = [sys.executable, str(peer_script), str(VOCAB), SPLIT_PATTERN, str(grouped), str(folder / "peer.bin")]
-        timings: dict[str, list[tuple[float, int]]] = {"ours": [], "ours_default_groups": [], "peer": []}
+        timings: dict[str, list[tuple[float, int, float]]] = {"ours": [], "ours_default_groups": [], "peer": []}
         commands = {"ours": ours, "ours_default_groups": ours_default, "peer": peer}
         for rep in range(args.warmup + args.reps):  # warm-up rounds are not kept
             for name, command in commands.items():
@@ -174,8 +176,9 @@ def main() -> None:
         groups = {"grouped": pq.ParquetFile(grouped).num_row_groups, "default": pq.ParquetFile(default).num_row_groups}
         file_bytes = {"grouped": grouped.stat().st_size, "default": default.stat().st_size}
 
-    seconds = {name: statistics.median(s for s, _ in runs) for name, runs in timings.items()}
-    memory = {name: max(m for _, m in runs) for name, runs in timings.items()}
+    seconds = {name: statistics.median(run[0] for run in runs) for name, runs in timings.items()}
+    memory = {name: max(run[1] for run in runs) for name, runs in timings.items()}
+    cpu = {name: statistics.median(run[2] for run in runs) for name, runs in timings.items()}
     result: dict[str, Any] = {
         "machine": {
             "cpu": _cpu_model(),
@@ -193,6 +196,7 @@ def main() -> None:
         },
         "seconds": seconds,
         "peak_rss_bytes": memory,
+        "cpu_seconds": cpu,
         "ratio_peer_over_ours": seconds["peer"] / seconds["ours"],
         "runs": timings,
     }
@@ -202,7 +206,10 @@ def main() -> None:
     print(f"input: {text_bytes:,} bytes of text in {rows:,} rows, {tokens:,} tokens; row groups {groups}")
     for name in timings:
         speed = text_bytes / seconds[name] / MB
-        print(f"{name:20s} {seconds[name]:8.2f} s  {speed:6.2f} MB/s  peak RSS {memory[name] / 2**20:,.0f} MiB")
+        print(
+            f"{name:20s} {seconds[name]:8.2f} s  {speed:6.2f} MB/s  peak RSS {memory[name] / 2**20:,.0f} MiB  "
+            f"CPU {cpu[name]:.1f} s"
+        )
     print(f"ratio peer/ours: {result['ratio_peer_over_ours']:.2f}  (load average {os.getloadavg()[0]:.2f})")
 
 

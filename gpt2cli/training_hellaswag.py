@@ -61,3 +61,22 @@ def score_hellaswag(
     right, right_norm, total = sum_across(torch.tensor(counts, dtype=torch.float64, device=precision.device), world)
     n = round(total.item())
     return ChoiceResult(acc=round(right.item()) / n, acc_norm=round(right_norm.item()) / n, n=n)
+
+
+class HellaSwag:
+    """HellaSwag at a run's evaluation steps (`--hellaswag`): the examples, what scores them, the last result."""
+
+    def __init__(
+        self, examples: list[Example], model: GPT2, root: nn.Module, precision: Precision, world: World
+    ) -> None:
+        self.examples = examples
+        self.model, self.root, self.precision, self.world = model, root, precision, world
+        self.last: ChoiceResult | None = None
+
+    def score(self) -> None:
+        """Every rank must call this at the same step."""
+        self.last = score_hellaswag(self.model, self.root, self.examples, self.precision, self.world)
+
+    def metrics(self) -> dict[str, float]:
+        """The last result as `metrics.jsonl` names it (empty before the first evaluation)."""
+        return {} if self.last is None else {"hellaswag_acc": self.last.acc, "hellaswag_acc_norm": self.last.acc_norm}

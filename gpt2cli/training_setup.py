@@ -26,6 +26,7 @@ from gpt2cli.run_folder import RunFolder, load_optimizer_tensors, restore_rng
 from gpt2cli.settings import DEFAULT_RUN, Settings, load_settings
 from gpt2cli.training import Progress, Report, Trainer, plan_run
 from gpt2cli.training_data import TokenData
+from gpt2cli.training_hellaswag import HellaSwag
 from gpt2cli.training_model import TrainingModel, compile_blocks
 
 
@@ -124,7 +125,7 @@ def prepare_trainer(
         )
     if saved_state is not None:
         _check_resumable(saved_state, data, plan.tokens_per_step, out)
-    hellaswag = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
+    examples = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
     if world.is_main:
         folder.open_for_writing(new=resume_from is None)  # only once everything checked out
 
@@ -132,6 +133,8 @@ def prepare_trainer(
         compile_blocks(model)
     # What the step calls: the training module, its DDP wrapper, or (FSDP) the module with its weights sharded.
     trained = parallelize(TrainingModel(model, compiled_loss=train.compile), world, train.parallel, device)
+    root = getattr(trained, "module", trained)  # what DDP wraps, or FSDP's sharded root
+    hellaswag = HellaSwag(examples, model, root, precision, world) if examples else None
     # After sharding: the optimizer holds the shards, and its moments are sharded alike.
     optimizer = build_optimizer(model, train.lr, train.weight_decay, (train.beta1, train.beta2), device)
     sharded = is_sharded(model.transformer.wte.weight)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from gpt2cli.errors import DataError, UsageError
+from gpt2cli.errors import DataError
+from gpt2cli.extras import import_extra
 
 PARQUET_SUFFIX = ".parquet"
 ROWS_PER_READ = 1024  # rows decoded at a time: a few MB of FineWeb text
@@ -27,12 +28,9 @@ def is_parquet(name: str) -> bool:
 
 
 def _pyarrow() -> tuple[Any, Any]:
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise UsageError("reading Parquet needs pyarrow: pip install 'gpt2cli[parquet]'") from None
-    return pyarrow, pyarrow.parquet
+    """pyarrow and pyarrow.parquet, from the optional extra (exit 2 with the `pip install` when missing)."""
+    parquet = import_extra("pyarrow.parquet", "parquet", "reading Parquet")
+    return import_extra("pyarrow", "parquet", "reading Parquet"), parquet
 
 
 def _open(path: str) -> Any:

@@ -173,10 +173,15 @@ def load_eval_tokens(paths: list[str], options: EncodeOptions, max_tokens: int |
             continue
         source = Source(name)
         pieces: list[np.ndarray] = []
+        read = sum(stream.size for stream in streams)
         for document in encode_sources([source], options, workers=1):
-            if document.starts_document and pieces and source.is_jsonl:
+            if document.starts_document and pieces and source.has_documents:
                 pieces.append(np.array([EOT_ID], dtype=np.uint32))
+                read += 1
             pieces.append(document.tokens)
+            read += document.tokens.size
+            if max_tokens is not None and read >= max_tokens:
+                break  # enough: a large Parquet file need not be tokenized to its end
         streams.append(np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32))
     if max_tokens is not None:
         streams = _cap(streams, max_tokens)

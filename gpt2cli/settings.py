@@ -113,11 +113,19 @@ class ModelSettings(Section):
 class DataSettings(Section):
     """How text becomes tokens: shared by `tokenize` and every command that reads text."""
 
-    paths: list[str] = Field(default_factory=list, description="Input files (text, .jsonl or .bin shards).")
-    text_field: str = Field("text", min_length=1, description="Field holding the document in .jsonl input.")
+    paths: list[str] = Field(default_factory=list, description="Input files (text, .jsonl, .parquet or .bin shards).")
+    text_field: str = Field("text", min_length=1, description="Field (.jsonl) or column (.parquet) with the text.")
     workers: int = Field(0, ge=0, description="Tokenizer processes; 0 uses one per core.")
     shard_size: int | None = Field(
         None, ge=1, le=MAX_SHARD_TOKENS, description="Tokens per output shard (default: a single file)."
+    )
+    token_limit: int | None = Field(None, ge=1, description="Shards (-o): stop after N tokens, separators included.")
+    val_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SHARD_TOKENS,
+        description="Shards (-o): the first N tokens to NAME_val_000000.bin, the rest to "
+        "NAME_train_000001.bin, ... (llm.c's split).",
     )
     errors: EncodingErrors = Field(
         "strict", description="Bytes that are not UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD."
@@ -168,6 +176,10 @@ class TrainSettings(Section):
     log_interval: int = Field(10, ge=1, description="Steps between log lines.")
     eval_interval: int = Field(250, ge=1, description="Steps between validation passes.")
     eval_tokens: int = Field(65536, ge=1, description="Validation tokens per evaluation.")
+    hellaswag: str | None = Field(
+        None, description="HellaSwag .jsonl scored at every evaluation (hellaswag_acc, hellaswag_acc_norm in metrics)."
+    )
+    hellaswag_limit: int | None = Field(None, ge=1, description="Score only the first N HellaSwag examples.")
     save_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
     keep: int = Field(1, ge=1, description="Checkpoints to keep.")
     seed: int = Field(1337, ge=0, description="Random seed.")

@@ -74,9 +74,12 @@ class ShardWriter:
     `abort()` (or an exception inside `with`) removes them, so a failure leaves nothing behind.
     """
 
-    def __init__(self, path: str | os.PathLike[str], shard_size: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], shard_size: int | None = None, first_index: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.shard_size = shard_size
+        self.first_index = first_index  # numbers the shards from here, even without `shard_size`
         self.limit = shard_size or MAX_SHARD_TOKENS
         self.finished: list[tuple[Path, Path]] = []  # (temporary, final)
         self.total_tokens = 0
@@ -85,8 +88,9 @@ class ShardWriter:
         self._count = 0
 
     def _shard_path(self, index: int) -> Path:
-        if self.shard_size is None:
+        if self.shard_size is None and self.first_index is None:
             return self.path
+        index += self.first_index or 0
         return self.path.with_name(f"{self.path.stem}_{index:06d}{self.path.suffix or '.bin'}")
 
     def _open_next(self) -> None:

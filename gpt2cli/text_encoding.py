@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from gpt2cli.errors import DataError, UsageError
+from gpt2cli.parquet import DocumentBatch, document_batches, is_parquet
 from gpt2cli.tokenizer import EOT_ID, get_tokenizer
 
 if TYPE_CHECKING:
@@ -56,6 +57,15 @@ class Source:
     @property
     def is_gzip(self) -> bool:
         return self.name.endswith(".gz")
+
+    @property
+    def is_parquet(self) -> bool:
+        return is_parquet(self.name)
+
+    @property
+    def has_documents(self) -> bool:
+        """Many documents (.jsonl lines, Parquet rows) rather than one text."""
+        return self.is_jsonl or self.is_parquet
 
     def size(self) -> int | None:
         """Bytes to read, where known in advance (not for stdin or compressed files)."""
@@ -189,6 +199,14 @@ def _encode_chunk(
     return documents
 
 
+def _encode_documents(batch: DocumentBatch, options: EncodeOptions) -> list[np.ndarray]:
+    """Tokens of whole documents (Parquet rows)."""
+    tokenizer = get_tokenizer()
+    return [
+        tokenizer.encode_to_numpy(text, allow_special=options.allow_special) for text in batch.texts(options.errors)
+    ]
+
+
 class _InlineExecutor(Executor):
     """Runs each task at once in the calling thread: one worker needs no pool."""
 
@@ -219,10 +237,12 @@ def encode_sources(
     options: EncodeOptions,
     workers: int = 0,
     on_bytes: Callable[[int], None] | None = None,
+    on_nulls: Callable[[int], None] | None = None,
 ) -> Iterator[EncodedDocument]:
     """Tokens of every document of `sources`, in order, encoded by `workers` processes (0: one per core).
 
-    Streaming: at most two chunks per worker are in flight, whatever the input size.
+    Streaming: at most two chunks per worker are in flight, whatever the input size. Null Parquet rows are skipped
+    and counted through `on_nulls`.
     """
     workers = workers or available_cores()
     sizes = [source.size() for source in sources]
@@ -242,6 +262,11 @@ def encode_sources(
 
         try:
             for source in sources:
+                if source.is_parquet:
+                    for batch, size in document_batches(source.name, options.text_field, CHUNK_BYTES, on_nulls):
+                        pending.append((pool.submit(_encode_documents, batch, options), False, size))
+                        yield from drain(2 * workers)
+                    continue
                 with source.open() as handle:
                     line = 1
                     for chunk_index, (offset, data) in enumerate(read_chunks(handle, source.is_jsonl)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -28,11 +29,12 @@ from gpt2cli.text_encoding import (
     EncodeOptions,
     Source,
     encode_sources,
-    with_document_separators,
 )
-from gpt2cli.tokenizer import get_tokenizer
+from gpt2cli.tokenizer import EOT_ID, get_tokenizer
 
 DECODE_BATCH = 1 << 20  # tokens per decode call when reading a shard
+EOT_ARRAY = np.array([EOT_ID], dtype=np.uint32)
+WRITE_BATCH = 1 << 20  # tokens gathered before a shard write
 
 
 @dataclass
@@ -40,7 +42,12 @@ class TokenizeSummary:
     tokens: int = 0  # text tokens, without the document separators
     documents: int = 0
     bytes: int = 0
+    null_rows: int = 0  # Parquet rows without text, skipped
     shards: list[Path] = field(default_factory=list)
+    shard_tokens: int = 0  # tokens in the shards, separators included
+
+    def count_nulls(self, rows: int) -> None:
+        self.null_rows += rows
 
 
 def _counted(documents: Iterable[EncodedDocument], summary: TokenizeSummary) -> Iterator[EncodedDocument]:
@@ -62,27 +69,108 @@ def tokenize_to_shards(
     shard_size: int | None = None,
     workers: int = 0,
     on_bytes: Callable[[int], None] | None = None,
+    max_tokens: int | None = None,
+    val_tokens: int | None = None,
 ) -> TokenizeSummary:
-    """Encode `sources` into llm.c shards at `output`; on any error no shard is left behind."""
+    """Encode `sources` into llm.c shards at `output`; on any error no shard is left behind.
+
+    `max_tokens` stops after that many tokens (separators included; the last document is cut). `val_tokens` sends
+    the first tokens to `NAME_val_000000.bin` and the rest to `NAME_train_000001.bin`, ..., as llm.c's fineweb.py.
+    """
     if output.is_dir():
         raise UsageError(f"{output}: is a directory; give a file name such as {output / 'tokens.bin'}")
     if not output.parent.is_dir():
         raise UsageError(f"{output.parent}: output folder does not exist")
+    if val_tokens is not None and max_tokens is not None and val_tokens >= max_tokens:
+        raise UsageError(f"--val-tokens {val_tokens} leaves nothing of --max-tokens {max_tokens} for training")
     summary = TokenizeSummary()
-    with ShardWriter(output, shard_size) as writer:
-        for tokens in with_document_separators(_counted(encode_sources(sources, options, workers, on_bytes), summary)):
-            writer.write(tokens)
+    writer = ShardWriter(output, shard_size) if val_tokens is None else SplitShardWriter(output, val_tokens, shard_size)
+    with writer, contextlib.closing(encode_sources(sources, options, workers, on_bytes, summary.count_nulls)) as docs:
+        _write_documents(docs, writer, summary, max_tokens)
         _require_tokens(summary)
+        if isinstance(writer, SplitShardWriter) and writer.train.total_tokens == 0:
+            raise DataError(f"the input has {writer.total_tokens:,} tokens: none left for training after --val-tokens")
         summary.shards = writer.close()
+        summary.shard_tokens = writer.total_tokens
     summary.bytes = _total_bytes(sources)
     return summary
+
+
+def _write_documents(
+    documents: Iterable[EncodedDocument],
+    writer: ShardWriter | SplitShardWriter,
+    summary: TokenizeSummary,
+    max_tokens: int | None,
+) -> None:
+    """`<|endoftext|>` before each document, then its tokens; stops after `max_tokens` tokens (cutting a document)."""
+    left = max_tokens
+    pending: list[np.ndarray] = []  # written together: one write per ~1M tokens, not two per document
+    size = 0
+    for document in documents:
+        tokens = document.tokens
+        if document.starts_document:
+            if left == 0:
+                break
+            pending.append(EOT_ARRAY)
+            summary.documents += 1
+            left = None if left is None else left - 1
+        if left is not None:
+            tokens = tokens[:left]
+            left -= tokens.size
+        pending.append(tokens)
+        summary.tokens += tokens.size
+        size += tokens.size + 1
+        if size >= WRITE_BATCH:
+            writer.write(np.concatenate(pending))
+            pending, size = [], 0
+        if left == 0:
+            break
+    if pending:
+        writer.write(np.concatenate(pending))
+
+
+class SplitShardWriter:
+    """llm.c's split: the first `val_tokens` to `NAME_val_000000.bin`, the rest to `NAME_train_000001.bin`, ...
+
+    (every `shard_size` tokens, or one file). Like `ShardWriter`, nothing appears before `close()`."""
+
+    def __init__(self, output: Path, val_tokens: int, shard_size: int | None) -> None:
+        suffix = output.suffix or ".bin"
+        self.val = ShardWriter(output.with_name(f"{output.stem}_val{suffix}"), val_tokens, first_index=0)
+        self.train = ShardWriter(output.with_name(f"{output.stem}_train{suffix}"), shard_size, first_index=1)
+        self.val_tokens = val_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.val.total_tokens + self.train.total_tokens
+
+    def write(self, tokens: np.ndarray) -> None:
+        room = self.val_tokens - self.val.total_tokens
+        if room > 0:
+            self.val.write(tokens[:room])
+            tokens = tokens[room:]
+        self.train.write(tokens)
+
+    def close(self) -> list[Path]:
+        return self.val.close() + self.train.close()
+
+    def abort(self) -> None:
+        self.val.abort()
+        self.train.abort()
+
+    def __enter__(self) -> SplitShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def count_tokens(
     sources: list[Source], options: EncodeOptions, workers: int = 0, on_bytes: Callable[[int], None] | None = None
 ) -> TokenizeSummary:
     summary = TokenizeSummary()
-    for _ in _counted(encode_sources(sources, options, workers, on_bytes), summary):
+    for _ in _counted(encode_sources(sources, options, workers, on_bytes, summary.count_nulls), summary):
         pass
     _require_tokens(summary)
     summary.bytes = _total_bytes(sources)

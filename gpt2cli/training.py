@@ -37,6 +37,7 @@ from gpt2cli.optim import Schedule
 from gpt2cli.run_folder import RunFolder, gather_model_state, optimizer_tensors, rng_state
 from gpt2cli.settings import Settings, TrainSettings
 from gpt2cli.training_data import TokenData
+from gpt2cli.training_hellaswag import HellaSwag
 from gpt2cli.training_model import TrainingModel
 
 Report = Callable[[str, dict[str, Any]], None]
@@ -150,6 +151,7 @@ class Trainer:
         world: World,
         report: Report | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        hellaswag: HellaSwag | None = None,
     ) -> None:
         self.settings = settings
         self.train_settings = settings.train
@@ -178,6 +180,7 @@ class Trainer:
         self.saved_step = progress.step if progress.step else -1
         self.peak = peak_tflops(self.device, precision.dtype)  # the run's compute dtype picks the peak
         self.flops_per_token = model.flops_per_token(plan.seq_len)
+        self.hellaswag = hellaswag  # scored with the validation loss, at every evaluation
 
     # ------------------------------------------------------------ the loop
 
@@ -210,9 +213,13 @@ class Trainer:
                 window_tokens += plan.tokens_per_step
                 losses.append(loss)
                 last = progress.step == plan.total_steps
-                evaluate = self.data.val and (progress.step % self.train_settings.eval_interval == 0 or last)
-                if evaluate:
+                evaluate = (self.data.val or self.hellaswag) and (
+                    progress.step % self.train_settings.eval_interval == 0 or last
+                )
+                if evaluate and self.data.val:
                     progress.last_val_loss = self.evaluate()
+                if evaluate and self.hellaswag:
+                    self.hellaswag.score()
                 if self.world.is_main and (progress.step % self.train_settings.log_interval == 0 or last or evaluate):
                     self._log(loss, grad_norm, lr, window_tokens / max(window_seconds, 1e-9), bool(evaluate))
                     window_seconds, window_tokens = 0.0, 0
@@ -334,8 +341,9 @@ class Trainer:
             "mfu": None if (mfu := self._mfu(tokens_per_s)) is None else round(mfu, 4),
             "elapsed_s": round(progress.elapsed_s, 3),
         }
-        if evaluated:
+        if evaluated and self.data.val:
             record["val_loss"] = round(progress.last_val_loss, 6)  # type: ignore[arg-type]
+        record.update(self.hellaswag.metrics() if evaluated and self.hellaswag else {})
         self.folder.append_metrics(record)
         self.report("log", {**record, "total_steps": self.plan.total_steps, "epoch": self.sampler.epochs_done})
 
@@ -366,6 +374,7 @@ class Trainer:
             "elapsed_s": round(progress.elapsed_s, 3),
             "train_loss": round(sum(tail) / len(tail), 6) if tail else None,
             "val_loss": None if progress.last_val_loss is None else round(progress.last_val_loss, 6),
+            **(self.hellaswag.metrics() if self.hellaswag else {}),
             "tokens_per_s": round(progress.tokens / max(progress.elapsed_s, 1e-9), 1),
             "device": str(self.device),
             "dtype": self.precision.name,

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from gpt2cli.errors import DataError, UsageError
+from gpt2cli.parquet import PARQUET_SUFFIX
 from gpt2cli.shards import ShardWriter, is_shard, read_shard
 from gpt2cli.text_encoding import EncodeOptions, Source, check_sources, encode_sources, with_document_separators
 
 BUNDLED_CORPUS = "shakespeare.txt.gz"
 CACHE_FORMAT = 1  # bump when the cached token layout changes
 SHARD_SUFFIX = ".bin"
+VAL_SHARD_MARK = "_val_"  # llm.c's fineweb.py names its validation shard NAME_val_000000.bin
 
 
 def bundled_corpus() -> Path:
@@ -33,16 +35,21 @@ def default_cache_dir() -> Path:
     return Path(base) / "gpt2cli"
 
 
-def resolve_inputs(patterns: list[str]) -> list[Path]:
-    """Files for each pattern: a file, a folder (its `.bin` shards), or a glob (quoted, so the shell leaves it)."""
+def resolve_inputs(
+    patterns: list[str],
+    folder_suffixes: tuple[str, ...] = (SHARD_SUFFIX, PARQUET_SUFFIX),
+    skip_val_shards: bool = False,
+) -> list[Path]:
+    """Files for each pattern: a file, a folder, or a glob (quoted, so the shell leaves it).
+
+    A folder gives its files of the first of `folder_suffixes` it holds (`.bin` token shards, else `.parquet`);
+    training data leaves out validation shards (`*_val_*`, as llm.c names them), which go to --val-data.
+    """
     paths: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            shards = sorted(path.glob(f"*{SHARD_SUFFIX}"))
-            if not shards:
-                raise UsageError(f"{pattern}: folder holds no {SHARD_SUFFIX} token shards")
-            paths.extend(shards)
+            paths.extend(_folder_inputs(path, folder_suffixes, skip_val_shards))
         elif path.exists():
             check_sources([pattern])
             paths.append(path)
@@ -56,13 +63,26 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def _content_key(path: Path, options: EncodeOptions, jsonl: bool) -> str:
+def _folder_inputs(folder: Path, suffixes: tuple[str, ...], skip_val_shards: bool) -> list[Path]:
+    for suffix in suffixes:
+        files = sorted(path for path in folder.glob(f"*{suffix}") if path.is_file())
+        if suffix == SHARD_SUFFIX and skip_val_shards:
+            files = [path for path in files if VAL_SHARD_MARK not in path.name]
+        if files:
+            return files
+    raise UsageError(
+        f"{folder}: is a directory with no {' or '.join(suffixes)} files"
+        + (" (validation shards, *_val_*, are not training data: give them with --val-data)" if skip_val_shards else "")
+    )
+
+
+def _content_key(path: Path, options: EncodeOptions, has_fields: bool) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 22):
             digest.update(block)
     recipe = {"format": CACHE_FORMAT, "errors": options.errors, "special": options.allow_special}
-    if jsonl:
+    if has_fields:
         recipe["text_field"] = options.text_field
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     return digest.hexdigest()
@@ -79,7 +99,7 @@ def tokens_of(
     if is_shard(path):
         return read_shard(path)
     source = Source(str(path))
-    cached = cache_dir / "tokens" / f"{_content_key(path, options, source.is_jsonl)}{SHARD_SUFFIX}"
+    cached = cache_dir / "tokens" / f"{_content_key(path, options, source.has_documents)}{SHARD_SUFFIX}"
     if not cached.exists():
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +161,7 @@ def load_token_data(
     on_bytes: Callable[[int], None] | None = None,
 ) -> TokenData:
     """Tokens for training and validation; without `val_patterns`, the tail of the training tokens."""
-    train_paths = resolve_inputs(train_patterns)
+    train_paths = resolve_inputs(train_patterns, skip_val_shards=True)
     val_paths = resolve_inputs(val_patterns) if val_patterns else []
     train = [tokens_of(path, options, cache_dir, workers, on_bytes) for path in train_paths]
     train = [segment for segment in train if segment.size]

@@ -19,12 +19,14 @@ from gpt2cli.checkpoint import load_model
 from gpt2cli.devices import Precision, keep_freed_memory
 from gpt2cli.distributed import World, is_sharded, parallelize
 from gpt2cli.errors import DataError, UsageError
+from gpt2cli.evaluation import read_multiple_choice
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import build_optimizer
 from gpt2cli.run_folder import RunFolder, load_optimizer_tensors, restore_rng
 from gpt2cli.settings import DEFAULT_RUN, Settings, load_settings
 from gpt2cli.training import Progress, Report, Trainer, plan_run
 from gpt2cli.training_data import TokenData
+from gpt2cli.training_hellaswag import HellaSwag
 from gpt2cli.training_model import TrainingModel, compile_blocks
 
 
@@ -56,6 +58,7 @@ def with_absolute_paths(settings: Settings, out: Path) -> Settings:
                 update={
                     "val_data": [os.path.abspath(path) for path in train.val_data],
                     "init_from": init_from,
+                    "hellaswag": None if train.hellaswag is None else os.path.abspath(train.hellaswag),
                     "out": str(out),
                 }
             ),
@@ -122,6 +125,7 @@ def prepare_trainer(
         )
     if saved_state is not None:
         _check_resumable(saved_state, data, plan.tokens_per_step, out)
+    examples = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
     if world.is_main:
         folder.open_for_writing(new=resume_from is None)  # only once everything checked out
 
@@ -129,6 +133,8 @@ def prepare_trainer(
         compile_blocks(model)
     # What the step calls: the training module, its DDP wrapper, or (FSDP) the module with its weights sharded.
     trained = parallelize(TrainingModel(model, compiled_loss=train.compile), world, train.parallel, device)
+    root = getattr(trained, "module", trained)  # what DDP wraps, or FSDP's sharded root
+    hellaswag = HellaSwag(examples, model, root, precision, world) if examples else None
     # After sharding: the optimizer holds the shards, and its moments are sharded alike.
     optimizer = build_optimizer(model, train.lr, train.weight_decay, (train.beta1, train.beta2), device)
     sharded = is_sharded(model.transformer.wte.weight)
@@ -156,6 +162,7 @@ def prepare_trainer(
         world=world,
         report=report,
         should_stop=should_stop,
+        hellaswag=hellaswag,
     )
 
 

@@ -12,11 +12,12 @@ import time
 import pytest
 import torch
 
-from conftest import exact_environment, run_cli, write_corpus
+from conftest import DATA, exact_environment, run_cli, write_corpus
 from gpt2cli import load_model
 
 COMMON = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--device", "cpu",
-          "--dtype", "float32", "--log-interval", "1", "--eval-interval", "3", "--val-fraction", "0.05"]  # fmt: skip
+          "--dtype", "float32", "--log-interval", "1", "--eval-interval", "3", "--val-fraction", "0.05",
+          "--hellaswag", str(DATA / "hellaswag_tiny.jsonl")]  # fmt: skip
 PARALLEL = pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 pytestmark = pytest.mark.slow  # every test launches torchrun jobs of 2 processes
 
@@ -72,6 +73,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus, en
         assert losses(out) == pytest.approx(losses(single_process_run), rel=1e-6, abs=1e-6)
         # validation windows are shared out across the ranks and summed back
         assert metrics(out, "val_loss") == pytest.approx(metrics(single_process_run, "val_loss"), rel=1e-6)
+        # HellaSwag's 3 examples are shared out 2 + 1 (the second rank runs one uncounted pass for FSDP)
+        hellaswag = metrics(single_process_run, "hellaswag_acc_norm")
+        assert len(hellaswag) == 2 and metrics(out, "hellaswag_acc_norm") == hellaswag
     assert len(losses(double)) == 6  # rank 0 alone wrote the metrics
 
 

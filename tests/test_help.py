@@ -66,6 +66,7 @@ SPELLED = {
     "output_format": "--format",
     "allow_special": "--special",
     "ignore_eot": "--ignore-eot",
+    "token_limit": "--max-tokens",  # tokenize's; train and eval have their own max_tokens
 }
 NOT_FLAGS = {"paths", "vocab_size", "cache_dir"}  # DATA arguments, or settings only a file or the environment sets
 

@@ -33,7 +33,8 @@ def command(
         list[str],
         typer.Argument(
             metavar="DATA",
-            help="Text, .jsonl or .bin files (lm); a HellaSwag-format .jsonl (hellaswag).",
+            help="Text, .jsonl, .parquet or .bin files, folders or quoted globs (lm); a HellaSwag-format .jsonl "
+            "(hellaswag).",
             show_default=False,
         ),
     ],
@@ -67,6 +68,7 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     from gpt2cli.evaluation import evaluate_lm, evaluate_multiple_choice, load_eval_tokens, read_multiple_choice
     from gpt2cli.text_encoding import EncodeOptions
     from gpt2cli.tokenizer import get_tokenizer
+    from gpt2cli.training_data import resolve_inputs
 
     options = settings.eval
     device = resolve_device(options.device)
@@ -89,7 +91,8 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
             examples = read_multiple_choice(data[0], options.limit)
             result = evaluate_multiple_choice(model, get_tokenizer(), examples, precision, advance).as_dict()
         else:
-            text = load_eval_tokens(data, EncodeOptions.from_settings(settings.data), options.max_tokens)
+            files = [str(path) for path in resolve_inputs(data)]  # folders and globs of shards or Parquet files
+            text = load_eval_tokens(files, EncodeOptions.from_settings(settings.data), options.max_tokens)
             result = evaluate_lm(
                 model, text.streams, precision, context, stride, options.batch_size, text.text_bytes, advance
             ).as_dict()

@@ -19,7 +19,8 @@ def command(
         list[str] | None,
         typer.Argument(
             metavar="INPUTS",
-            help="Text files (one document each), .jsonl files (one document per line), or - for stdin. "
+            help="Text files (one document each), .jsonl files (one document per line), .parquet files (one per "
+            "row), folders or quoted globs of .parquet files, or - for stdin. "
             "With --decode: .bin shards or files of ids.",
             show_default=False,
         ),
@@ -44,6 +45,8 @@ def command(
     text_field: TextFieldOption = None,
     workers: Annotated[int | None, setting(DataSettings, "workers", panel=DATA)] = None,
     shard_size: Annotated[int | None, setting(DataSettings, "shard_size", panel=OUTPUT)] = None,
+    token_limit: Annotated[int | None, setting(DataSettings, "token_limit", "--max-tokens", panel=OUTPUT)] = None,
+    val_tokens: Annotated[int | None, setting(DataSettings, "val_tokens", panel=OUTPUT)] = None,
     errors: Annotated[EncodingErrors | None, setting(DataSettings, "errors", panel=DATA)] = None,
     special: Annotated[
         bool | None, setting(DataSettings, "allow_special", "--special/--no-special", panel=DATA)
@@ -57,6 +60,7 @@ def command(
       printf 'Hello world' | gpt2 tokenize          # 15496 995
       gpt2 tokenize corpus.txt -o corpus.bin        # an llm.c token shard
       gpt2 tokenize corpus.bin --decode | head      # back to text
+      gpt2 tokenize 'fineweb/*.parquet' -o fw.bin --shard-size 100000000 --val-tokens 100000000
     """
     from gpt2cli.settings import load_settings
     from gpt2cli.text_encoding import EncodeOptions, check_sources
@@ -72,11 +76,14 @@ def command(
         raise UsageError("-o writes token shards; it does not go with --decode or --count")
     if json_output and to_stdout and not count:
         raise UsageError("--json reports --count or -o results; ids are already machine-readable")
+    if to_stdout and (settings.token_limit or settings.val_tokens):
+        raise UsageError("--max-tokens and --val-tokens cut token shards: give -o OUT.bin")
 
-    sources = check_sources(names)
     if decode:
+        check_sources(names)
         write_stdout(decode_sources(names))
         return
+    sources = check_sources(_expand(names))
 
     options = EncodeOptions.from_settings(settings)
     total = sum(size for source in sources if (size := source.size()) is not None) or None
@@ -90,7 +97,16 @@ def command(
             return
         else:
             assert output is not None
-            summary = tokenize_to_shards(sources, output, options, settings.shard_size, settings.workers, advance)
+            summary = tokenize_to_shards(
+                sources,
+                output,
+                options,
+                settings.shard_size,
+                settings.workers,
+                advance,
+                max_tokens=settings.token_limit,
+                val_tokens=settings.val_tokens,
+            )
     seconds = time.perf_counter() - started
 
     result = {
@@ -98,9 +114,13 @@ def command(
         "documents": summary.documents,
         "bytes": summary.bytes,
         "seconds": round(seconds, 3),
+        "null_rows": summary.null_rows,
     }
+    if summary.null_rows:
+        info(f"skipped {summary.null_rows:,} null row" + ("s" if summary.null_rows != 1 else "") + " (no text)")
     if summary.shards:
         result["shards"] = [str(path) for path in summary.shards]
+        result["shard_tokens"] = summary.shard_tokens
         where = summary.shards[0] if len(summary.shards) == 1 else f"{len(summary.shards)} shards ({output} …)"
         documents = f"{summary.documents:,} document" + ("s" if summary.documents != 1 else "")
         info(f"wrote {summary.tokens:,} tokens from {documents} to {where} in {seconds:.2f} s")
@@ -108,3 +128,17 @@ def command(
         print_json(result)
     elif count:
         write_stdout([f"{summary.tokens}\n"])
+
+
+def _expand(names: list[str]) -> list[str]:
+    """Folders and quoted globs of .parquet files, as files; other names (and - for stdin) as given."""
+    from gpt2cli.parquet import PARQUET_SUFFIX
+    from gpt2cli.training_data import resolve_inputs
+
+    expanded = []
+    for name in names:
+        if name == "-" or Path(name).is_file():
+            expanded.append(name)
+        else:
+            expanded.extend(str(path) for path in resolve_inputs([name], folder_suffixes=(PARQUET_SUFFIX,)))
+    return expanded

@@ -47,7 +47,8 @@ def command(
         list[str] | None,
         typer.Argument(
             metavar="DATA",
-            help="Text, .jsonl or .gz files, llm.c .bin shards, folders of shards, or quoted globs. "
+            help="Text, .jsonl, .gz or .parquet files, llm.c .bin shards, folders of shards (*_val_* left out) or "
+            "of .parquet files, or quoted globs. "
             "None: the bundled Shakespeare corpus with a small model (the default run).",
             show_default=False,
         ),
@@ -88,6 +89,8 @@ def command(
     log_interval: Annotated[int | None, _t("log_interval", OUTPUT)] = None,
     eval_interval: Annotated[int | None, _t("eval_interval", OUTPUT)] = None,
     eval_tokens: Annotated[int | None, _t("eval_tokens", OUTPUT)] = None,
+    hellaswag: Annotated[str | None, _t("hellaswag", OUTPUT)] = None,
+    hellaswag_limit: Annotated[int | None, _t("hellaswag_limit", OUTPUT)] = None,
     save_interval: Annotated[int | None, _t("save_interval", OUTPUT)] = None,
     keep: Annotated[int | None, _t("keep", OUTPUT)] = None,
     log_to: Annotated[str | None, _t("log_to", OUTPUT)] = None,

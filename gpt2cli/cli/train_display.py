@@ -69,7 +69,7 @@ class TrainingDisplay:
 
                 self.chart.add(payload)
                 self.live.update(Text(f"{line}\n{self.chart.render()}"))
-                if "val_loss" in payload:
+                if "val_loss" in payload or "hellaswag_acc" in payload:  # evaluation lines stay on screen
                     self.live.console.print(line, highlight=False)
             else:
                 info(line)
@@ -82,6 +82,7 @@ class TrainingDisplay:
             f"step {step}/{total}",
             f"loss {payload['loss']:.4f}",
             f"val {payload['val_loss']:.4f}" if "val_loss" in payload else None,
+            f"hellaswag {payload['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in payload else None,
             f"lr {payload['lr']:.2e}",
             f"{payload['tok_per_s']:,.0f} tok/s",
             f"MFU {payload['mfu'] * 100:.1f}%" if payload.get("mfu") is not None else None,
@@ -108,6 +109,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("wall time", _format_duration(summary["elapsed_s"])),
         ("final train loss", f"{summary['train_loss']:.4f}" if summary["train_loss"] is not None else "-"),
         ("final val loss", f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "-"),
+        *(
+            [("final HellaSwag acc_norm", f"{summary['hellaswag_acc_norm']:.4f}")]
+            if "hellaswag_acc_norm" in summary
+            else []
+        ),
         ("mean tokens/s", f"{summary['tokens_per_s']:,.0f}"),
         ("weights", summary["model"]),
     ]

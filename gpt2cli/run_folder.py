@@ -189,10 +189,11 @@ class RunFolder:
 
     def write_run_files(self, settings: dict[str, Any], config: GPT2Config) -> None:
         """config.toml (the resolved settings) and, for models transformers can load, its config.json."""
-        atomic_write_bytes(self.path / "config.toml", to_toml(settings).encode())
-        if config.bias:
-            config_json = json.dumps(hf_config_dict(config), indent=2) + "\n"
-            atomic_write_bytes(self.path / "config.json", config_json.encode())
+        with storage_errors(f"the run's settings in {self.path}"):
+            atomic_write_bytes(self.path / "config.toml", to_toml(settings).encode())
+            if config.bias:
+                config_json = json.dumps(hf_config_dict(config), indent=2) + "\n"
+                atomic_write_bytes(self.path / "config.json", config_json.encode())
 
     def start_trackers(self, names: list[str], settings: dict[str, Any], resumed_step: int | None) -> None:
         """TensorBoard / W&B, fed every metrics record from now on (`resumed_step`: None for a new run)."""

@@ -81,11 +81,12 @@ class TokenCache:
                         raise
             self.warn(f"token cache entry for {source} is damaged ({problem}); discarded, tokenizing again")
             discard(path)
-        self.fill(path, source, encode)
-        return read_shard(path)
+        return self.fill(path, source, encode)
 
-    def fill(self, path: Path, source: str, encode: Callable[[], Iterable[np.ndarray]]) -> None:
-        """Write the entry and its checksum under temporary names, then rename them into place (checksum first)."""
+    def fill(self, path: Path, source: str, encode: Callable[[], Iterable[np.ndarray]]) -> np.ndarray:
+        """Write the entry and its checksum under temporary names, then rename them into place (checksum first).
+        Returns the tokens mapped from the file written, which stays valid whatever other processes do to the
+        entry's name afterwards."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -95,13 +96,16 @@ class TokenCache:
             for tokens in encode():
                 writer.write(tokens)
             shards = writer.finish()
-            empty = shard_header(0)  # no tokens at all: the writer opened no file
-            digest = file_sha256(shards[0][0]) if shards else hashlib.sha256(empty).hexdigest()
-            atomic_write_bytes(checksum_path(path), f"{digest}\n".encode())
-            if shards:
-                writer.close()
-            else:
+            if not shards:  # no tokens at all: the writer opened no file
+                empty = shard_header(0)
+                atomic_write_bytes(checksum_path(path), f"{hashlib.sha256(empty).hexdigest()}\n".encode())
                 atomic_write_bytes(path, empty)
+                return np.zeros(0, dtype=TOKEN_DTYPE)
+            [(temporary, _)] = shards
+            tokens = read_shard(temporary)
+            atomic_write_bytes(checksum_path(path), f"{file_sha256(temporary)}\n".encode())
+            writer.close()
+        return tokens
 
     # ------------------------------------------------------------ `gpt2 cache`
 

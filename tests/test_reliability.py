@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, exact_environment, run_cli, write_corpus
 from gpt2cli import load_model
 from gpt2cli.run_folder import RunFolder, RunFolderInUse
 from gpt2cli.shards import HEADER_BYTES, ShardWriter, read_shard
@@ -178,17 +178,16 @@ def test_cache_verify_finds_a_flipped_token_bit_and_the_entry_is_rebuilt(tmp_pat
     assert json.loads(cleared.stdout)["removed_entries"] == 1 and not (cache / "tokens").exists()
 
 
-def _fill_in_step(corpus: str, cache: str, barrier, results) -> None:  # runs in a forked child
-    write = ShardWriter.write
+def _fill_at_the_same_time(corpus: str, cache: str, barrier, results) -> None:  # runs in a forked child
+    write, waited = ShardWriter.write, []
 
-    def write_together(self, tokens):  # both processes are part-way through the same entry at once
-        if barrier is not None:
+    def write_together(self, tokens):  # each process's first write waits for the other's: both are mid-entry at once
+        if not waited:
             barrier.wait(timeout=60)
-            barrier_holder.clear()
+            waited.append(True)
         write(self, tokens)
 
-    barrier_holder = [barrier]
-    ShardWriter.write = lambda self, tokens: (write_together if barrier_holder else write)(self, tokens)
+    ShardWriter.write = write_together
     results.put(np.array(tokens_of(Path(corpus), EncodeOptions(), Path(cache))).tobytes())
 
 
@@ -197,7 +196,7 @@ def test_two_processes_filling_one_entry_both_get_correct_tokens(tmp_path, corpu
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(2), context.Queue()
     cache = tmp_path / "cache"
-    children = [context.Process(target=_fill_in_step, args=(str(corpus), str(cache), barrier, results))
+    children = [context.Process(target=_fill_at_the_same_time, args=(str(corpus), str(cache), barrier, results))
                 for _ in range(2)]  # fmt: skip
     for child in children:
         child.start()
@@ -241,18 +240,27 @@ def failing_safetensors_save(monkeypatch, fragment: str) -> None:
     monkeypatch.setattr(gpt2cli.run_folder, "save_file", save)
 
 
+CHECKPOINTED = [*TINY, *EXACT, "--save-interval", "2", "--eval-interval", "3", "--keep", "2", "--max-steps", "8"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One 8-step run, checkpointed every 2 steps, that the runs with a fault are compared with."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    corpus, env = write_corpus(folder), exact_environment(folder)
+    assert run_cli("train", corpus, *CHECKPOINTED, "--out", folder / "run", env=env).returncode == 0
+    return corpus, env, losses(folder / "run")
+
+
 @pytest.mark.parametrize("fault", [failing_fsync, failing_safetensors_save], ids=["fsync", "safetensors save"])
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_is_exact(
-    tmp_path, corpus, exact_env, monkeypatch, fault
+    tmp_path, uninterrupted, monkeypatch, fault
 ):
-    common = [corpus, *TINY, *EXACT, "--save-interval", "2", "--eval-interval", "3", "--keep", "2"]
-    straight = tmp_path / "straight"
-    assert run_cli("train", *common, "--max-steps", "8", "--out", straight, env=exact_env).returncode == 0
-
+    corpus, env, expected = uninterrupted
     out = tmp_path / "full"
     with monkeypatch.context() as patch:
         fault(patch, ".step-000006.")
-        result = run_cli("train", *common, "--max-steps", "8", "--out", out, env=exact_env)
+        result = run_cli("train", corpus, *CHECKPOINTED, "--out", out, env=env)
     last = result.stderr.decode().strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr.decode()
     assert last.startswith("gpt2: error: cannot write the checkpoint of step 6") and "ENOSPC" in last, last
@@ -261,9 +269,9 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_is_ex
     assert not temporaries(out) and not (out / "checkpoints" / "step-000006").exists()
     assert load_model(out).config.n_layer == 2
 
-    resumed = run_cli("train", "--resume", "--out", out, "--max-steps", "8", env=exact_env)
+    resumed = run_cli("train", "--resume", "--out", out, "--max-steps", "8", env=env)
     assert resumed.returncode == 0, resumed.stderr.decode()
-    assert losses(out) == losses(straight)  # bitwise, every step
+    assert losses(out) == expected  # bitwise, every step
 
 
 def test_a_full_disk_in_tokenize_convert_and_the_cache_leaves_nothing(tmp_path, corpus, monkeypatch):

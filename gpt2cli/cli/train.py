@@ -176,7 +176,9 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
         try:
             summary = trainer.run()
         except Interrupted as interrupted:
-            interrupted.exit_code = 128 + stop.signal  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+            # The shell's convention, 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM. Under torchrun a rank may stop
+            # because another one was signalled.
+            interrupted.exit_code = 128 + (stop.signal or signal.SIGINT)
             raise
         finally:
             display.close()

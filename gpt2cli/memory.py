@@ -52,10 +52,11 @@ def parameter_count(config: GPT2Config) -> int:
 
 
 def training_memory(
-    config: GPT2Config, batch_size: int, seq_len: int, compute_bytes: int = 4, ddp: bool = False
+    config: GPT2Config, batch_size: int, seq_len: int, compute_bytes: int = 4, ddp: bool = False, shards: int = 1
 ) -> MemoryEstimate:
-    """What one training step holds at its peak (`compute_bytes`: 4 for float32, 2 under bf16/fp16 autocast)."""
-    parameters = parameter_count(config)
+    """What one training step holds at its peak in one process (`compute_bytes`: 4 for float32, 2 under bf16/fp16
+    autocast; `shards`: processes FSDP spreads the weights, gradients and moments over)."""
+    parameters = -(-parameter_count(config) // shards)
     per_parameter = 16 + (2 if compute_bytes < 4 else 0) + (4 if ddp else 0)  # DDP: its gradient buckets
     tokens = batch_size * seq_len
     per_token = (config.n_layer * ACTIVATION_WIDTHS + 4) * config.n_embd * compute_bytes
@@ -139,10 +140,11 @@ def check_training_memory(
     dtype_name: str,
     already_resident: int = 0,
     ddp: bool = False,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """Refuse (NotEnoughMemory) a run whose step would not fit; `already_resident` bytes of the estimate (the
     weights, once built) are in use already and so not counted as available."""
-    estimate = training_memory(config, batch_size, seq_len, compute_bytes, ddp)
+    estimate = training_memory(config, batch_size, seq_len, compute_bytes, ddp, shards)
     available = memory_available()
     if available is None:
         return estimate
@@ -168,11 +170,11 @@ def _gib(value: int | float) -> str:
 
 def out_of_memory_message(
     config: GPT2Config, batch_size: int, seq_len: int, compute_bytes: int, dtype_name: str, device: str,
-    device_bytes: int | None, ddp: bool = False,
+    device_bytes: int | None, ddp: bool = False, shards: int = 1,
 ) -> str:  # fmt: skip
     """The one line for an out-of-memory error in a run's first step: the estimate, the device's memory, what
     to change."""
-    estimate = training_memory(config, batch_size, seq_len, compute_bytes, ddp)
+    estimate = training_memory(config, batch_size, seq_len, compute_bytes, ddp, shards)
     has = f" of the {_gib(device_bytes)} GiB it has" if device_bytes else ""
     lower_dtype = ", --dtype bfloat16" if compute_bytes == 4 else ""
     return (

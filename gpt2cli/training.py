@@ -254,6 +254,7 @@ class Trainer:
                     str(self.device),
                     total,
                     ddp=self.world.distributed and not self.sharded,
+                    shards=self.world.world_size if self.sharded else 1,
                 )
             ) from None
 

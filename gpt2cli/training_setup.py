@@ -133,8 +133,9 @@ def prepare_trainer(
             plan.seq_len,
             precision.compute_bytes,
             precision.name,
-            already_resident=4 * model.num_parameters(),  # the weights just built
+            already_resident=4 * model.num_parameters(),  # the weights just built (whole, before any sharding)
             ddp=world.distributed and train.parallel == "ddp",
+            shards=world.world_size if world.distributed and train.parallel == "fsdp" else 1,
         )
     examples = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
     if world.is_main:

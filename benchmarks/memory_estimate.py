@@ -71,8 +71,9 @@ def main() -> None:
         row = json.loads(result.stdout.splitlines()[-1])
         label = "L{}/H{}/C{} T{} B{} {}".format(*shape)
         error = row["estimate"] / row["measured"] - 1
-        print(f"{label:<32} {row['measured'] / 2**20:>13.0f} {row['estimate'] / 2**20:>13.0f} {error:>+7.0%}",
-              flush=True)
+        print(
+            f"{label:<32} {row['measured'] / 2**20:>13.0f} {row['estimate'] / 2**20:>13.0f} {error:>+7.0%}", flush=True
+        )
 
 
 if __name__ == "__main__":

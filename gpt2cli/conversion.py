@@ -26,7 +26,7 @@ from gpt2cli.checkpoint import (
     save_model,
 )
 from gpt2cli.errors import CheckpointError, UsageError
-from gpt2cli.files import temporary_sibling
+from gpt2cli.files import flush_to_disk, storage_errors, temporary_sibling
 from gpt2cli.gguf_export import GGUF_TYPES, write_gguf
 from gpt2cli.llmc_weights import LLMC_MAGIC, read_llmc, write_llmc
 from gpt2cli.model import GPT2, GPT2Config
@@ -196,22 +196,8 @@ def convert(
     model = loaded.model
     temporary = temporary_sibling(destination)
     _remove(temporary)
-    try:
-        if fmt == "native":
-            save_model(model, temporary, dtype=dtype)
-        elif fmt == "hf":
-            _write_hf(model, temporary, dtype)
-        elif fmt == "llmc":
-            write_llmc(model, temporary, dtype)
-        else:
-            gguf_type = quant or {None: "f32", torch.float32: "f32", torch.float16: "f16"}.get(dtype)
-            if gguf_type not in GGUF_TYPES:
-                raise UsageError("GGUF holds f32, f16 or q8_0 here: use --dtype float32|float16 or --quant q8_0")
-            write_gguf(model, temporary, gguf_type)
-        _replace(temporary, destination)
-    except BaseException:
-        _remove(temporary)
-        raise
+    with storage_errors(str(destination), "nothing was written"):
+        _write_converted(model, temporary, destination, fmt, dtype, quant)
     written = _size(destination)
     stored = dtype or loaded.dtype
     return ConversionSummary(
@@ -224,6 +210,31 @@ def convert(
         tensors=len(model.state_dict()) - 1,  # the tied output projection is stored once
         bytes=written,
     )
+
+
+def _write_converted(
+    model: GPT2, temporary: Path, destination: Path, fmt: str, dtype: torch.dtype | None, quant: str | None
+) -> None:
+    """Write `model` in `fmt` under `temporary`, then move it onto `destination`; on any error, remove it."""
+    try:
+        if fmt == "native":
+            save_model(model, temporary, dtype=dtype)
+        elif fmt == "hf":
+            _write_hf(model, temporary, dtype)
+        elif fmt == "llmc":
+            write_llmc(model, temporary, dtype)
+        else:
+            gguf_type = quant or {None: "f32", torch.float32: "f32", torch.float16: "f16"}.get(dtype)
+            if gguf_type not in GGUF_TYPES:
+                raise UsageError("GGUF holds f32, f16 or q8_0 here: use --dtype float32|float16 or --quant q8_0")
+            write_gguf(model, temporary, gguf_type)
+        for path in [temporary] if temporary.is_file() else sorted(temporary.rglob("*")):
+            if path.is_file():
+                flush_to_disk(path)  # a full disk can show only here: before DST changes
+        _replace(temporary, destination)
+    except BaseException:
+        _remove(temporary)
+        raise
 
 
 def _remove(path: Path) -> None:

@@ -150,6 +150,11 @@ class Precision:
     def name(self) -> str:
         return "float32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
 
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per activation value: 4 in float32, 2 under bf16/fp16 autocast."""
+        return 4 if self.dtype is None else self.dtype.itemsize
+
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.dtype is None:
             return contextlib.nullcontext()

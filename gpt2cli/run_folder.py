@@ -6,18 +6,23 @@
     metrics.jsonl         one JSON object per log line
     checkpoints/step-NNNNNN/{model,optimizer}.safetensors, state.json
     checkpoints/latest    the name of the newest complete checkpoint folder
+    .lock                 the writer's lock (its PID inside): one `gpt2 train` at a time writes here
 
 A checkpoint folder is written under a temporary name and renamed when complete, then `latest` is replaced
-atomically: killing the process at any instant leaves the previous checkpoint intact and pointed to.
+atomically: killing the process at any instant leaves the previous checkpoint intact and pointed to. A failed
+write (full disk, lost permission) removes what it had written and leaves `latest` where it was.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +33,19 @@ from safetensors.torch import load_file, save_file
 from gpt2cli import __version__
 from gpt2cli.checkpoint import checkpoint_layout, hf_config_dict, write_checkpoint
 from gpt2cli.distributed import full_tensor, shard_like
-from gpt2cli.errors import CheckpointError, UsageError
-from gpt2cli.files import atomic_path, atomic_write_bytes
+from gpt2cli.errors import CheckpointError, Gpt2Error, UsageError
+from gpt2cli.files import atomic_path, atomic_write_bytes, storage_errors
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.trackers import Trackers, open_trackers
 
 STATE_FORMAT = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+LOCK = ".lock"
+
+
+class RunFolderInUse(Gpt2Error):
+    """Another live process holds the run folder's writer lock."""
 
 
 def new_run_folder(distributed: bool = False) -> Path:
@@ -61,6 +71,74 @@ class RunFolder:
         self.model_file = path / "model.safetensors"
         self.trackers = Trackers()  # none until `start_trackers`
 
+    # ------------------------------------------------------------ the one writer
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the folder's writer lock for the block: `flock` on `.lock`, which the kernel releases when the
+        process ends however it ends, so a killed run never leaves a stale lock. A second writer fails at once
+        with the holder's PID. A folder created here only for the lock is removed again if nothing was written."""
+        created = self._create_missing_folders()
+        try:
+            descriptor = self._acquire()
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        try:
+            self._remove_stale_temporaries()  # only the writer may: they could be a live writer's save in progress
+            yield
+        finally:
+            if created is not None and {path.name for path in self.path.iterdir()} <= {LOCK}:
+                # Still holding the lock: nobody else can be using the folder this (refused) run created.
+                shutil.rmtree(created, ignore_errors=True)
+            os.close(descriptor)
+
+    def _create_missing_folders(self) -> Path | None:
+        """Create the run folder if missing; returns the top-most folder created (None if it existed)."""
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise UsageError(f"--out {self.path}: exists and is not a folder")
+            return None
+        top = self.path
+        while not top.parent.exists():
+            top = top.parent
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {self.path}: cannot write there ({error.strerror})") from None
+        return top
+
+    def _acquire(self) -> int:
+        lock = self.path / LOCK
+        while True:
+            try:
+                descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as error:
+                raise UsageError(f"--out {self.path}: cannot write there ({error.strerror})") from None
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(descriptor)
+                raise RunFolderInUse(
+                    f"{self.path} is in use by another gpt2 train (PID {holder}); wait for it to end or stop it"
+                ) from None
+            # A refused run that had created the folder may have removed this file between our open and lock.
+            if _same_file(descriptor, lock):
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+                return descriptor
+            os.close(descriptor)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written files and checkpoint folders of a run that was killed (`.NAME.PID.tmp`)."""
+        for stale in [*self.path.glob(".*.tmp"), *self.checkpoints.glob(".*.tmp")]:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
     # ------------------------------------------------------------ reading
 
     def latest_checkpoint(self) -> Path | None:
@@ -72,8 +150,6 @@ class RunFolder:
 
     def checkpoint_to_resume(self, resume: bool) -> Path | None:
         """The checkpoint `--resume` continues from (None for a new run, whose folder must not hold one)."""
-        for stale in self.checkpoints.glob(".step-*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
         existing = self.latest_checkpoint()
         if resume:
             if existing is None:
@@ -113,30 +189,42 @@ class RunFolder:
 
     def write_run_files(self, settings: dict[str, Any], config: GPT2Config) -> None:
         """config.toml (the resolved settings) and, for models transformers can load, its config.json."""
-        atomic_write_bytes(self.path / "config.toml", to_toml(settings).encode())
-        if config.bias:
-            config_json = json.dumps(hf_config_dict(config), indent=2) + "\n"
-            atomic_write_bytes(self.path / "config.json", config_json.encode())
+        with storage_errors(f"the run's settings in {self.path}"):
+            atomic_write_bytes(self.path / "config.toml", to_toml(settings).encode())
+            if config.bias:
+                config_json = json.dumps(hf_config_dict(config), indent=2) + "\n"
+                atomic_write_bytes(self.path / "config.json", config_json.encode())
 
     def start_trackers(self, names: list[str], settings: dict[str, Any], resumed_step: int | None) -> None:
         """TensorBoard / W&B, fed every metrics record from now on (`resumed_step`: None for a new run)."""
         self.trackers = open_trackers(names, self.path, settings, resumed_step)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """One log line into metrics.jsonl, the run's record; the trackers get the same record, as views of it."""
-        with open(self.metrics, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """One line into metrics.jsonl, the run's record, whole or not at all (a write that fails part-way is cut
+        off again); the trackers get the same record, as views of it."""
+        line = (json.dumps(record) + "\n").encode()
+        with storage_errors(str(self.metrics)), open(self.metrics, "ab") as handle:
+            size = handle.tell()
+            try:
+                handle.write(line)
+                handle.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    handle.truncate(size)
+                raise
         self.trackers.log(record)
 
     def close_trackers(self) -> None:
         self.trackers.close()
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop log lines written after the checkpoint being resumed (they will be written again)."""
+        """Drop log lines written after the checkpoint being resumed (they will be written again), and a last line
+        cut short by a killed process."""
         if self.metrics.is_file():
-            lines = self.metrics.read_text().splitlines()
-            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
-            atomic_write_bytes(self.metrics, "".join(line + "\n" for line in kept).encode())
+            kept = [line for line in self.metrics.read_text().splitlines() if (record := _json_or_none(line))
+                    and record["step"] <= step]  # fmt: skip
+            with storage_errors(str(self.metrics)):
+                atomic_write_bytes(self.metrics, "".join(line + "\n" for line in kept).encode())
 
     def save_checkpoint(
         self,
@@ -151,27 +239,46 @@ class RunFolder:
         `model.safetensors` at it, and keep the newest `keep` checkpoints."""
         name = f"step-{step:06d}"
         folder = self.checkpoints / name
-        staging = self.checkpoints / f".{name}.{os.getpid()}.tmp"
+        previous = self.latest_checkpoint()
+        kept = f"{previous.name} is still the latest checkpoint" if previous else "no checkpoint was saved"
+        with storage_errors(f"the checkpoint of step {step} in {self.checkpoints}", kept):
+            self._write_checkpoint_folder(folder, model_tensors, config, moments, {"step": step, **state})
+            try:
+                with atomic_path(self.checkpoints / LATEST) as temporary:
+                    temporary.write_text(name + "\n")
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # complete but never current: nothing to keep
+                raise
+        with storage_errors(str(self.model_file), f"{name} is saved and current; {self.model_file} is older"):
+            _link_or_copy(folder / "model.safetensors", self.model_file)
+        self.prune(keep, newest=name)
+        return folder
+
+    def _write_checkpoint_folder(
+        self,
+        folder: Path,
+        model_tensors: dict[str, torch.Tensor],
+        config: GPT2Config,
+        moments: dict[str, torch.Tensor],
+        state: dict[str, Any],
+    ) -> None:
+        """Every file fsynced under `.step-NNNNNN.PID.tmp`, then renamed to `folder`; on any error, nothing."""
+        staging = self.checkpoints / f".{folder.name}.{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         try:
+            staging.mkdir(parents=True)
             write_checkpoint(model_tensors, config, staging / "model.safetensors")
             save_file(moments, staging / "optimizer.safetensors")
-            state = {"format": STATE_FORMAT, "version": __version__, "step": step, **state}
+            state = {"format": STATE_FORMAT, "version": __version__, **state}
             (staging / "state.json").write_text(json.dumps(state, indent=1))
             for path in staging.iterdir():
                 _fsync_file(path)
-            if folder.exists():
+            if folder.exists():  # left by a run that stopped before pointing `latest` at it
                 shutil.rmtree(folder)
             os.replace(staging, folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        with atomic_path(self.checkpoints / LATEST) as temporary:
-            temporary.write_text(name + "\n")
-        _link_or_copy(folder / "model.safetensors", self.model_file)
-        self.prune(keep, newest=name)
-        return folder
 
     def prune(self, keep: int, newest: str) -> None:
         folders = sorted(path for path in self.checkpoints.glob("step-*") if path.is_dir())
@@ -268,6 +375,20 @@ def _link_or_copy(source: Path, destination: Path) -> None:
             os.link(source, temporary)
         except OSError:  # no hard links on this filesystem
             shutil.copyfile(source, temporary)
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        return os.fstat(descriptor).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_file(path: Path) -> None:

@@ -186,6 +186,9 @@ class TrainSettings(Section):
     log_to: Annotated[list[Tracker], NoDecode, BeforeValidator(_comma_list)] = Field(
         default_factory=list, description="Also log to these trackers: tensorboard, wandb (comma list)."
     )
+    memory_check: bool = Field(
+        True, description="On the CPU, refuse a run whose estimated memory exceeds what is available."
+    )
 
     @model_validator(mode="after")
     def _one_run_length(self) -> TrainSettings:

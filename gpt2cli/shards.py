@@ -14,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 
 from gpt2cli.errors import DataError
-from gpt2cli.files import commit, temporary_sibling
+from gpt2cli.files import commit, flush_to_disk, temporary_sibling
 from gpt2cli.settings import MAX_SHARD_TOKENS
 from gpt2cli.tokenizer import VOCAB_SIZE
 
@@ -126,11 +126,19 @@ class ShardWriter:
             self.total_tokens += part.size
             tokens = tokens[room:]
 
-    def close(self) -> list[Path]:
-        """Make every shard visible; returns their paths in order."""
+    def finish(self) -> list[tuple[Path, Path]]:
+        """Complete every shard, still under its temporary name: (temporary, final) pairs, for a caller that
+        checks or records them before `close()` makes them visible."""
         if self._handle is not None:
             self._close_current()
-        for temporary, final in self.finished:
+        return list(self.finished)
+
+    def close(self) -> list[Path]:
+        """Make every shard visible; returns their paths in order."""
+        shards = self.finish()
+        for temporary, _ in shards:  # a full disk shows here at the latest: before any shard becomes visible
+            flush_to_disk(temporary)
+        for temporary, final in shards:
             commit(temporary, final)
         return [final for _, final in self.finished]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2cli.errors import DataError, UsageError
+from gpt2cli.files import storage_errors
 from gpt2cli.shards import (
     HEADER_BYTES,
     SHARD_MAGIC_BYTES,
@@ -85,7 +86,8 @@ def tokenize_to_shards(
         raise UsageError(f"--val-tokens {val_tokens} leaves nothing of --max-tokens {max_tokens} for training")
     summary = TokenizeSummary()
     writer = ShardWriter(output, shard_size) if val_tokens is None else SplitShardWriter(output, val_tokens, shard_size)
-    with writer, contextlib.closing(encode_sources(sources, options, workers, on_bytes, summary.count_nulls)) as docs:
+    documents = encode_sources(sources, options, workers, on_bytes, summary.count_nulls)
+    with storage_errors(str(output), "nothing was written"), writer, contextlib.closing(documents) as docs:
         _write_documents(docs, writer, summary, max_tokens)
         _require_tokens(summary)
         if isinstance(writer, SplitShardWriter) and writer.train.total_tokens == 0:

@@ -32,6 +32,7 @@ from gpt2cli.distributed import (
     sum_across,
 )
 from gpt2cli.errors import DataError, Gpt2Error, UsageError
+from gpt2cli.memory import NotEnoughMemory, out_of_memory_message
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import Schedule
 from gpt2cli.run_folder import RunFolder, gather_model_state, optimizer_tensors, rng_state
@@ -205,7 +206,7 @@ class Trainer:
         with fast_matmul(self.device):
             while progress.step < plan.total_steps:
                 step_started = time.perf_counter()
-                loss, grad_norm, lr = self._train_step()
+                loss, grad_norm, lr = self._first_step() if not losses else self._train_step()
                 window_seconds += time.perf_counter() - step_started
                 progress.step += 1
                 progress.tokens += plan.tokens_per_step
@@ -235,6 +236,27 @@ class Trainer:
                         f"Resume with: gpt2 train --resume --out {self.out}"
                     )
         return self._summary(losses)
+
+    def _first_step(self) -> tuple[float, float, float]:
+        """The first step of this process: an out-of-memory here is the shape's fault, said as one line."""
+        try:
+            return self._train_step()
+        except torch.OutOfMemoryError:
+            total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+            plan = self.plan
+            raise NotEnoughMemory(
+                out_of_memory_message(
+                    self.model.config,
+                    plan.batch_size,
+                    plan.seq_len,
+                    self.precision.compute_bytes,
+                    self.precision.name,
+                    str(self.device),
+                    total,
+                    ddp=self.world.distributed and not self.sharded,
+                    shards=self.world.world_size if self.sharded else 1,
+                )
+            ) from None
 
     def _train_step(self) -> tuple[float, float, float]:
         """One optimizer step over the global batch; returns the mean loss, the gradient norm and the lr."""

@@ -7,7 +7,7 @@ import hashlib
 import importlib.resources
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +15,9 @@ import numpy as np
 
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.parquet import PARQUET_SUFFIX
-from gpt2cli.shards import ShardWriter, is_shard, read_shard
+from gpt2cli.shards import is_shard, read_shard
 from gpt2cli.text_encoding import EncodeOptions, Source, check_sources, encode_sources, with_document_separators
+from gpt2cli.token_cache import TokenCache, Warn
 
 BUNDLED_CORPUS = "shakespeare.txt.gz"
 CACHE_FORMAT = 1  # bump when the cached token layout changes
@@ -94,23 +95,19 @@ def tokens_of(
     cache_dir: Path,
     workers: int = 0,
     on_bytes: Callable[[int], None] | None = None,
+    warn: Warn | None = None,
 ) -> np.ndarray:
-    """The tokens of one input: a shard is memory-mapped; text is tokenized once and cached by its content."""
+    """The tokens of one input: a shard is memory-mapped; text is tokenized once and cached by its content
+    (a damaged cache entry is rebuilt, with a warning through `warn`)."""
     if is_shard(path):
         return read_shard(path)
     source = Source(str(path))
-    cached = cache_dir / "tokens" / f"{_content_key(path, options, source.has_documents)}{SHARD_SUFFIX}"
-    if not cached.exists():
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"token cache {cached.parent} is not writable ({error.strerror})") from None
-        with ShardWriter(cached) as writer:
-            documents = encode_sources([source], options, workers, on_bytes)
-            for tokens in with_document_separators(documents):
-                writer.write(tokens)
-            writer.close()
-    return read_shard(cached)
+
+    def encode() -> Iterator[np.ndarray]:
+        return with_document_separators(encode_sources([source], options, workers, on_bytes))
+
+    key = _content_key(path, options, source.has_documents)
+    return TokenCache(cache_dir, warn).tokens(key, str(path), encode)
 
 
 @dataclass
@@ -159,16 +156,17 @@ def load_token_data(
     cache_dir: Path,
     workers: int = 0,
     on_bytes: Callable[[int], None] | None = None,
+    warn: Warn | None = None,
 ) -> TokenData:
     """Tokens for training and validation; without `val_patterns`, the tail of the training tokens."""
     train_paths = resolve_inputs(train_patterns, skip_val_shards=True)
     val_paths = resolve_inputs(val_patterns) if val_patterns else []
-    train = [tokens_of(path, options, cache_dir, workers, on_bytes) for path in train_paths]
+    train = [tokens_of(path, options, cache_dir, workers, on_bytes, warn) for path in train_paths]
     train = [segment for segment in train if segment.size]
     if not train:
         raise DataError("the training data is empty")
     if val_paths:
-        val = [tokens_of(path, options, cache_dir, workers, on_bytes) for path in val_paths]
+        val = [tokens_of(path, options, cache_dir, workers, on_bytes, warn) for path in val_paths]
         val = [segment for segment in val if segment.size]
     else:
         train, val = hold_out_tail(train, val_fraction)

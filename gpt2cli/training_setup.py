@@ -20,6 +20,7 @@ from gpt2cli.devices import Precision, keep_freed_memory
 from gpt2cli.distributed import World, is_sharded, parallelize
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.evaluation import read_multiple_choice
+from gpt2cli.memory import check_training_memory
 from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import build_optimizer
 from gpt2cli.run_folder import RunFolder, load_optimizer_tensors, restore_rng
@@ -125,6 +126,17 @@ def prepare_trainer(
         )
     if saved_state is not None:
         _check_resumable(saved_state, data, plan.tokens_per_step, out)
+    if device.type == "cpu" and train.memory_check:  # before the first step, not in it (the kernel's OOM killer)
+        check_training_memory(
+            model.config,
+            plan.batch_size,
+            plan.seq_len,
+            precision.compute_bytes,
+            precision.name,
+            already_resident=4 * model.num_parameters(),  # the weights just built (whole, before any sharding)
+            ddp=world.distributed and train.parallel == "ddp",
+            shards=world.world_size if world.distributed and train.parallel == "fsdp" else 1,
+        )
     examples = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
     if world.is_main:
         folder.open_for_writing(new=resume_from is None)  # only once everything checked out

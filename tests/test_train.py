@@ -203,8 +203,8 @@ def test_init_from_a_transformers_folder(tmp_path, corpus, env, hf_model_factory
 def test_text_is_tokenized_once_and_cached(tmp_path, corpus, env):
     for name in ("a", "b"):
         assert train(corpus, *TINY, *EXACT, "--max-steps", "1", "--out", tmp_path / name, env=env).returncode == 0
-    cached = list((tmp_path / "cache" / "tokens").iterdir())
-    assert len(cached) == 1 and cached[0].suffix == ".bin"
+    entry, checksum = sorted(path.name for path in (tmp_path / "cache" / "tokens").iterdir())
+    assert entry.endswith(".bin") and checksum == f"{entry}.sha256"  # one entry, its SHA-256 beside it
 
 
 def test_bin_shards_folder_and_glob_inputs(tmp_path, corpus, env):

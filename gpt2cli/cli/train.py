@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import signal
 import time
@@ -94,9 +95,10 @@ def command(
     save_interval: Annotated[int | None, _t("save_interval", OUTPUT)] = None,
     keep: Annotated[int | None, _t("keep", OUTPUT)] = None,
     log_to: Annotated[str | None, _t("log_to", OUTPUT)] = None,
+    memory_check: Annotated[bool | None, _t("memory_check", RUN, "--memory-check/--no-memory-check")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Train GPT-2 from scratch or fine-tune a checkpoint; resumable exactly, Ctrl-C saves before stopping.
+    """Train GPT-2 from scratch or fine-tune a checkpoint; resumable exactly, Ctrl-C or SIGTERM saves before stopping.
 
     With no DATA it trains a small model on the bundled Shakespeare corpus (about five minutes on two CPU
     cores) and prints the command that samples from it.
@@ -127,18 +129,21 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
         _train(settings, bundled, out, world, device, json_output)
         # Leave together: a rank tearing the group down while rank 0 still writes could abort in gloo's threads.
         barrier(world)
-    except Interrupted:
+    except Interrupted as interrupted:
         if world.is_main:
             raise
-        raise SystemExit(Interrupted.exit_code) from None  # every rank stops together; rank 0 tells the user
+        raise SystemExit(interrupted.exit_code) from None  # every rank stops together; rank 0 tells the user
     finally:
         stop()
 
 
 def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, json_output: bool) -> None:
+    from gpt2cli.cli.app import warn
     from gpt2cli.cli.train_display import TrainingDisplay, print_summary
     from gpt2cli.devices import resolve_precision
+    from gpt2cli.run_folder import RunFolder
     from gpt2cli.text_encoding import EncodeOptions
+    from gpt2cli.training import Interrupted
     from gpt2cli.training_data import bundled_corpus, default_cache_dir, load_token_data
     from gpt2cli.training_setup import prepare_trainer, with_absolute_paths
 
@@ -152,6 +157,7 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
         options,
         Path(settings.data.cache_dir) if settings.data.cache_dir else default_cache_dir(),
         settings.data.workers,
+        warn=warn,
     )
     settings = with_absolute_paths(settings, out)  # once found: errors name the paths as given
     source = "the bundled Shakespeare corpus" if bundled else f"{len(data.sources)} source(s)"
@@ -160,12 +166,20 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
         f"tokens: {data.train_tokens:,} for training, {data.val_tokens:,} for validation, from {source} "
         f"({time.perf_counter() - started:.1f} s){processes}"
     )
-    with _graceful_interrupt(announce=world.is_main) as should_stop:
+    # One writer per run folder: rank 0 holds its lock from before the first file is touched until the process ends.
+    # Taken after tokenizing, so the forked tokenizer workers never inherit it.
+    writer = RunFolder(out).writer_lock() if world.is_main else contextlib.nullcontext()
+    with writer, _graceful_interrupt(announce=world.is_main) as stop:
         trainer = prepare_trainer(
-            settings, data, out, precision, world=world, report=display.report, should_stop=should_stop
+            settings, data, out, precision, world=world, report=display.report, should_stop=stop.requested
         )
         try:
             summary = trainer.run()
+        except Interrupted as interrupted:
+            # The shell's convention, 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM. Under torchrun a rank may stop
+            # because another one was signalled.
+            interrupted.exit_code = 128 + (stop.signal or signal.SIGINT)
+            raise
         finally:
             display.close()
     if world.is_main:
@@ -175,23 +189,31 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
 
 
 class _graceful_interrupt:
-    """First Ctrl-C: finish the step, save, exit 130. Second Ctrl-C: stop at once (the last checkpoint is intact)."""
+    """First Ctrl-C or SIGTERM (what Slurm and Kubernetes send before killing a job): finish the step, save, exit
+    128 + the signal (130, 143). A second one: stop at once (the last checkpoint is intact)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, announce: bool = True) -> None:
-        self.requested = False
+        self.signal = 0
         self.announce = announce  # under torchrun every rank gets the signal; rank 0 alone says so
-        self.previous: Any = None
+        self.previous: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self.signal != 0
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
+        if self.signal:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = signum
         if self.announce:
-            info("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            info(f"{name}: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
 
-    def __enter__(self) -> Any:
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return lambda: self.requested
+    def __enter__(self) -> _graceful_interrupt:
+        self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
 
     def __exit__(self, *_: object) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2cli.distributed import full_tensor
 from gpt2cli.model import GPT2
 
 
@@ -57,3 +58,22 @@ def build_optimizer(
         except (RuntimeError, TypeError):  # older torch without a fused CPU kernel
             pass
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def clip_gradients_on_device(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients to at most `max_norm` in total without reading anything on the host; returns the norm
+    before clipping (over all shards) as a device tensor. (A scale of exactly 1 below the limit: one cheap pass.)"""
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    total_norm = full_tensor(torch.nn.utils.get_total_norm(grads))
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Scale gradients to at most `max_norm` in total; returns the norm before clipping (over all shards)."""
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    total_norm = full_tensor(torch.nn.utils.get_total_norm(grads))
+    norm = total_norm.item()  # the step reads it anyway (logs, divergence check): one host sync
+    if norm + 1e-6 > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return norm

@@ -25,21 +25,21 @@ from gpt2cli.distributed import (
     StopPoll,
     World,
     barrier,
-    full_tensor,
     gradient_sync,
     is_sharded,
     mean_across,
     sum_across,
 )
-from gpt2cli.errors import DataError, Gpt2Error, UsageError
+from gpt2cli.errors import Gpt2Error
 from gpt2cli.memory import NotEnoughMemory, out_of_memory_message
-from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import Schedule
+from gpt2cli.model import GPT2
+from gpt2cli.optim import clip_gradients, clip_gradients_on_device
 from gpt2cli.run_folder import RunFolder, gather_model_state, optimizer_tensors, rng_state
-from gpt2cli.settings import Settings, TrainSettings
+from gpt2cli.settings import Settings
 from gpt2cli.training_data import TokenData
 from gpt2cli.training_hellaswag import HellaSwag
 from gpt2cli.training_model import TrainingModel
+from gpt2cli.training_plan import RunPlan
 
 Report = Callable[[str, dict[str, Any]], None]
 
@@ -52,68 +52,6 @@ class Interrupted(Gpt2Error):
     """Stopped on request (Ctrl-C) after saving a checkpoint."""
 
     exit_code = 130
-
-
-# ---------------------------------------------------------------- the plan: numbers derived from the settings
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    seq_len: int
-    batch_size: int  # sequences per micro-batch per process
-    world_size: int
-    grad_accum: int
-    tokens_per_step: int
-    total_steps: int
-    schedule: Schedule
-
-    @property
-    def windows_per_step(self) -> int:
-        return self.tokens_per_step // self.seq_len
-
-
-def plan_run(train: TrainSettings, config: GPT2Config, train_windows: int, world_size: int = 1) -> RunPlan:
-    """The run's numbers: a step is `tokens_per_step` tokens, split into `grad_accum` micro-batches per process."""
-    seq_len = train.seq_len or config.block_size
-    if seq_len > config.block_size:
-        raise UsageError(f"--seq-len {seq_len} is longer than the model's block size {config.block_size}")
-    micro_tokens = train.batch_size * seq_len * world_size
-    tokens_per_step = train.total_batch_tokens or micro_tokens
-    if tokens_per_step % micro_tokens:
-        raise UsageError(
-            f"--total-batch-tokens {tokens_per_step} is not a multiple of batch_size × seq_len × processes "
-            f"({train.batch_size} × {seq_len} × {world_size} = {micro_tokens})"
-        )
-    windows_per_step = tokens_per_step // seq_len
-    if train_windows < train.batch_size:
-        raise DataError(
-            f"the training data has {train_windows} window(s) of {seq_len + 1} tokens, fewer than one batch of "
-            f"{train.batch_size}; give more text or lower --batch-size / --seq-len"
-        )
-    if train.max_steps is not None:
-        total_steps = train.max_steps
-    elif train.max_tokens is not None:
-        total_steps = math.ceil(train.max_tokens / tokens_per_step)
-    else:
-        total_steps = math.ceil((train.epochs or 1.0) * train_windows / windows_per_step)
-    schedule_steps = train.schedule_steps or total_steps
-    warmup = train.warmup_steps if train.warmup_steps is not None else min(700, schedule_steps // 20)
-    schedule = Schedule(
-        kind=train.schedule,
-        lr=train.lr,
-        min_lr=train.min_lr if train.min_lr is not None else train.lr / 10,
-        warmup_steps=warmup,
-        total_steps=schedule_steps,
-    )
-    return RunPlan(
-        seq_len=seq_len,
-        batch_size=train.batch_size,
-        world_size=world_size,
-        grad_accum=tokens_per_step // micro_tokens,
-        tokens_per_step=tokens_per_step,
-        total_steps=total_steps,
-        schedule=schedule,
-    )
 
 
 @dataclass
@@ -288,14 +226,14 @@ class Trainer:
         if self.device.type == "cuda":
             # Reading a value on the host waits for the GPU to finish: enqueue the whole step first, read after.
             # A non-finite step is still caught here, before anything is saved.
-            norm = _clip_gradients_on_device(parameters, max_norm)
+            norm = clip_gradients_on_device(parameters, max_norm)
             self._optimizer_step()
             loss_value, norm_value = torch.stack([loss_sum / plan.grad_accum, norm.float()]).tolist()
             self._check_finite(loss_value, norm_value)
         else:
             # The CPU computes in order anyway: reading the norm first skips the clipping pass when it is below the
             # limit, and a non-finite step is refused before the update.
-            norm_value = _clip_gradients(parameters, max_norm)
+            norm_value = clip_gradients(parameters, max_norm)
             loss_value = (loss_sum / plan.grad_accum).item()
             self._check_finite(loss_value, norm_value)
             self._optimizer_step()
@@ -441,22 +379,3 @@ class Trainer:
 def dropout_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one rank's dropout masks at one step under torchrun: distinct per rank and per step."""
     return (seed * 1_000_003 + step) * 65_537 + rank
-
-
-def _clip_gradients_on_device(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale gradients to at most `max_norm` in total without reading anything on the host; returns the norm
-    before clipping (over all shards) as a device tensor. (A scale of exactly 1 below the limit: one cheap pass.)"""
-    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
-    total_norm = full_tensor(torch.nn.utils.get_total_norm(grads))
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
-    return total_norm
-
-
-def _clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Scale gradients to at most `max_norm` in total; returns the norm before clipping (over all shards)."""
-    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
-    total_norm = full_tensor(torch.nn.utils.get_total_norm(grads))
-    norm = total_norm.item()  # the step reads it anyway (logs, divergence check): one host sync
-    if norm + 1e-6 > max_norm:  # below it the scale is exactly 1: skip a pass over every gradient
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
-    return norm

@@ -25,10 +25,11 @@ from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import build_optimizer
 from gpt2cli.run_folder import RunFolder, load_optimizer_tensors, restore_rng
 from gpt2cli.settings import DEFAULT_RUN, Settings, load_settings
-from gpt2cli.training import Progress, Report, Trainer, plan_run
+from gpt2cli.training import Progress, Report, Trainer
 from gpt2cli.training_data import TokenData
 from gpt2cli.training_hellaswag import HellaSwag
 from gpt2cli.training_model import TrainingModel, compile_blocks
+from gpt2cli.training_plan import plan_run
 
 
 def resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> tuple[Settings, bool]:

@@ -23,8 +23,9 @@ from gpt2cli.distributed import StopPoll, World, poll_interval, start
 from gpt2cli.errors import UsageError
 from gpt2cli.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
 from gpt2cli.model import GPT2, GPT2Config
+from gpt2cli.optim import clip_gradients, clip_gradients_on_device
 from gpt2cli.settings import load_settings
-from gpt2cli.training import _clip_gradients, _clip_gradients_on_device, dropout_seed
+from gpt2cli.training import dropout_seed
 from gpt2cli.training_data import TokenData
 from gpt2cli.training_setup import prepare_trainer
 
@@ -216,8 +217,8 @@ def test_clipping_on_the_device_matches_the_host_path():
 
     for max_norm in (1.0, 100.0, math.inf):
         host, device = gradients(), gradients()
-        norm = _clip_gradients(host, max_norm)
-        assert _clip_gradients_on_device(device, max_norm).item() == pytest.approx(norm)
+        norm = clip_gradients(host, max_norm)
+        assert clip_gradients_on_device(device, max_norm).item() == pytest.approx(norm)
         for a, b in zip(host, device, strict=True):
             torch.testing.assert_close(a.grad, b.grad)
 

@@ -162,7 +162,7 @@ class Runner:
             if dtype is None:
                 self._inference_model = self.model
             else:
-                from gpt2cli.sampling import use_matvec_for_decode
+                from gpt2cli.quantize import use_matvec_for_decode
 
                 with torch.device("meta"):
                     copy = GPT2(self.model.config)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from gpt2cli.model import GPT2, KVCache
+from gpt2cli.quantize import use_matvec_for_decode
 from gpt2cli.tokenizer import EOT_ID, Tokenizer
 
 # ---------------------------------------------------------------- logit filters (each on float32 (B, V) logits)
@@ -72,7 +72,7 @@ class SamplingOptions:
 
 
 def choose_next(
-    logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None
+    logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions, rng: torch.Generator | None
 ) -> torch.Tensor:
     """The next token of each row `(B,)` from logits `(B, V)`, on the logits' device (no host sync)."""
     logits = apply_repetition_penalty(logits.float(), history, options.repetition_penalty)
@@ -84,7 +84,7 @@ def choose_next(
     logits = top_p_filter(logits, options.top_p)
     logits = min_p_filter(logits, options.min_p)
     probabilities = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probabilities, 1, generator=rng).squeeze(-1)
 
 
 # ---------------------------------------------------------------- generation
@@ -112,6 +112,24 @@ class Timing:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    def add(self, other: Timing) -> None:
+        """Accumulate another run's counts and times (several batches make one report)."""
+        self.prefill_tokens += other.prefill_tokens
+        self.prefill_s += other.prefill_s
+        self.decode_tokens += other.decode_tokens
+        self.decode_s += other.decode_s
+
+
+def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]]:
+    """Indices of the prompts, each repeated `copies` times, grouped by token length in order of first appearance.
+
+    GPT-2's positions are absolute, so only prompts of equal length can share one batch.
+    """
+    groups: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).extend([index] * copies)
+    return list(groups.values())
 
 
 class _TextTracker:
@@ -146,7 +164,7 @@ class _TextTracker:
         return piece
 
 
-class Generator:
+class TextGenerator:
     """Generates from one model; reuse it for many prompts (the decode step may be compiled once)."""
 
     def __init__(self, model: GPT2, tokenizer: Tokenizer, compile: bool = False, use_cache: bool = True) -> None:
@@ -181,7 +199,7 @@ class Generator:
         self,
         prompts: list[list[int]],
         options: SamplingOptions,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         on_text: Callable[[int, str], None] | None = None,
         timing: Timing | None = None,
     ) -> list[Completion]:
@@ -199,7 +217,7 @@ class Generator:
         started = time.perf_counter()
         logits = self.model.next_token_logits(history, cache, 0) if cache is not None else self._forward_full(history)
         position = history.size(1)
-        next_tokens = choose_next(logits, history, options, generator)
+        next_tokens = choose_next(logits, history, options, rng)
         tokens_host = next_tokens.tolist()  # the one sync that ends the prefill
         timing.prefill_tokens += history.numel()
         timing.prefill_s += time.perf_counter() - started
@@ -222,7 +240,7 @@ class Generator:
             else:
                 logits = self.step(next_tokens[:, None], cache, position)
                 position += 1
-            next_tokens = choose_next(logits, history, options, generator)
+            next_tokens = choose_next(logits, history, options, rng)
             tokens_host = next_tokens.tolist()
             timing.decode_tokens += sum(active)
         timing.decode_s += time.perf_counter() - decode_started
@@ -232,6 +250,25 @@ class Generator:
                 tracker.finish()
             completion.text = tracker.text
         return completions
+
+    def generate_grouped(
+        self,
+        prompts: list[list[int]],
+        options: SamplingOptions,
+        num_samples: int = 1,
+        rng: torch.Generator | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        timing: Timing | None = None,
+    ) -> Iterator[tuple[int, Completion, Timing]]:
+        """`num_samples` continuations of prompts of any lengths, batched by length: yields (prompt index,
+        completion, its batch's timing) batch by batch; `timing` accumulates every batch."""
+        for group in group_by_length(prompts, num_samples):
+            group_timing = Timing()
+            completions = self.generate([prompts[i] for i in group], options, rng, on_text, group_timing)
+            if timing is not None:
+                timing.add(group_timing)
+            for index, completion in zip(group, completions, strict=True):
+                yield index, completion, group_timing
 
     @staticmethod
     def _accept(
@@ -261,69 +298,3 @@ class Generator:
             if piece:
                 on_text(row, piece)
         return not finished
-
-
-class MatVecLinear(torch.nn.Linear):
-    """A Linear that computes one-row inputs with `torch.mv`: bf16 matrix-vector products through `F.linear` run
-    at ~2/3 of the speed on the CPU (108 us against 75 us for 768 -> 2304; 2.8 ms against 1.9 ms for the output head).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != x.size(-1) or x.device.type != "cpu":
-            return super().forward(x)
-        out = torch.mv(self.weight, x.reshape(-1))
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], -1)
-
-
-def use_matvec_for_decode(model: GPT2) -> GPT2:
-    """Switch every Linear to `MatVecLinear` (same parameters, so tying is kept): faster batch-1 bf16 decoding."""
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.__class__ = MatVecLinear
-    return model
-
-
-def quantize_int8(model: GPT2) -> GPT2:
-    """Weight-only int8 (per output channel) for every projection and the output head, in place (gpt-fast style).
-
-    The embedding keeps its float weights for the input lookup; the output head gets its own int8 copy.
-    """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, Int8Linear.from_linear(child))
-    return model
-
-
-class Int8Linear(torch.nn.Module):
-    """y = x · dequant(W)ᵀ + b with W stored as int8 rows and one float scale per row."""
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(quantized, scales.to(linear.weight.dtype), bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        if flat.device.type == "cpu":
-            # The CPU kernel is fast with bf16 activations only (measured 44 us against 478 us in float32 for a
-            # 768 -> 2304 projection), so activations go through it in bf16.
-            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales_bf16).to(flat.dtype)
-        else:
-            out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], -1)

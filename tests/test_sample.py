@@ -12,12 +12,14 @@ import torch
 from conftest import assert_one_line_error, biased_model, cli_env, run_cli
 from gpt2cli import get_tokenizer, load_model
 from gpt2cli.model import KVCache
+from gpt2cli.quantize import quantize_int8
 from gpt2cli.sampling import (
-    Generator,
     SamplingOptions,
+    TextGenerator,
+    Timing,
     apply_repetition_penalty,
+    group_by_length,
     min_p_filter,
-    quantize_int8,
     top_k_filter,
     top_p_filter,
 )
@@ -45,9 +47,9 @@ def reference_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]
 def test_greedy_matches_transformers_generate(hf_model, use_cache):
     reference, folder = hf_model
     prompt = get_tokenizer().encode(PROMPT)
-    generator = Generator(load_model(folder), get_tokenizer(), use_cache=use_cache)
+    text_generator = TextGenerator(load_model(folder), get_tokenizer(), use_cache=use_cache)
     options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True)
-    completion = generator.generate([prompt], options)[0]
+    completion = text_generator.generate([prompt], options)[0]
     assert completion.token_ids == reference_greedy(reference, prompt, 40)
     assert completion.finish_reason == "length"
 
@@ -136,13 +138,13 @@ def test_eot_stops_unless_ignored(tmp_path):
 
 def test_stop_string_stops_exactly_before_it(hf_model):
     _, folder = hf_model
-    generator = Generator(load_model(folder), get_tokenizer())
+    text_generator = TextGenerator(load_model(folder), get_tokenizer())
     prompt = get_tokenizer().encode(PROMPT)
-    free = generator.generate([prompt], SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True))[0]
+    free = text_generator.generate([prompt], SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True))[0]
     stop = free.text[10:14]
     options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True, stop=(stop,))
     streamed: list[str] = []
-    stopped = generator.generate([prompt], options, on_text=lambda row, piece: streamed.append(piece))[0]
+    stopped = text_generator.generate([prompt], options, on_text=lambda row, piece: streamed.append(piece))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.index(stop)]
     assert "".join(streamed) == stopped.text  # nothing past the stop string was ever shown
@@ -164,6 +166,25 @@ def test_prompts_file_generates_each_prompt_in_batches(hf_model, tmp_path):
     for record in batched:
         single = json.loads(run_cli("sample", folder, "--prompt", record["prompt"], *args).stdout)
         assert single["token_ids"] == record["token_ids"]
+
+
+def test_prompts_group_by_length_in_order_and_timings_add_up(hf_model):
+    assert group_by_length([[1, 2], [3], [4, 5], [6]], copies=2) == [[0, 0, 2, 2], [1, 1, 3, 3]]
+    _, folder = hf_model
+    text_generator = TextGenerator(load_model(folder), get_tokenizer())
+    prompts = [[10, 11, 12], [20], [30, 31, 32]]
+    timing = Timing()
+    options = SamplingOptions(max_new_tokens=5, temperature=0.0, ignore_eot=True)
+    results = list(text_generator.generate_grouped(prompts, options, num_samples=2, timing=timing))
+    assert [index for index, _, _ in results] == [0, 0, 2, 2, 1, 1]
+    for index, completion, _ in results:
+        assert completion.prompt_ids == prompts[index]
+        assert completion.token_ids == text_generator.generate([prompts[index]], options)[0].token_ids
+    batch_timings = {id(batch): batch for _, _, batch in results}.values()
+    assert len(batch_timings) == 2
+    assert timing.prefill_tokens == 2 * 3 + 2 * 3 + 2 * 1 == sum(t.prefill_tokens for t in batch_timings)
+    assert timing.decode_tokens == sum(t.decode_tokens for t in batch_timings) == 6 * 4
+    assert timing.decode_s == pytest.approx(sum(t.decode_s for t in batch_timings))
 
 
 def test_num_samples_and_plain_output(hf_model):

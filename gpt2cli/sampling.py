@@ -164,8 +164,26 @@ class _TextTracker:
         return piece
 
 
+DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]
+
+
+def compile_decode_step(model: GPT2, compile: bool) -> tuple[DecodeStep, bool]:
+    """The decode step `(tokens (B, 1), cache, positions (B,), length) -> logits (B, V)`, and whether it must
+    attend to the whole cache.
+
+    On CUDA the compiled step is recorded as a CUDA graph, which needs one shape: it attends to the whole cache.
+    Elsewhere it attends to a power-of-two bucket of it (`KVCache.attend_length`), compiled with a dynamic length so
+    that the buckets share one compilation.
+    """
+    if not compile:
+        return model.next_token_logits, False
+    if next(model.parameters()).device.type == "cuda":
+        return torch.compile(model.next_token_logits, mode="reduce-overhead", dynamic=False), True
+    return torch.compile(model.next_token_logits, dynamic=True), False
+
+
 class TextGenerator:
-    """Generates from one model; reuse it for many prompts (the decode step may be compiled once)."""
+    """Generates from one model; reuse it for many prompts (the decode step is compiled once, the cache reused)."""
 
     def __init__(self, model: GPT2, tokenizer: Tokenizer, compile: bool = False, use_cache: bool = True) -> None:
         self.model = model.eval()
@@ -176,10 +194,9 @@ class TextGenerator:
         self.block_size = model.config.block_size
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             use_matvec_for_decode(model)
-        self.step: Callable[[torch.Tensor, KVCache, int], torch.Tensor] = model.next_token_logits
-        if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
-            self.step = torch.compile(model.next_token_logits, mode=mode, dynamic=True)
+        self.step, self.full_length = compile_decode_step(model, compile)
+        self._cache: KVCache | None = None
+        self._warm_batch_sizes: set[int] = set() if compile else {0}  # {0}: eager, nothing to warm up
 
     def prepare_prompt(self, prompt: str) -> tuple[list[int], bool]:
         """Token ids of a prompt (an empty prompt starts from <|endoftext|>); True if it was cut to fit."""
@@ -193,6 +210,25 @@ class TextGenerator:
         """Next-token logits from the whole (cropped) sequence: the reference path without a cache."""
         logits, _ = self.model(history[:, -self.block_size :])
         return logits[:, -1, :]
+
+    def cache_for(self, rows: int) -> KVCache:
+        """The generator's cache, reallocated only when the batch size changes (a compiled step keeps its graph)."""
+        if self._cache is None or self._cache.batch_size != rows:
+            self._cache = KVCache(self.model.config, rows, self.device, self.dtype)
+        return self._cache
+
+    def attend_length(self, cache: KVCache, end: int) -> int:
+        """The whole cache where CUDA graphs need one shape, else a power-of-two bucket (less to read)."""
+        return cache.capacity if self.full_length else cache.attend_length(end)
+
+    def _warm_up(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, end: int) -> None:
+        """Compile (and record the CUDA graph of) the decode step before timing starts. It writes the slot the
+        first real step writes next with the same values, so it changes nothing."""
+        if tokens.size(0) in self._warm_batch_sizes or 0 in self._warm_batch_sizes:
+            return
+        for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graph trees: warm up, record, replay
+            self.step(tokens, cache, positions, self.attend_length(cache, end))
+        self._warm_batch_sizes.add(tokens.size(0))
 
     @torch.inference_mode()
     def generate(
@@ -211,17 +247,23 @@ class TextGenerator:
         completions = [Completion(prompt_ids=list(prompt)) for prompt in prompts]
         trackers = [_TextTracker(self.tokenizer, options.stop) for _ in range(rows)]
         history = torch.tensor(prompts, dtype=torch.long, device=self.device)
-        cache = KVCache(self.model.config, rows, self.device, self.dtype) if self.use_cache else None
+        cache = self.cache_for(rows) if self.use_cache else None
         active = [True] * rows
 
         started = time.perf_counter()
-        logits = self.model.next_token_logits(history, cache, 0) if cache is not None else self._forward_full(history)
-        position = history.size(1)
+        position = history.size(1)  # of the next token, the same in every row
+        if cache is None:
+            logits = self._forward_full(history)
+        else:
+            logits = self.model.next_token_logits(history, cache, 0, self.attend_length(cache, position))
+        positions = torch.full((rows,), position, dtype=torch.long, device=self.device)  # (B,) on the device
         next_tokens = choose_next(logits, history, options, rng)
         tokens_host = next_tokens.tolist()  # the one sync that ends the prefill
         timing.prefill_tokens += history.numel()
         timing.prefill_s += time.perf_counter() - started
 
+        if cache is not None and options.max_new_tokens > 1 and position < self.block_size:
+            self._warm_up(next_tokens[:, None], cache, positions, position + 1)
         decode_started = time.perf_counter()
         for generated in range(options.max_new_tokens):
             for row, token in enumerate(tokens_host):
@@ -233,13 +275,15 @@ class TextGenerator:
             if cache is None:
                 logits = self._forward_full(history)
             elif position >= self.block_size:  # the window is full: re-encode its second half and go on
-                keep = self.block_size // 2
-                cache = KVCache(self.model.config, rows, self.device, self.dtype)
-                logits = self.model.next_token_logits(history[:, -keep:], cache, 0)
-                position = keep
+                position = self.block_size // 2
+                logits = self.model.next_token_logits(
+                    history[:, -position:], cache, 0, self.attend_length(cache, position)
+                )
+                positions.fill_(position)
             else:
-                logits = self.step(next_tokens[:, None], cache, position)
+                logits = self.step(next_tokens[:, None], cache, positions, self.attend_length(cache, position + 1))
                 position += 1
+                positions.add_(1)
             next_tokens = choose_next(logits, history, options, rng)
             tokens_host = next_tokens.tolist()
             timing.decode_tokens += sum(active)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_one_line_error, biased_model, cli_env, run_cli
 from gpt2cli import get_tokenizer, load_model
-from gpt2cli.model import KVCache
+from gpt2cli.model import GPT2, GPT2Config, KVCache
 from gpt2cli.quantize import quantize_int8
 from gpt2cli.sampling import (
     SamplingOptions,
@@ -82,6 +82,64 @@ def test_kv_cache_logits_equal_a_full_forward_at_every_step(hf_model):
     for step, logits in enumerate(cached):
         torch.testing.assert_close(logits, full[:, 9 + step])
     torch.testing.assert_close(chunked, full[:, -1])
+
+
+def test_rows_at_different_positions_give_each_row_alone_logits(hf_model):
+    _, folder = hf_model
+    model = load_model(folder)
+    prompts = [list(range(100, 105)), list(range(200, 209)), [300, 301]]
+    new_tokens = torch.tensor([[7, 8, 9, 10], [11, 12, 13, 14], [15, 16, 17, 18]])
+    batched = KVCache(model.config, 3, "cpu", torch.float32)
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):  # each row prefilled alone into its slot, as serving does
+            model.next_token_logits(torch.tensor([prompt]), batched, torch.tensor([0]), first_row=row)
+        positions = torch.tensor([len(prompt) for prompt in prompts])
+        steps = []
+        for step in range(new_tokens.size(1)):
+            end = int(positions.max()) + 1
+            length = batched.attend_length(end) if step % 2 else None  # a bucket, or the whole cache
+            steps.append(model.next_token_logits(new_tokens[:, step : step + 1], batched, positions, length))
+            positions += 1
+        for row, prompt in enumerate(prompts):
+            alone, _ = model(torch.tensor([prompt + new_tokens[row].tolist()]))
+            for step, logits in enumerate(steps):
+                torch.testing.assert_close(logits[row], alone[0, len(prompt) + step], rtol=1e-4, atol=1e-4)
+
+
+def test_attend_length_is_a_power_of_two_bucket_within_the_cache(hf_model):
+    _, folder = hf_model
+    cache = KVCache(load_model(folder).config, 1, "cpu", torch.float32)  # 64 positions
+    assert [cache.attend_length(end) for end in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+
+
+def test_compiled_decode_step_compiles_once_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=4, n_embd=64, block_size=128))
+    options = SamplingOptions(max_new_tokens=101, temperature=0.0, ignore_eot=True)  # 100 decode steps
+    prompt = [[464, 2068, 7586, 21831]]
+    eager = TextGenerator(model, get_tokenizer()).generate(prompt, options)[0].token_ids
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = TextGenerator(model, get_tokenizer(), compile=True)  # on the CPU: bucketed lengths, one compilation
+    assert compiled.generate(prompt, options)[0].token_ids == eager
+    assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1
+
+    # The CUDA-graph shape (the whole cache, static shapes): positions are data, so it too compiles once.
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(model.next_token_logits, dynamic=False, backend="eager")
+    cache = KVCache(model.config, 1, "cpu", torch.float32)
+    with torch.inference_mode():
+        token = model.next_token_logits(torch.tensor(prompt), cache, 0).argmax(-1, keepdim=True)  # prefill: eager
+        positions, tokens = torch.tensor([len(prompt[0])]), [int(token)]
+        for _ in range(100):
+            token = step(token, cache, positions, cache.capacity).argmax(-1, keepdim=True)
+            positions += 1
+            tokens.append(int(token))
+    assert tokens == eager
+    assert counters["frames"]["total"] == 1
 
 
 def test_same_seed_same_text(hf_model):

@@ -132,7 +132,7 @@ def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]
     return list(groups.values())
 
 
-class _TextTracker:
+class TextTracker:
     """Incremental text of one sequence: UTF-8 across token boundaries, stop strings, held-back streaming."""
 
     def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
@@ -162,6 +162,35 @@ class _TextTracker:
         piece = self.text[self.emitted : limit]
         self.emitted = limit
         return piece
+
+
+def accept_token(
+    completion: Completion,
+    tracker: TextTracker,
+    token: int,
+    generated: int,
+    options: SamplingOptions,
+    on_text: Callable[[int, str], None] | None,
+    row: int,
+) -> bool:
+    """Record one new token of a sequence (the `generated`-th, from 0); False once the sequence is finished."""
+    if token == EOT_ID and not options.ignore_eot:
+        completion.finish_reason = "eot"
+    elif tracker.add(token):
+        completion.token_ids.append(token)
+        completion.finish_reason = "stop"
+    else:
+        completion.token_ids.append(token)
+        if generated + 1 == options.max_new_tokens:
+            completion.finish_reason = "length"
+    finished = completion.finish_reason is not None
+    if finished:
+        tracker.finish()
+    if on_text is not None:
+        piece = tracker.ready(final=finished)
+        if piece:
+            on_text(row, piece)
+    return not finished
 
 
 DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]
@@ -245,7 +274,7 @@ class TextGenerator:
         timing = timing if timing is not None else Timing()
         rows = len(prompts)
         completions = [Completion(prompt_ids=list(prompt)) for prompt in prompts]
-        trackers = [_TextTracker(self.tokenizer, options.stop) for _ in range(rows)]
+        trackers = [TextTracker(self.tokenizer, options.stop) for _ in range(rows)]
         history = torch.tensor(prompts, dtype=torch.long, device=self.device)
         cache = self.cache_for(rows) if self.use_cache else None
         active = [True] * rows
@@ -268,7 +297,7 @@ class TextGenerator:
         for generated in range(options.max_new_tokens):
             for row, token in enumerate(tokens_host):
                 if active[row]:
-                    active[row] = self._accept(completions[row], trackers[row], token, generated, options, on_text, row)
+                    active[row] = accept_token(completions[row], trackers[row], token, generated, options, on_text, row)
             if not any(active) or generated + 1 == options.max_new_tokens:
                 break
             history = torch.cat([history, next_tokens[:, None]], dim=1)
@@ -313,32 +342,3 @@ class TextGenerator:
                 timing.add(group_timing)
             for index, completion in zip(group, completions, strict=True):
                 yield index, completion, group_timing
-
-    @staticmethod
-    def _accept(
-        completion: Completion,
-        tracker: _TextTracker,
-        token: int,
-        generated: int,
-        options: SamplingOptions,
-        on_text: Callable[[int, str], None] | None,
-        row: int,
-    ) -> bool:
-        """Record one new token of a sequence; False once the sequence is finished."""
-        if token == EOT_ID and not options.ignore_eot:
-            completion.finish_reason = "eot"
-        elif tracker.add(token):
-            completion.token_ids.append(token)
-            completion.finish_reason = "stop"
-        else:
-            completion.token_ids.append(token)
-            if generated + 1 == options.max_new_tokens:
-                completion.finish_reason = "length"
-        finished = completion.finish_reason is not None
-        if finished:
-            tracker.finish()
-        if on_text is not None:
-            piece = tracker.ready(final=finished)
-            if piece:
-                on_text(row, piece)
-        return not finished

@@ -112,6 +112,7 @@ def test_attend_length_is_a_power_of_two_bucket_within_the_cache(hf_model):
     assert [cache.attend_length(end) for end in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_decode_step_compiles_once_and_matches_eager():
     from torch._dynamo.utils import counters
 

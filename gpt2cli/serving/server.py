@@ -7,6 +7,7 @@ raises the signal again, which the CLI turns into exit code 130.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import time
@@ -74,8 +75,11 @@ def run_server(checkpoint: str, settings: ServeSettings) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="off")  # fmt: skip
 
+    interrupted: list[int] = []
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
+            interrupted.append(sig)
             if state.engine is not None:  # end every stream now, so that the connections close within the grace
                 state.engine.cancel_all()
             super().handle_exit(sig, frame)
@@ -107,3 +111,5 @@ def run_server(checkpoint: str, settings: ServeSettings) -> None:
     loader.join(timeout=1.0)
     if failure:
         raise failure[0]
+    if signal.SIGINT in interrupted:  # uvicorn raises it again itself, unless the process started with it ignored
+        raise KeyboardInterrupt

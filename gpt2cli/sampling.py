@@ -193,6 +193,24 @@ def accept_token(
     return not finished
 
 
+def load_generation_model(checkpoint: str, device_name: str, dtype_name: str, quantize: str, compile: bool) -> GPT2:
+    """A checkpoint ready to generate from (`gpt2 sample` and `gpt2 serve`): on its device, in its dtype, quantized.
+    Settings that cannot run (or not fast) are refused before the checkpoint is read."""
+    from gpt2cli.checkpoint import load_model
+    from gpt2cli.devices import DTYPES, check_int8_runs_fast, keep_freed_memory, resolve_device
+    from gpt2cli.errors import UsageError
+    from gpt2cli.quantize import quantize_int8
+
+    device = resolve_device(device_name)
+    if dtype_name == "float16" and device.type == "cpu":
+        raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
+    if quantize == "int8":
+        check_int8_runs_fast(device, compile)
+    keep_freed_memory(device)
+    model = load_model(checkpoint, device=device, dtype=DTYPES[dtype_name])
+    return quantize_int8(model) if quantize == "int8" else model
+
+
 DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]
 
 

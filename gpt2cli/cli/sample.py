@@ -114,22 +114,10 @@ def _read_prompts(prompt: str | None, prompt_file: str | None, prompts_file: str
 def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output: bool) -> None:
     import torch
 
-    from gpt2cli.checkpoint import load_model
-    from gpt2cli.devices import DTYPES, check_int8_runs_fast, keep_freed_memory, resolve_device
-    from gpt2cli.errors import UsageError
-    from gpt2cli.quantize import quantize_int8
-    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
+    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing, load_generation_model
     from gpt2cli.tokenizer import get_tokenizer
 
-    device = resolve_device(settings.device)
-    if settings.dtype == "float16" and device.type == "cpu":
-        raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    if settings.quantize == "int8":
-        check_int8_runs_fast(device, settings.compile)
-    keep_freed_memory(device)
-    model = load_model(checkpoint, device=device, dtype=DTYPES[settings.dtype])
-    if settings.quantize == "int8":
-        quantize_int8(model)
+    model = load_generation_model(checkpoint, settings.device, settings.dtype, settings.quantize, settings.compile)
     text_generator = TextGenerator(model, get_tokenizer(), compile=settings.compile)
     options = SamplingOptions(
         max_new_tokens=settings.max_new_tokens,
@@ -141,7 +129,7 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
         stop=tuple(settings.stop),
         ignore_eot=settings.ignore_eot,
     )
-    rng = None if settings.seed is None else torch.Generator(device=device).manual_seed(settings.seed)
+    rng = None if settings.seed is None else torch.Generator(text_generator.device).manual_seed(settings.seed)
 
     encoded = []
     for text in prompts:

@@ -46,20 +46,11 @@ def request_logger(json_logs: bool) -> Any:
 
 def load_engine(checkpoint: str, settings: ServeSettings, state: ServerState) -> None:
     """Load the model and start the engine (on the loader thread); the server answers 503 until this ends."""
-    from gpt2cli.checkpoint import load_model
-    from gpt2cli.devices import DTYPES, keep_freed_memory, resolve_device
-    from gpt2cli.errors import UsageError
-    from gpt2cli.quantize import quantize_int8
+    from gpt2cli.sampling import load_generation_model
     from gpt2cli.serving.engine import Engine
     from gpt2cli.serving.protocol import Limits
 
-    device = resolve_device(settings.device)
-    if settings.dtype == "float16" and device.type == "cpu":
-        raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    keep_freed_memory(device)
-    model = load_model(checkpoint, device=device, dtype=DTYPES[settings.dtype])
-    if settings.quantize == "int8":
-        quantize_int8(model)
+    model = load_generation_model(checkpoint, settings.device, settings.dtype, settings.quantize, settings.compile)
     engine = Engine(model, state.tokenizer, settings.max_batch, compile=settings.compile)
     engine.start()
     state.limits = Limits(model.config.block_size, model.config.vocab_size, settings.max_n, settings.max_prompts)

@@ -47,17 +47,15 @@ def command(
     127.0.0.1 unless --host says otherwise; --api-key (or GPT2_SERVE__API_KEY) requires a Bearer token. One log
     line per request on stderr. Ctrl-C stops it (exit code 130).
     """
+    from pathlib import Path
+
     from gpt2cli.errors import UsageError
+    from gpt2cli.extras import import_extra
     from gpt2cli.settings import load_settings
 
     settings = load_settings(config, overrides(locals(), serve=ServeSettings)).serve
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise UsageError("gpt2 serve needs FastAPI and uvicorn: pip install 'gpt2cli[serve]'") from None
-    from pathlib import Path
-
+    for module in ("fastapi", "uvicorn"):
+        import_extra(module, "serve", "gpt2 serve")
     if not Path(checkpoint).exists():
         raise UsageError(f"{checkpoint}: no such file or folder")
     from gpt2cli.serving.server import run_server

@@ -69,19 +69,20 @@ def time_ours(folder: Path, reps: int, variant: str) -> dict[str, Any]:
 
     from gpt2cli import get_tokenizer, load_model
     from gpt2cli.devices import keep_freed_memory
-    from gpt2cli.sampling import Generator, SamplingOptions, Timing, quantize_int8
+    from gpt2cli.quantize import quantize_int8
+    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
 
     keep_freed_memory(torch.device("cpu"))
     model = load_model(folder, dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
     if variant == "int8":
         quantize_int8(model)
-    generator = Generator(model, get_tokenizer())
+    text_generator = TextGenerator(model, get_tokenizer())
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eot=True)
-    generator.generate([PROMPT], SamplingOptions(max_new_tokens=8, temperature=0.0, ignore_eot=True))
+    text_generator.generate([PROMPT], SamplingOptions(max_new_tokens=8, temperature=0.0, ignore_eot=True))
     rates, completion = [], None
     for _ in range(reps):
         timing = Timing()
-        completion = generator.generate([PROMPT], options, timing=timing)[0]
+        completion = text_generator.generate([PROMPT], options, timing=timing)[0]
         rates.append(timing.decode_tokens_per_s)
     assert completion is not None and len(completion.token_ids) == NEW_TOKENS
     return {"decode_tokens_per_s": statistics.median(rates), "runs": rates, "perplexity": perplexity(model)}

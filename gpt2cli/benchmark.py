@@ -149,6 +149,7 @@ class Runner:
         itemsize = torch.finfo(precision.dtype).bits // 8 if precision.dtype is not None else 4
         self.weight_bytes = model.num_parameters() * itemsize  # as stored for inference (fwd, pp, tg)
         self._compiled: dict[str, Callable[..., Any]] = {}
+        self._decode_step: tuple[Callable[..., torch.Tensor], bool] | None = None  # (step, attends to whole cache)
         self._inference_model: GPT2 | None = None
 
     def inference_model(self) -> GPT2:
@@ -162,7 +163,7 @@ class Runner:
             if dtype is None:
                 self._inference_model = self.model
             else:
-                from gpt2cli.sampling import use_matvec_for_decode
+                from gpt2cli.quantize import use_matvec_for_decode
 
                 with torch.device("meta"):
                     copy = GPT2(self.model.config)
@@ -193,8 +194,7 @@ class Runner:
         if not self.compile:
             return function
         if name not in self._compiled:
-            mode = "reduce-overhead" if (name == "decode" and self.device.type == "cuda") else None
-            self._compiled[name] = torch.compile(function, mode=mode)
+            self._compiled[name] = torch.compile(function)
         return self._compiled[name]
 
     def work(self, case: Case) -> Callable[[], None]:
@@ -230,22 +230,36 @@ class Runner:
             return forward_pass
         if case.kind == "pp":
             prompt = self._tokens(case.batch_size, case.seq_len)
+            cache = KVCache(model.config, case.batch_size, self.device, dtype, length=case.seq_len)  # one for all reps
 
             def prefill() -> None:
-                cache = KVCache(model.config, case.batch_size, self.device, dtype, length=case.seq_len)
                 with torch.inference_mode():
                     model.next_token_logits(prompt, cache, 0)
 
             return prefill
-        step = self._callable("decode", model.next_token_logits)
+        return self._decode_work(model, case, dtype)
+
+    def _decode_work(self, model: GPT2, case: Case, dtype: torch.dtype) -> Callable[[], None]:
+        """Decode `case.seq_len` tokens as `gpt2 sample` does: the same decode step (compiled once), the block-size
+        cache, positions as a device tensor. One cache serves every rep, so a CUDA graph recorded in the warm-up
+        is replayed, not recorded again."""
+        from gpt2cli.sampling import compile_decode_step
+
+        if self._decode_step is None:
+            self._decode_step = compile_decode_step(model, self.compile)
+        step, full_length = self._decode_step
+        cache = KVCache(model.config, case.batch_size, self.device, dtype)
+        positions = torch.zeros(case.batch_size, dtype=torch.long, device=self.device)  # (B,)
         first = self._tokens(case.batch_size, 1)
 
         def decode() -> None:
-            cache = KVCache(model.config, case.batch_size, self.device, dtype, length=case.seq_len)
+            positions.zero_()
             token = first
             with torch.inference_mode():
                 for position in range(case.seq_len):
-                    logits = step(token, cache, position)
+                    length = cache.capacity if full_length else cache.attend_length(position + 1)
+                    logits = step(token, cache, positions, length)
+                    positions.add_(1)
                     token = logits.argmax(dim=-1, keepdim=True)
 
         return decode

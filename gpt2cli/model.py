@@ -69,26 +69,55 @@ class GPT2Config:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: the prompt is encoded once, then one token per step."""
+    """Static, preallocated keys and values of every layer for `batch_size` rows (gpt-fast's design).
+
+    Each row has its own position: a decode step writes each row's new key and value at that row's position
+    (a scatter) and attends through a mask, so the step has one shape whatever the positions are and compiles once;
+    rows can hold unrelated sequences (batched serving). The tensors never move or change shape, and are marked as
+    static addresses, so a compiled step can be replayed as a CUDA graph.
+    """
 
     def __init__(
         self, config: GPT2Config, batch_size: int, device: torch.device | str, dtype: torch.dtype, length: int = 0
     ) -> None:
-        length = length or config.block_size
-        shape = (config.n_layer, batch_size, config.n_head, length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity = length or config.block_size  # positions a row can hold
+        # One spare position, never written: an attended length is then never the whole tensor, which a step
+        # compiled with a dynamic length would otherwise specialise on (a contiguity guard) and compile twice.
+        shape = (batch_size, config.n_head, self.capacity + 1, config.head_dim)  # (B, nh, capacity + 1, hs)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        for tensor in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(tensor)
 
     @property
-    def capacity(self) -> int:
-        return self.keys.size(3)
+    def batch_size(self) -> int:
+        return self.keys[0].size(0)
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` `(B, nh, T, hs)` at positions `start...`; return all keys and values up to them."""
-        end = start + k.size(2)
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def attend_length(self, end: int) -> int:
+        """Cached positions to attend to when the furthest row ends at `end`: the next power of two (at least 16),
+        so eager decoding reads little more than the filled part and meets only a handful of shapes."""
+        return min(self.capacity, max(16, 1 << (end - 1).bit_length()))
+
+
+@dataclass
+class CachedCall:
+    """Where one cached call reads and writes, computed once and shared by every layer."""
+
+    cache: KVCache
+    positions: torch.Tensor  # (B, T) the absolute position of each new token
+    mask: torch.Tensor  # (B, 1, T, L) True where a new token may attend to a cached position
+    rows: slice | None  # the cache rows holding these B sequences; None: all of them
+    length: int  # L: the cached positions attended to
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new `k`, `v` `(B, nh, T, hs)` at their positions; return the layer's first L keys and values."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]  # (B, nh, capacity + 1, hs)
+        if self.rows is not None:
+            keys, values = keys[self.rows], values[self.rows]
+        index = self.positions[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
+        return keys.narrow(2, 0, self.length), values.narrow(2, 0, self.length)  # (B, nh, L, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,22 +131,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape  # batch, time (sequence length), channels (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        mask, causal = None, True
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # (B, nh, start + T, hs)
-            if T == 1:
-                causal = False  # one new token attends to everything before it
-            elif start > 0:  # new tokens after cached ones: causal, offset by `start`
-                causal = False
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        dropout = self.dropout if self.training else 0.0
-        y = attention(q, k, v, mask=mask, causal=causal, dropout=dropout)  # (B, nh, T, hs)
+        if cached is None:
+            y = attention(q, k, v, dropout=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        else:  # generation: the new tokens attend to the row's cached ones through the call's mask
+            k, v = cached.update(layer, k, v)  # (B, nh, L, hs)
+            y = attention(q, k, v, mask=cached.mask, causal=False)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
@@ -146,8 +170,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, start)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cached, layer)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -210,35 +234,54 @@ class GPT2(nn.Module):
             elif isinstance(module, CausalSelfAttention):
                 module.dropout = probability
 
-    def hidden_states(
-        self,
-        idx: torch.Tensor,
-        cache: KVCache | None = None,
-        start: int = 0,
-        tok_emb: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, tok_emb: torch.Tensor | None = None) -> torch.Tensor:
         """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection.
 
-        With a `cache`, `idx` holds the tokens at positions `start...`; earlier ones are read from the cache.
         `tok_emb` `(B, T, C)` replaces the token-embedding lookup (training passes its own: `training_model.py`).
         """
         if idx.dim() != 2:
             raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-        end = start + idx.size(1)
-        if end > self.config.block_size:
-            raise UsageError(f"sequence of {end} tokens is longer than the block size {self.config.block_size}")
-        pos = torch.arange(start, end, dtype=torch.long, device=idx.device)  # (T,)
+        if idx.size(1) > self.config.block_size:
+            raise UsageError(f"sequence of {idx.size(1)} tokens is longer than the block size {self.config.block_size}")
+        pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
         if tok_emb is None:
             tok_emb = self.transformer.wte(idx)  # (B, T, C)
         x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))  # (B, T, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, start)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def next_token_logits(self, idx: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        """Logits `(B, vocab)` for the position after `idx`, reading and extending `cache` (generation)."""
-        x = self.hidden_states(idx, cache, start)  # (B, T, C)
-        return self.lm_head(x[:, -1, :])  # (B, V)
+    def next_token_logits(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | int,
+        length: int | None = None,
+        first_row: int = 0,
+    ) -> torch.Tensor:
+        """Logits `(B, V)` for the position after `idx` `(B, T)`, reading and extending `cache` (generation).
+
+        Row b's tokens go at positions `positions[b]...` (a `(B,)` tensor on the model's device, or one int for all
+        rows) of cache row `first_row + b`; they attend to that row's first `length` cached positions (default: the
+        whole cache; at least the furthest row's end). Positions are not checked against the block size here: that
+        would read them on the host every step.
+        """
+        B, T = idx.shape
+        if isinstance(positions, int):
+            if positions + T > self.config.block_size:
+                raise UsageError(f"sequence of {positions + T} tokens is longer than the block size "
+                                 f"{self.config.block_size}")  # fmt: skip
+            positions = torch.full((B,), positions, dtype=torch.long, device=idx.device)
+        length = cache.capacity if length is None else length
+        pos = positions[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+        mask = torch.arange(length, device=idx.device) <= pos[:, :, None]  # (B, T, L): causal, per row
+        rows = None if first_row == 0 and cache.batch_size == B else slice(first_row, first_row + B)
+        cached = CachedCall(cache, pos, mask[:, None], rows, length)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cached, layer)
+        x = self.transformer.ln_f(x[:, -1, :])  # (B, C): only the last position is needed
+        return self.lm_head(x)  # (B, V)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from gpt2cli.model import GPT2, KVCache
+from gpt2cli.quantize import use_matvec_for_decode
 from gpt2cli.tokenizer import EOT_ID, Tokenizer
 
 # ---------------------------------------------------------------- logit filters (each on float32 (B, V) logits)
@@ -72,7 +72,7 @@ class SamplingOptions:
 
 
 def choose_next(
-    logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None
+    logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions, rng: torch.Generator | None
 ) -> torch.Tensor:
     """The next token of each row `(B,)` from logits `(B, V)`, on the logits' device (no host sync)."""
     logits = apply_repetition_penalty(logits.float(), history, options.repetition_penalty)
@@ -84,7 +84,7 @@ def choose_next(
     logits = top_p_filter(logits, options.top_p)
     logits = min_p_filter(logits, options.min_p)
     probabilities = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probabilities, 1, generator=rng).squeeze(-1)
 
 
 # ---------------------------------------------------------------- generation
@@ -113,8 +113,26 @@ class Timing:
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
+    def add(self, other: Timing) -> None:
+        """Accumulate another run's counts and times (several batches make one report)."""
+        self.prefill_tokens += other.prefill_tokens
+        self.prefill_s += other.prefill_s
+        self.decode_tokens += other.decode_tokens
+        self.decode_s += other.decode_s
 
-class _TextTracker:
+
+def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]]:
+    """Indices of the prompts, each repeated `copies` times, grouped by token length in order of first appearance.
+
+    GPT-2's positions are absolute, so only prompts of equal length can share one batch.
+    """
+    groups: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).extend([index] * copies)
+    return list(groups.values())
+
+
+class TextTracker:
     """Incremental text of one sequence: UTF-8 across token boundaries, stop strings, held-back streaming."""
 
     def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
@@ -146,8 +164,73 @@ class _TextTracker:
         return piece
 
 
-class Generator:
-    """Generates from one model; reuse it for many prompts (the decode step may be compiled once)."""
+def accept_token(
+    completion: Completion,
+    tracker: TextTracker,
+    token: int,
+    generated: int,
+    options: SamplingOptions,
+    on_text: Callable[[int, str], None] | None,
+    row: int,
+) -> bool:
+    """Record one new token of a sequence (the `generated`-th, from 0); False once the sequence is finished."""
+    if token == EOT_ID and not options.ignore_eot:
+        completion.finish_reason = "eot"
+    elif tracker.add(token):
+        completion.token_ids.append(token)
+        completion.finish_reason = "stop"
+    else:
+        completion.token_ids.append(token)
+        if generated + 1 == options.max_new_tokens:
+            completion.finish_reason = "length"
+    finished = completion.finish_reason is not None
+    if finished:
+        tracker.finish()
+    if on_text is not None:
+        piece = tracker.ready(final=finished)
+        if piece:
+            on_text(row, piece)
+    return not finished
+
+
+def load_generation_model(checkpoint: str, device_name: str, dtype_name: str, quantize: str, compile: bool) -> GPT2:
+    """A checkpoint ready to generate from (`gpt2 sample` and `gpt2 serve`): on its device, in its dtype, quantized.
+    Settings that cannot run (or not fast) are refused before the checkpoint is read."""
+    from gpt2cli.checkpoint import load_model
+    from gpt2cli.devices import DTYPES, check_int8_runs_fast, keep_freed_memory, resolve_device
+    from gpt2cli.errors import UsageError
+    from gpt2cli.quantize import quantize_int8
+
+    device = resolve_device(device_name)
+    if dtype_name == "float16" and device.type == "cpu":
+        raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
+    if quantize == "int8":
+        check_int8_runs_fast(device, compile)
+    keep_freed_memory(device)
+    model = load_model(checkpoint, device=device, dtype=DTYPES[dtype_name])
+    return quantize_int8(model) if quantize == "int8" else model
+
+
+DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]
+
+
+def compile_decode_step(model: GPT2, compile: bool) -> tuple[DecodeStep, bool]:
+    """The decode step `(tokens (B, 1), cache, positions (B,), length) -> logits (B, V)`, and whether it must
+    attend to the whole cache.
+
+    On CUDA the compiled step is recorded as a CUDA graph, which needs one shape: it attends to the whole cache.
+    Elsewhere it attends to a power-of-two bucket of it (`KVCache.attend_length`), compiled with a dynamic length so
+    that the buckets share one compilation.
+    """
+    if not compile:
+        return model.next_token_logits, False
+    if next(model.parameters()).device.type == "cuda":
+        return torch.compile(model.next_token_logits, mode="reduce-overhead", dynamic=False), True
+    return torch.compile(model.next_token_logits, dynamic=True), False
+
+
+class TextGenerator:
+    """Generates from one model; reuse it for many prompts (the decode step is compiled once, the cache reused)."""
 
     def __init__(self, model: GPT2, tokenizer: Tokenizer, compile: bool = False, use_cache: bool = True) -> None:
         self.model = model.eval()
@@ -158,10 +241,9 @@ class Generator:
         self.block_size = model.config.block_size
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             use_matvec_for_decode(model)
-        self.step: Callable[[torch.Tensor, KVCache, int], torch.Tensor] = model.next_token_logits
-        if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
-            self.step = torch.compile(model.next_token_logits, mode=mode, dynamic=True)
+        self.step, self.full_length = compile_decode_step(model, compile)
+        self._cache: KVCache | None = None
+        self._warm_batch_sizes: set[int] = set() if compile else {0}  # {0}: eager, nothing to warm up
 
     def prepare_prompt(self, prompt: str) -> tuple[list[int], bool]:
         """Token ids of a prompt (an empty prompt starts from <|endoftext|>); True if it was cut to fit."""
@@ -176,12 +258,31 @@ class Generator:
         logits, _ = self.model(history[:, -self.block_size :])
         return logits[:, -1, :]
 
+    def cache_for(self, rows: int) -> KVCache:
+        """The generator's cache, reallocated only when the batch size changes (a compiled step keeps its graph)."""
+        if self._cache is None or self._cache.batch_size != rows:
+            self._cache = KVCache(self.model.config, rows, self.device, self.dtype)
+        return self._cache
+
+    def attend_length(self, cache: KVCache, end: int) -> int:
+        """The whole cache where CUDA graphs need one shape, else a power-of-two bucket (less to read)."""
+        return cache.capacity if self.full_length else cache.attend_length(end)
+
+    def _warm_up(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, end: int) -> None:
+        """Compile (and record the CUDA graph of) the decode step before timing starts. It writes the slot the
+        first real step writes next with the same values, so it changes nothing."""
+        if tokens.size(0) in self._warm_batch_sizes or 0 in self._warm_batch_sizes:
+            return
+        for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graph trees: warm up, record, replay
+            self.step(tokens, cache, positions, self.attend_length(cache, end))
+        self._warm_batch_sizes.add(tokens.size(0))
+
     @torch.inference_mode()
     def generate(
         self,
         prompts: list[list[int]],
         options: SamplingOptions,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         on_text: Callable[[int, str], None] | None = None,
         timing: Timing | None = None,
     ) -> list[Completion]:
@@ -191,38 +292,46 @@ class Generator:
         timing = timing if timing is not None else Timing()
         rows = len(prompts)
         completions = [Completion(prompt_ids=list(prompt)) for prompt in prompts]
-        trackers = [_TextTracker(self.tokenizer, options.stop) for _ in range(rows)]
+        trackers = [TextTracker(self.tokenizer, options.stop) for _ in range(rows)]
         history = torch.tensor(prompts, dtype=torch.long, device=self.device)
-        cache = KVCache(self.model.config, rows, self.device, self.dtype) if self.use_cache else None
+        cache = self.cache_for(rows) if self.use_cache else None
         active = [True] * rows
 
         started = time.perf_counter()
-        logits = self.model.next_token_logits(history, cache, 0) if cache is not None else self._forward_full(history)
-        position = history.size(1)
-        next_tokens = choose_next(logits, history, options, generator)
+        position = history.size(1)  # of the next token, the same in every row
+        if cache is None:
+            logits = self._forward_full(history)
+        else:
+            logits = self.model.next_token_logits(history, cache, 0, self.attend_length(cache, position))
+        positions = torch.full((rows,), position, dtype=torch.long, device=self.device)  # (B,) on the device
+        next_tokens = choose_next(logits, history, options, rng)
         tokens_host = next_tokens.tolist()  # the one sync that ends the prefill
         timing.prefill_tokens += history.numel()
         timing.prefill_s += time.perf_counter() - started
 
+        if cache is not None and options.max_new_tokens > 1 and position < self.block_size:
+            self._warm_up(next_tokens[:, None], cache, positions, position + 1)
         decode_started = time.perf_counter()
         for generated in range(options.max_new_tokens):
             for row, token in enumerate(tokens_host):
                 if active[row]:
-                    active[row] = self._accept(completions[row], trackers[row], token, generated, options, on_text, row)
+                    active[row] = accept_token(completions[row], trackers[row], token, generated, options, on_text, row)
             if not any(active) or generated + 1 == options.max_new_tokens:
                 break
             history = torch.cat([history, next_tokens[:, None]], dim=1)
             if cache is None:
                 logits = self._forward_full(history)
             elif position >= self.block_size:  # the window is full: re-encode its second half and go on
-                keep = self.block_size // 2
-                cache = KVCache(self.model.config, rows, self.device, self.dtype)
-                logits = self.model.next_token_logits(history[:, -keep:], cache, 0)
-                position = keep
+                position = self.block_size // 2
+                logits = self.model.next_token_logits(
+                    history[:, -position:], cache, 0, self.attend_length(cache, position)
+                )
+                positions.fill_(position)
             else:
-                logits = self.step(next_tokens[:, None], cache, position)
+                logits = self.step(next_tokens[:, None], cache, positions, self.attend_length(cache, position + 1))
                 position += 1
-            next_tokens = choose_next(logits, history, options, generator)
+                positions.add_(1)
+            next_tokens = choose_next(logits, history, options, rng)
             tokens_host = next_tokens.tolist()
             timing.decode_tokens += sum(active)
         timing.decode_s += time.perf_counter() - decode_started
@@ -233,97 +342,21 @@ class Generator:
             completion.text = tracker.text
         return completions
 
-    @staticmethod
-    def _accept(
-        completion: Completion,
-        tracker: _TextTracker,
-        token: int,
-        generated: int,
+    def generate_grouped(
+        self,
+        prompts: list[list[int]],
         options: SamplingOptions,
-        on_text: Callable[[int, str], None] | None,
-        row: int,
-    ) -> bool:
-        """Record one new token of a sequence; False once the sequence is finished."""
-        if token == EOT_ID and not options.ignore_eot:
-            completion.finish_reason = "eot"
-        elif tracker.add(token):
-            completion.token_ids.append(token)
-            completion.finish_reason = "stop"
-        else:
-            completion.token_ids.append(token)
-            if generated + 1 == options.max_new_tokens:
-                completion.finish_reason = "length"
-        finished = completion.finish_reason is not None
-        if finished:
-            tracker.finish()
-        if on_text is not None:
-            piece = tracker.ready(final=finished)
-            if piece:
-                on_text(row, piece)
-        return not finished
-
-
-class MatVecLinear(torch.nn.Linear):
-    """A Linear that computes one-row inputs with `torch.mv`: bf16 matrix-vector products through `F.linear` run
-    at ~2/3 of the speed on the CPU (108 us against 75 us for 768 -> 2304; 2.8 ms against 1.9 ms for the output head).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != x.size(-1) or x.device.type != "cpu":
-            return super().forward(x)
-        out = torch.mv(self.weight, x.reshape(-1))
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], -1)
-
-
-def use_matvec_for_decode(model: GPT2) -> GPT2:
-    """Switch every Linear to `MatVecLinear` (same parameters, so tying is kept): faster batch-1 bf16 decoding."""
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.__class__ = MatVecLinear
-    return model
-
-
-def quantize_int8(model: GPT2) -> GPT2:
-    """Weight-only int8 (per output channel) for every projection and the output head, in place (gpt-fast style).
-
-    The embedding keeps its float weights for the input lookup; the output head gets its own int8 copy.
-    """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, Int8Linear.from_linear(child))
-    return model
-
-
-class Int8Linear(torch.nn.Module):
-    """y = x · dequant(W)ᵀ + b with W stored as int8 rows and one float scale per row."""
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(quantized, scales.to(linear.weight.dtype), bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        if flat.device.type == "cpu":
-            # The CPU kernel is fast with bf16 activations only (measured 44 us against 478 us in float32 for a
-            # 768 -> 2304 projection), so activations go through it in bf16.
-            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales_bf16).to(flat.dtype)
-        else:
-            out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], -1)
+        num_samples: int = 1,
+        rng: torch.Generator | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        timing: Timing | None = None,
+    ) -> Iterator[tuple[int, Completion, Timing]]:
+        """`num_samples` continuations of prompts of any lengths, batched by length: yields (prompt index,
+        completion, its batch's timing) batch by batch; `timing` accumulates every batch."""
+        for group in group_by_length(prompts, num_samples):
+            group_timing = Timing()
+            completions = self.generate([prompts[i] for i in group], options, rng, on_text, group_timing)
+            if timing is not None:
+                timing.add(group_timing)
+            for index, completion in zip(group, completions, strict=True):
+                yield index, completion, group_timing

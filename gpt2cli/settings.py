@@ -279,6 +279,26 @@ class PlotSettings(Section):
     height: int | None = Field(None, ge=10, description="Terminal chart height in rows (default: from the terminal).")
 
 
+class ServeSettings(Section):
+    """`gpt2 serve`: the OpenAI-compatible HTTP server."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address to listen on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, printed at start).")
+    device: Device = "auto"
+    dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
+    quantize: Quantize = Field("none", description="Weight-only int8 quantization (gpt-fast style).")
+    compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
+    max_batch: int = Field(16, ge=1, le=1024, description="Sequences decoded together; more wait for a free slot.")
+    api_key: str | None = Field(
+        None, min_length=1, description="Require 'Authorization: Bearer KEY' (also GPT2_SERVE__API_KEY)."
+    )
+    model_name: str | None = Field(None, min_length=1, description="Model id in the API (default: the checkpoint's).")
+    max_n: int = Field(16, ge=1, description="Largest n (completions per prompt) a request may ask for.")
+    max_prompts: int = Field(64, ge=1, description="Most prompts in one request.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body in bytes (else 413).")
+    json_logs: bool = Field(False, description="Request logs on stderr as JSON lines.")
+
+
 class Settings(BaseSettings):
     """All sections. Build it with `load_settings`, which applies the configuration file."""
 
@@ -293,6 +313,7 @@ class Settings(BaseSettings):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     bench: BenchSettings = Field(default_factory=BenchSettings)
     plot: PlotSettings = Field(default_factory=PlotSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
 
 class SettingsError(UsageError):

@@ -11,13 +11,15 @@ import torch
 
 from conftest import assert_one_line_error, biased_model, cli_env, run_cli
 from gpt2cli import get_tokenizer, load_model
-from gpt2cli.model import KVCache
+from gpt2cli.model import GPT2, GPT2Config, KVCache
+from gpt2cli.quantize import quantize_int8
 from gpt2cli.sampling import (
-    Generator,
     SamplingOptions,
+    TextGenerator,
+    Timing,
     apply_repetition_penalty,
+    group_by_length,
     min_p_filter,
-    quantize_int8,
     top_k_filter,
     top_p_filter,
 )
@@ -45,9 +47,9 @@ def reference_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]
 def test_greedy_matches_transformers_generate(hf_model, use_cache):
     reference, folder = hf_model
     prompt = get_tokenizer().encode(PROMPT)
-    generator = Generator(load_model(folder), get_tokenizer(), use_cache=use_cache)
+    text_generator = TextGenerator(load_model(folder), get_tokenizer(), use_cache=use_cache)
     options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True)
-    completion = generator.generate([prompt], options)[0]
+    completion = text_generator.generate([prompt], options)[0]
     assert completion.token_ids == reference_greedy(reference, prompt, 40)
     assert completion.finish_reason == "length"
 
@@ -80,6 +82,65 @@ def test_kv_cache_logits_equal_a_full_forward_at_every_step(hf_model):
     for step, logits in enumerate(cached):
         torch.testing.assert_close(logits, full[:, 9 + step])
     torch.testing.assert_close(chunked, full[:, -1])
+
+
+def test_rows_at_different_positions_give_each_row_alone_logits(hf_model):
+    _, folder = hf_model
+    model = load_model(folder)
+    prompts = [list(range(100, 105)), list(range(200, 209)), [300, 301]]
+    new_tokens = torch.tensor([[7, 8, 9, 10], [11, 12, 13, 14], [15, 16, 17, 18]])
+    batched = KVCache(model.config, 3, "cpu", torch.float32)
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):  # each row prefilled alone into its slot, as serving does
+            model.next_token_logits(torch.tensor([prompt]), batched, torch.tensor([0]), first_row=row)
+        positions = torch.tensor([len(prompt) for prompt in prompts])
+        steps = []
+        for step in range(new_tokens.size(1)):
+            end = int(positions.max()) + 1
+            length = batched.attend_length(end) if step % 2 else None  # a bucket, or the whole cache
+            steps.append(model.next_token_logits(new_tokens[:, step : step + 1], batched, positions, length))
+            positions += 1
+        for row, prompt in enumerate(prompts):
+            alone, _ = model(torch.tensor([prompt + new_tokens[row].tolist()]))
+            for step, logits in enumerate(steps):
+                torch.testing.assert_close(logits[row], alone[0, len(prompt) + step], rtol=1e-4, atol=1e-4)
+
+
+def test_attend_length_is_a_power_of_two_bucket_within_the_cache(hf_model):
+    _, folder = hf_model
+    cache = KVCache(load_model(folder).config, 1, "cpu", torch.float32)  # 64 positions
+    assert [cache.attend_length(end) for end in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+
+
+@pytest.mark.slow  # torch.compile
+def test_compiled_decode_step_compiles_once_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_head=4, n_embd=64, block_size=128))
+    options = SamplingOptions(max_new_tokens=101, temperature=0.0, ignore_eot=True)  # 100 decode steps
+    prompt = [[464, 2068, 7586, 21831]]
+    eager = TextGenerator(model, get_tokenizer()).generate(prompt, options)[0].token_ids
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = TextGenerator(model, get_tokenizer(), compile=True)  # on the CPU: bucketed lengths, one compilation
+    assert compiled.generate(prompt, options)[0].token_ids == eager
+    assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1
+
+    # The CUDA-graph shape (the whole cache, static shapes): positions are data, so it too compiles once.
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(model.next_token_logits, dynamic=False, backend="eager")
+    cache = KVCache(model.config, 1, "cpu", torch.float32)
+    with torch.inference_mode():
+        token = model.next_token_logits(torch.tensor(prompt), cache, 0).argmax(-1, keepdim=True)  # prefill: eager
+        positions, tokens = torch.tensor([len(prompt[0])]), [int(token)]
+        for _ in range(100):
+            token = step(token, cache, positions, cache.capacity).argmax(-1, keepdim=True)
+            positions += 1
+            tokens.append(int(token))
+    assert tokens == eager
+    assert counters["frames"]["total"] == 1
 
 
 def test_same_seed_same_text(hf_model):
@@ -136,13 +197,13 @@ def test_eot_stops_unless_ignored(tmp_path):
 
 def test_stop_string_stops_exactly_before_it(hf_model):
     _, folder = hf_model
-    generator = Generator(load_model(folder), get_tokenizer())
+    text_generator = TextGenerator(load_model(folder), get_tokenizer())
     prompt = get_tokenizer().encode(PROMPT)
-    free = generator.generate([prompt], SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True))[0]
+    free = text_generator.generate([prompt], SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True))[0]
     stop = free.text[10:14]
     options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True, stop=(stop,))
     streamed: list[str] = []
-    stopped = generator.generate([prompt], options, on_text=lambda row, piece: streamed.append(piece))[0]
+    stopped = text_generator.generate([prompt], options, on_text=lambda row, piece: streamed.append(piece))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.index(stop)]
     assert "".join(streamed) == stopped.text  # nothing past the stop string was ever shown
@@ -164,6 +225,25 @@ def test_prompts_file_generates_each_prompt_in_batches(hf_model, tmp_path):
     for record in batched:
         single = json.loads(run_cli("sample", folder, "--prompt", record["prompt"], *args).stdout)
         assert single["token_ids"] == record["token_ids"]
+
+
+def test_prompts_group_by_length_in_order_and_timings_add_up(hf_model):
+    assert group_by_length([[1, 2], [3], [4, 5], [6]], copies=2) == [[0, 0, 2, 2], [1, 1, 3, 3]]
+    _, folder = hf_model
+    text_generator = TextGenerator(load_model(folder), get_tokenizer())
+    prompts = [[10, 11, 12], [20], [30, 31, 32]]
+    timing = Timing()
+    options = SamplingOptions(max_new_tokens=5, temperature=0.0, ignore_eot=True)
+    results = list(text_generator.generate_grouped(prompts, options, num_samples=2, timing=timing))
+    assert [index for index, _, _ in results] == [0, 0, 2, 2, 1, 1]
+    for index, completion, _ in results:
+        assert completion.prompt_ids == prompts[index]
+        assert completion.token_ids == text_generator.generate([prompts[index]], options)[0].token_ids
+    batch_timings = {id(batch): batch for _, _, batch in results}.values()
+    assert len(batch_timings) == 2
+    assert timing.prefill_tokens == 2 * 3 + 2 * 3 + 2 * 1 == sum(t.prefill_tokens for t in batch_timings)
+    assert timing.decode_tokens == sum(t.decode_tokens for t in batch_timings) == 6 * 4
+    assert timing.decode_s == pytest.approx(sum(t.decode_s for t in batch_timings))
 
 
 def test_num_samples_and_plain_output(hf_model):

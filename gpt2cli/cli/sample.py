@@ -114,23 +114,11 @@ def _read_prompts(prompt: str | None, prompt_file: str | None, prompts_file: str
 def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output: bool) -> None:
     import torch
 
-    from gpt2cli.checkpoint import load_model
-    from gpt2cli.devices import DTYPES, check_int8_runs_fast, keep_freed_memory, resolve_device
-    from gpt2cli.errors import UsageError
-    from gpt2cli.sampling import Generator, SamplingOptions, Timing, quantize_int8
+    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing, load_generation_model
     from gpt2cli.tokenizer import get_tokenizer
 
-    device = resolve_device(settings.device)
-    if settings.dtype == "float16" and device.type == "cpu":
-        raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    if settings.quantize == "int8":
-        check_int8_runs_fast(device, settings.compile)
-    keep_freed_memory(device)
-    model = load_model(checkpoint, device=device, dtype=DTYPES[settings.dtype])
-    if settings.quantize == "int8":
-        quantize_int8(model)
-    tokenizer = get_tokenizer()
-    generator = Generator(model, tokenizer, compile=settings.compile)
+    model = load_generation_model(checkpoint, settings.device, settings.dtype, settings.quantize, settings.compile)
+    text_generator = TextGenerator(model, get_tokenizer(), compile=settings.compile)
     options = SamplingOptions(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
@@ -141,49 +129,38 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
         stop=tuple(settings.stop),
         ignore_eot=settings.ignore_eot,
     )
-    random = None
-    if settings.seed is not None:
-        random = torch.Generator(device=device).manual_seed(settings.seed)
+    rng = None if settings.seed is None else torch.Generator(text_generator.device).manual_seed(settings.seed)
 
     encoded = []
     for text in prompts:
-        ids, cut = generator.prepare_prompt(text)
+        ids, cut = text_generator.prepare_prompt(text)
         if cut:
             info(f"warning: the prompt was cut from the left to the last {len(ids)} tokens (the context is "
                  f"{model.config.block_size})")  # fmt: skip
-        encoded.append((text, ids))
-    groups: dict[int, list[tuple[str, list[int]]]] = {}
-    for text, ids in encoded:  # equal lengths batch together (positions are absolute)
-        for _ in range(settings.num_samples):
-            groups.setdefault(len(ids), []).append((text, ids))
+        encoded.append(ids)
 
     streaming = not json_output and len(encoded) == 1 and settings.num_samples == 1
+    on_text = (lambda row, piece: write_stdout([piece])) if streaming else None
     timing = Timing()
     first_output, generated = True, 0
-    for members in groups.values():
-        group_timing = Timing()
-        on_text = (lambda row, piece: write_stdout([piece])) if streaming else None
-        completions = generator.generate(
-            [ids for _, ids in members], options, generator=random, on_text=on_text, timing=group_timing
-        )
-        for timing_field in ("prefill_tokens", "prefill_s", "decode_tokens", "decode_s"):
-            setattr(timing, timing_field, getattr(timing, timing_field) + getattr(group_timing, timing_field))
-        for (text, _), completion in zip(members, completions, strict=True):
-            generated += len(completion.token_ids)
-            if json_output:
-                record = {
-                    "prompt": text,
-                    "completion": completion.text,
-                    "token_ids": completion.token_ids,
-                    "finish_reason": completion.finish_reason,
-                    "tokens_per_s": round(group_timing.decode_tokens_per_s, 2),
-                }
-                write_stdout([json.dumps(record) + "\n"])
-            elif streaming:
-                write_stdout(["" if completion.text.endswith("\n") else "\n"])
-            else:
-                write_stdout([("" if first_output else "---\n") + completion.text + "\n"])
-            first_output = False
+    for index, completion, batch_timing in text_generator.generate_grouped(
+        encoded, options, settings.num_samples, rng, on_text, timing
+    ):
+        generated += len(completion.token_ids)
+        if json_output:
+            record = {
+                "prompt": prompts[index],
+                "completion": completion.text,
+                "token_ids": completion.token_ids,
+                "finish_reason": completion.finish_reason,
+                "tokens_per_s": round(batch_timing.decode_tokens_per_s, 2),
+            }
+            write_stdout([json.dumps(record) + "\n"])
+        elif streaming:
+            write_stdout(["" if completion.text.endswith("\n") else "\n"])
+        else:
+            write_stdout([("" if first_output else "---\n") + completion.text + "\n"])
+        first_output = False
     info(
         f"generated {generated} tokens | prompt: {timing.prefill_tokens} tokens in {timing.prefill_s * 1000:.0f} ms "
         f"({timing.prefill_tokens_per_s:,.1f} tok/s), time to first token {timing.prefill_s * 1000:.0f} ms | "

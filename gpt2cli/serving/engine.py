@@ -1,0 +1,297 @@
+"""Continuous batching over the per-row KV cache: one scheduler thread, one decode step for every active sequence.
+
+A sequence waits until a row of the cache is free; it is then prefilled alone into that row and joins the batch at
+the next decode step. A sequence that finishes (or whose client went away) leaves at once: the last active row moves
+into its place, so the active rows are always the first `n` and an eager step reads only them. Each sequence keeps
+its own options and random generator, so what it samples does not depend on what shares the batch.
+
+The sampler, the cache and the decode step are those of `gpt2 sample` (`sampling.py`): greedy output is the same.
+No FastAPI here; events go to whoever submitted the sequence through its `emit` callback (called from this thread).
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from gpt2cli.model import GPT2, KVCache
+from gpt2cli.sampling import Completion, SamplingOptions, TextGenerator, TextTracker, accept_token, choose_next
+from gpt2cli.tokenizer import Tokenizer
+
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), likeliest first
+
+
+@dataclass
+class PromptScored:
+    """The prompt's own log-probabilities (echo): None for the first token, which nothing predicts."""
+
+    choice: int
+    logprobs: list[float | None]
+    top: list[TopLogprobs | None]
+
+
+@dataclass
+class TokenGenerated:
+    choice: int
+    token: int
+    text: str  # text this token releases now ("" while it could still be part of a stop string)
+    logprob: float | None = None  # under the model's own distribution (temperature 1, no filters)
+    top: TopLogprobs | None = None
+
+
+@dataclass
+class Finished:
+    choice: int
+    finish_reason: str  # "stop", "length", or "cancelled"
+    text: str = ""  # the text held back until now
+    error: str | None = None
+
+
+Event = PromptScored | TokenGenerated | Finished
+
+_FINISH_REASONS = {"eot": "stop", "stop": "stop", "length": "length"}
+
+
+@dataclass
+class Sequence:
+    """One completion to generate (a choice of a request)."""
+
+    choice: int  # the index of this completion in its response
+    prompt_ids: list[int]
+    options: SamplingOptions
+    rng: torch.Generator
+    emit: Callable[[Event], None]
+    logprobs: int | None = None  # alternatives per token to report (None: no log-probabilities)
+    echo: bool = False  # score the prompt's tokens too
+    cancelled: bool = False  # set by the client's side (disconnected); the scheduler drops the sequence
+    completion: Completion = field(init=False)
+    tracker: TextTracker | None = field(default=None, init=False)
+    steps: int = field(default=0, init=False)  # tokens chosen so far (the end-of-text token included)
+    last_token: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.completion = Completion(prompt_ids=list(self.prompt_ids))
+
+
+class Engine:
+    """Owns the model on its own thread; `submit` sequences from any thread."""
+
+    def __init__(self, model: GPT2, tokenizer: Tokenizer, max_batch: int, compile: bool = False) -> None:
+        self.generator = TextGenerator(model, tokenizer, compile=compile)  # the step, the cache, as `gpt2 sample`
+        self.model, self.tokenizer, self.max_batch = self.generator.model, tokenizer, max_batch
+        self.device = self.generator.device
+        self.cache: KVCache = self.generator.cache_for(max_batch)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # (max_batch,) next position
+        self.active: list[Sequence] = []  # row i of the cache holds active[i]
+        self._waiting: deque[Sequence] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._cancel_all = False
+        self._thread = threading.Thread(target=self._run, name="gpt2-serve-engine", daemon=True)
+        self._no_history = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+
+    # ---------------------------------------------------------------- the submitting side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        with self._wakeup:
+            self._waiting.extend(sequences)
+            self._wakeup.notify()
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        """Drop these sequences at the next step (a client that went away): their rows free at once."""
+        for sequence in sequences:
+            sequence.cancelled = True
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def cancel_all(self) -> None:
+        """Cancel every sequence at the next step. Takes no lock, so a signal handler may call it."""
+        self._cancel_all = True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel whatever is waiting or running and end the thread."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join(timeout)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(active sequences, waiting sequences)."""
+        return len(self.active), len(self._waiting)
+
+    # ---------------------------------------------------------------- the scheduler thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not self._stopping and not self._waiting and not self.active:
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.active:
+                        self._decode()
+                except Exception as error:  # a failed step (e.g. out of memory) fails its sequences, not the server
+                    traceback.print_exc()
+                    for sequence in self.active:
+                        self._finish(sequence, "cancelled", error=f"{type(error).__name__}: {error}")
+                    self.active.clear()
+        for sequence in [*self.active, *self._waiting]:
+            self._finish(sequence, "cancelled")
+        self.active.clear()
+        self._waiting.clear()
+
+    def _admit(self) -> None:
+        """Prefill waiting sequences into free rows; they join the batch at the next step."""
+        while len(self.active) < self.max_batch:
+            with self._wakeup:
+                if not self._waiting:
+                    return
+                sequence = self._waiting.popleft()
+            if sequence.cancelled:
+                self._finish(sequence, "cancelled")
+                continue
+            try:
+                self._prefill(sequence)
+            except Exception as error:
+                self._finish(sequence, "cancelled", error=f"{type(error).__name__}: {error}")
+
+    def _prefill(self, sequence: Sequence) -> None:
+        sequence.tracker = TextTracker(self.tokenizer, sequence.options.stop)
+        ids = torch.tensor([sequence.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
+        if sequence.echo:
+            self._score_prompt(sequence, ids)
+        if sequence.options.max_new_tokens == 0:
+            self._finish(sequence, "length")
+            return
+        row, length = len(self.active), ids.size(1)
+        logits = self.model.next_token_logits(
+            ids, self.cache, self.positions[row : row + 1].zero_(), self.generator.attend_length(self.cache, length),
+            first_row=row,
+        )  # fmt: skip
+        self.positions[row] = length
+        token = choose_next(logits, self._history(sequence), sequence.options, sequence.rng)
+        self.active.append(sequence)
+        if not self._accept(sequence, int(token), logits[0]):
+            self._release(row)
+
+    def _decode(self) -> None:
+        """One step for every active sequence: each row at its own position."""
+        n = len(self.active)
+        tokens = torch.tensor([[sequence.last_token] for sequence in self.active], device=self.device)  # (n, 1)
+        if self.generator.full_length:  # CUDA graphs: always the whole batch and the whole cache (one shape)
+            padded = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
+            padded[:n] = tokens
+            logits = self.generator.step(padded, self.cache, self.positions, self.cache.capacity)[:n]
+        else:
+            end = max(len(s.prompt_ids) + s.steps for s in self.active) + 1
+            length = self.generator.attend_length(self.cache, end)
+            logits = self.generator.step(tokens, self.cache, self.positions[:n], length)  # (n, V)
+        self.positions[:n] += 1
+        chosen = [
+            choose_next(logits[row : row + 1], self._history(sequence), sequence.options, sequence.rng)
+            for row, sequence in enumerate(self.active)
+        ]
+        tokens_host = torch.cat(chosen).tolist()  # the step's one sync
+        finished = [
+            row
+            for row, sequence in enumerate(self.active)
+            if not self._accept(sequence, tokens_host[row], logits[row])
+        ]
+        for row in reversed(finished):  # from the end, so each move keeps the earlier rows in place
+            self._release(row)
+
+    def _history(self, sequence: Sequence) -> torch.Tensor:
+        """The tokens so far `(1, t)`, for the repetition penalty only (otherwise nothing to copy)."""
+        if sequence.options.repetition_penalty == 1.0:
+            return self._no_history
+        tokens = sequence.prompt_ids + sequence.completion.token_ids
+        return torch.tensor([tokens], dtype=torch.long, device=self.device)
+
+    def _accept(self, sequence: Sequence, token: int, logits: torch.Tensor) -> bool:
+        """Record a chosen token and tell the client; False when the sequence is finished."""
+        assert sequence.tracker is not None
+        completion, pieces = sequence.completion, []
+        before = len(completion.token_ids)
+        alive = accept_token(
+            completion, sequence.tracker, token, sequence.steps, sequence.options,
+            lambda _row, piece: pieces.append(piece), 0,
+        )  # fmt: skip
+        sequence.steps += 1
+        sequence.last_token = token
+        text = "".join(pieces)
+        if len(completion.token_ids) > before and completion.finish_reason != "stop":  # a stop string ends it instead
+            logprob, top = self._logprobs(logits, token, sequence.logprobs)
+            self._emit(sequence, TokenGenerated(sequence.choice, token, text, logprob, top))
+            text = ""
+        if not alive:
+            self._finish(sequence, _FINISH_REASONS[completion.finish_reason or "length"], text=text)
+        return alive
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, token: int, count: int | None) -> tuple[float | None, TopLogprobs | None]:
+        if count is None:
+            return None, None
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+        top = torch.topk(logprobs, count) if count else None
+        top_pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+        return float(logprobs[token]), top_pairs
+
+    def _score_prompt(self, sequence: Sequence, ids: torch.Tensor) -> None:
+        """Log-probabilities of each prompt token given the ones before it (a plain forward pass)."""
+        logits, _ = self.model(ids)  # (1, T, V)
+        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): predictions of tokens 1...
+        targets = ids[0, 1:]
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        count = sequence.logprobs or 0
+        top: list[TopLogprobs | None] = [None]
+        if count:
+            values, indices = torch.topk(logprobs, count, dim=-1)
+            top += [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+        else:
+            top += [[] for _ in chosen]
+        self._emit(sequence, PromptScored(sequence.choice, [None, *chosen], top))
+
+    def _release(self, row: int) -> None:
+        """Free a row: the last active row moves into it (only its filled positions are copied)."""
+        last = len(self.active) - 1
+        if row != last:
+            moved = self.active[last]
+            filled = len(moved.prompt_ids) + moved.steps
+            for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
+                keys[row, :, :filled] = keys[last, :, :filled]
+                values[row, :, :filled] = values[last, :, :filled]
+            self.positions[row] = self.positions[last]
+            self.active[row] = moved
+        self.active.pop()
+
+    def _drop_cancelled(self) -> None:
+        if self._cancel_all:
+            for sequence in [*self.active, *self._waiting]:
+                sequence.cancelled = True
+        for row in reversed(range(len(self.active))):
+            if self.active[row].cancelled:
+                self._finish(self.active[row], "cancelled")
+                self._release(row)
+
+    def _finish(self, sequence: Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+        self._emit(sequence, Finished(sequence.choice, reason, text, error))
+
+    @staticmethod
+    def _emit(sequence: Sequence, event: Event) -> None:
+        try:
+            sequence.emit(event)
+        except RuntimeError:  # the receiving event loop has closed: nobody is listening any more
+            sequence.cancelled = True

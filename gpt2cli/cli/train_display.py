@@ -12,8 +12,12 @@ from gpt2cli.cli.output import info
 SAMPLE_PROMPT = "ROMEO:"
 
 
+TRAINING_SECTIONS = ("model", "data", "train")  # the other sections do not change a training run
+
+
 def _print_settings(settings: dict[str, dict[str, Any]]) -> None:
-    for section, values in settings.items():
+    for section in TRAINING_SECTIONS:
+        values = settings.get(section, {})
         shown = " ".join(f"{key}={value}" for key, value in values.items() if value not in (None, []))
         info(f"{section}: {shown}")
 

@@ -56,7 +56,7 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-# The embedded default run: a model small enough to train on two CPU cores in about five minutes.
+# The embedded default run: a model small enough to train on two CPU cores in five to seven minutes.
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
     "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
     "train": {

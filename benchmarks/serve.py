@@ -91,8 +91,14 @@ class Server:
 
 def stream_one(url: str, ids: list[int]) -> dict[str, float]:
     """One streamed completion: seconds to the first token, total seconds, tokens received."""
-    body = {"prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": ids,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first, tokens = None, 0
     with httpx.Client(timeout=600) as client, client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -171,9 +177,11 @@ def main() -> None:
     for row in rounds:
         print(f"| {row['clients']} | {row['tokens_per_s']:.1f} | {row['ttft_p50_s']:.3f} s | {row['ttft_p95_s']:.3f} s "
               f"| {row['wall_s']:.1f} s |")  # fmt: skip
-    print(f"16 clients / 1 client: {report['scaling_16_vs_1']}x (target >= 4x); one client's decode "
-          f"{one['decode_tokens_per_s']:.1f} tokens/s = {report['one_client_vs_sample']:.0%} of gpt2 sample "
-          "(target >= 90%)")
+    print(
+        f"16 clients / 1 client: {report['scaling_16_vs_1']}x (target >= 4x); one client's decode "
+        f"{one['decode_tokens_per_s']:.1f} tokens/s = {report['one_client_vs_sample']:.0%} of gpt2 sample "
+        "(target >= 90%)"
+    )
 
 
 if __name__ == "__main__":

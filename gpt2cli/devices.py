@@ -22,6 +22,7 @@ from gpt2cli.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
 @dataclass(frozen=True)
 class GpuPeaks:
     """One GPU's dense (not sparse) peaks from the vendor's datasheet; None where the GPU lacks the unit.

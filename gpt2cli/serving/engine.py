@@ -206,9 +206,7 @@ class Engine:
         ]
         tokens_host = torch.cat(chosen).tolist()  # the step's one sync
         finished = [
-            row
-            for row, sequence in enumerate(self.active)
-            if not self._accept(sequence, tokens_host[row], logits[row])
+            row for row, sequence in enumerate(self.active) if not self._accept(sequence, tokens_host[row], logits[row])
         ]
         for row in reversed(finished):  # from the end, so each move keeps the earlier rows in place
             self._release(row)

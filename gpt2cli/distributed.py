@@ -180,12 +180,3 @@ class StopPoll:
         self.next_check = step + poll_interval(slowest, self.budget_s)
         self.since, self.steps = self.clock(), 0
         return stop > 0
-
-
-def any_across(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every rank when any rank says so (all ranks must stop at the same step)."""
-    if not world.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())

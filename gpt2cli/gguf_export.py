@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2cli.errors import UsageError
+from gpt2cli.extras import import_extra
 from gpt2cli.model import GPT2
 from gpt2cli.tokenizer import EOT_ID
 from gpt2cli.tokenizer_files import vocabulary_and_merges
@@ -37,10 +38,7 @@ def _gguf_tensors(model: GPT2) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def write_gguf(model: GPT2, path: Path, quant: str) -> None:
-    try:
-        import gguf
-    except ImportError:
-        raise UsageError("writing GGUF needs the gguf package: pip install 'gpt2cli[gguf]'") from None
+    gguf = import_extra("gguf", "gguf", "writing GGUF")
     config = model.config
     if not config.bias:
         raise UsageError("llama.cpp's GPT-2 needs biases; this model has none")

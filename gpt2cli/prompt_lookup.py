@@ -81,38 +81,46 @@ def agreeing_prefix(choices: list[int], draft: list[int]) -> int:
     return len(draft)
 
 
-def choose_with_draft(
+def choose_with_drafts(
     logits: torch.Tensor,
-    history: list[int],
-    draft: list[int],
+    histories: list[list[int]],
+    drafts: list[list[int]],
     options: SamplingOptions,
     rng: torch.Generator | None,
-) -> list[int]:
-    """The tokens one row gains from its verification logits `(k + 1, V)`: the accepted draft tokens and one of the
-    model's own, under the options' penalty, temperature and filters."""
-    k, device = len(draft), logits.device
-    # Row i scores the token after the history and draft[:i]: the penalty sees that prefix (padded with a token
-    # already in it, which changes nothing).
-    prefixes = [history + draft[:i] + [history[-1]] * (k - i) for i in range(k + 1)]
-    adjusted = filtered_logits(logits[: k + 1], torch.tensor(prefixes, device=device), options)  # (k + 1, V)
+) -> list[list[int]]:
+    """The tokens each row gains from its verification logits `(B, N + 1, V)`: its accepted draft tokens and one of
+    the model's own, under the options' penalty, temperature and filters (two host syncs for the whole batch)."""
+    rows, width, _ = logits.shape
+    device = logits.device
+    history = torch.empty(0, dtype=torch.long, device=device)  # what the penalty sees (nothing: no penalty)
+    if options.repetition_penalty != 1.0:
+        # Position i scores the token after the history and draft[:i]: the penalty sees that prefix, padded to one
+        # length with a token already in it (which changes nothing).
+        longest = max(len(tokens) for tokens in histories) + width - 1
+        prefixes = [tokens + draft[:i] for tokens, draft in zip(histories, drafts, strict=True)
+                    for i in range(width)]  # fmt: skip
+        history = torch.tensor([prefix + prefix[-1:] * (longest - len(prefix)) for prefix in prefixes], device=device)
+    adjusted = filtered_logits(logits.flatten(0, 1), history, options).view(rows, width, -1)  # (B, N + 1, V)
     if options.temperature == 0.0:
         choices = adjusted.argmax(dim=-1).tolist()
-        kept = agreeing_prefix(choices, draft)
-        return [*draft[:kept], choices[kept]]
-    probabilities = torch.softmax(adjusted, dim=-1)  # (k + 1, V)
-    kept = k
-    if k:
-        drafted = torch.tensor(draft, device=device)
-        drafted_probability = probabilities[:k].gather(1, drafted[:, None]).squeeze(1)  # (k,)
-        accepted = (torch.rand(k, generator=rng, device=device) < drafted_probability).tolist()
-        kept = accepted.index(False) if False in accepted else k
-    weights = probabilities[kept]
-    if kept < k:  # rejected: draw from what is left of p once the rejected token is taken out
-        weights = weights.clone()
-        weights[draft[kept]] = 0.0
-        if not bool(weights.sum() > 0):  # p was all on the draft token (only rounding could reject it)
-            return draft[: kept + 1]
-    return [*draft[:kept], int(torch.multinomial(weights, 1, generator=rng))]
+        kept = [agreeing_prefix(row_choices, draft) for row_choices, draft in zip(choices, drafts, strict=True)]
+        return [[*draft[:k], row_choices[k]] for draft, row_choices, k in zip(drafts, choices, kept, strict=True)]
+
+    probabilities = torch.softmax(adjusted, dim=-1)  # (B, N + 1, V)
+    drafted = torch.tensor([draft + [0] * (width - 1 - len(draft)) for draft in drafts], device=device)  # (B, N)
+    drafted_probability = probabilities[:, :-1].gather(2, drafted[..., None]).squeeze(-1)  # (B, N)
+    lengths = torch.tensor([len(draft) for draft in drafts], device=device)
+    in_draft = torch.arange(width - 1, device=device) < lengths[:, None]  # (B, N)
+    accepted = (torch.rand(rows, width - 1, generator=rng, device=device) < drafted_probability) & in_draft
+    kept = accepted.int().cumprod(dim=1).sum(dim=1)  # (B,) draft tokens before the first rejection
+    weights = probabilities[torch.arange(rows, device=device), kept]  # (B, V): p after the kept tokens
+    # A rejected token is drawn from what is left of p once the rejected draft token is taken out.
+    rejected = kept < lengths
+    rejected_token = drafted.gather(1, kept.clamp(max=width - 2)[:, None])  # (B, 1)
+    residual = weights.scatter(1, rejected_token, 0.0)
+    usable = rejected[:, None] & (residual.sum(dim=1, keepdim=True) > 0)  # all of p on the draft: only rounding
+    tokens = torch.multinomial(torch.where(usable, residual, weights), 1, generator=rng).squeeze(1)
+    return [[*draft[:k], token] for draft, k, token in zip(drafts, kept.tolist(), tokens.tolist(), strict=True)]
 
 
 class _Batch:
@@ -227,17 +235,16 @@ def _verify_step(
         drafts.append(history.draft(min(width, room)) if batch.active[row] else [])
     logits = generator.verify(*_pass_inputs(generator, batch, drafts))  # (B, N + 1, V)
 
-    greedy = options.temperature == 0.0 and options.repetition_penalty == 1.0
-    choices = logits.argmax(dim=-1).tolist() if greedy else None  # one host sync for the whole batch
-    for row, draft in enumerate(drafts):
+    if options.temperature == 0.0 and options.repetition_penalty == 1.0:
+        choices = logits.argmax(dim=-1).tolist()  # one host sync for the whole batch
+        gains = [[*draft[:kept], row_choices[kept]] for draft, row_choices in zip(drafts, choices, strict=True)
+                 for kept in [agreeing_prefix(row_choices, draft)]]  # fmt: skip
+    else:
+        gains = choose_with_drafts(logits, [history.tokens for history in batch.histories], drafts, options, rng)
+    for row, (draft, gained) in enumerate(zip(drafts, gains, strict=True)):
         if not batch.active[row]:
             continue
-        if choices is not None:
-            kept = agreeing_prefix(choices[row], draft)
-            gained = [*draft[:kept], choices[row][kept]]
-        else:
-            gained = choose_with_draft(logits[row], batch.histories[row].tokens, draft, options, rng)
-            kept = len(gained) - 1
+        kept = len(gained) - 1
         batch.positions[row] += len(gained)
         timing.decode_tokens += batch.accept(row, gained, on_text)
         timing.row_passes += 1

@@ -1,8 +1,14 @@
-"""The usual logit filters of sampling, each on float32 `(B, V)` logits: repetition penalty, top-k, top-p, min-p."""
+"""The usual logit filters of sampling, each on float32 `(B, V)` logits (repetition penalty, top-k, top-p, min-p),
+and the choice of the next token through them."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from gpt2cli.sampling import SamplingOptions
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -41,3 +47,27 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     probabilities = torch.softmax(logits, dim=-1)
     threshold = probabilities.amax(dim=-1, keepdim=True) * min_p
     return logits.masked_fill(probabilities < threshold, float("-inf"))
+
+
+def filtered_logits(logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+    """Float32 logits `(B, V)` after the penalty, and when sampling the temperature and filters: the distribution
+    the next token is drawn from (greedy: its argmax)."""
+    logits = apply_repetition_penalty(logits.float(), history, options.repetition_penalty)
+    if options.temperature == 0.0:
+        return logits
+    logits = logits / options.temperature
+    if options.top_k is not None:
+        logits = top_k_filter(logits, options.top_k)
+    logits = top_p_filter(logits, options.top_p)
+    return min_p_filter(logits, options.min_p)
+
+
+def choose_next(
+    logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions, rng: torch.Generator | None
+) -> torch.Tensor:
+    """The next token of each row `(B,)` from logits `(B, V)`, on the logits' device (no host sync)."""
+    logits = filtered_logits(logits, history, options)
+    if options.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probabilities = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probabilities, 1, generator=rng).squeeze(-1)

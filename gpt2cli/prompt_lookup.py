@@ -21,15 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gpt2cli.sampling import (
-    Completion,
-    SamplingOptions,
-    TextTracker,
-    Timing,
-    accept_token,
-    choose_next,
-    filtered_logits,
-)
+from gpt2cli.logit_filters import choose_next, filtered_logits
+from gpt2cli.sampling import Completion, SamplingOptions, TextTracker, Timing, accept_token
 
 if TYPE_CHECKING:
     from gpt2cli.model import KVCache
@@ -88,8 +81,9 @@ def choose_with_drafts(
     options: SamplingOptions,
     rng: torch.Generator | None,
 ) -> list[list[int]]:
-    """The tokens each row gains from its verification logits `(B, N + 1, V)`: its accepted draft tokens and one of
-    the model's own, under the options' penalty, temperature and filters (two host syncs for the whole batch)."""
+    """The tokens each row gains from its verification logits `(B, N + 1, V)` (or `(B, 1, V)` when nothing was
+    drafted): its accepted draft tokens and one of the model's own, under the options' penalty, temperature and
+    filters (two host syncs for the whole batch)."""
     rows, width, _ = logits.shape
     device = logits.device
     history = torch.empty(0, dtype=torch.long, device=device)  # what the penalty sees (nothing: no penalty)
@@ -107,6 +101,8 @@ def choose_with_drafts(
         return [[*draft[:k], row_choices[k]] for draft, row_choices, k in zip(drafts, choices, kept, strict=True)]
 
     probabilities = torch.softmax(adjusted, dim=-1)  # (B, N + 1, V)
+    if width == 1:  # the one-token step: nothing drafted
+        return [[token] for token in torch.multinomial(probabilities[:, 0], 1, generator=rng).squeeze(1).tolist()]
     drafted = torch.tensor([draft + [0] * (width - 1 - len(draft)) for draft in drafts], device=device)  # (B, N)
     drafted_probability = probabilities[:, :-1].gather(2, drafted[..., None]).squeeze(-1)  # (B, N)
     lengths = torch.tensor([len(draft) for draft in drafts], device=device)
@@ -213,7 +209,9 @@ def _pass_inputs(
     width = generator.prompt_lookup or 1
     idx = [[history.tokens[-1], *draft] + [history.tokens[-1]] * (width - len(draft))
            for history, draft in zip(batch.histories, drafts, strict=True)]  # fmt: skip
-    end = max(position + len(draft) + 1 for position, draft in zip(batch.positions, drafts, strict=True))
+    ends = [position + len(draft) + 1 for position, draft, active in zip(batch.positions, drafts, batch.active,
+                                                                          strict=True) if active]  # fmt: skip
+    end = max(ends, default=1)  # finished rows are computed too, but nobody reads them
     cache = generator.cache_for(len(idx))
     tokens = torch.tensor(idx, device=generator.device)
     positions = torch.tensor(batch.positions, device=generator.device)
@@ -233,7 +231,11 @@ def _verify_step(
     for row, history in enumerate(batch.histories):
         room = min(generator.block_size - 1 - batch.positions[row], options.max_new_tokens - batch.generated[row] - 1)
         drafts.append(history.draft(min(width, room)) if batch.active[row] else [])
-    logits = generator.verify(*_pass_inputs(generator, batch, drafts))  # (B, N + 1, V)
+    tokens, cache, positions, length = _pass_inputs(generator, batch, drafts)
+    if any(drafts):
+        logits = generator.verify(tokens, cache, positions, length)  # (B, N + 1, V)
+    else:  # nothing to verify: the plain one-token step is cheaper than a pass of N + 1
+        logits = generator.step(tokens[:, :1], cache, positions, length)[:, None]  # (B, 1, V)
 
     if options.temperature == 0.0 and options.repetition_penalty == 1.0:
         choices = logits.argmax(dim=-1).tolist()  # one host sync for the whole batch

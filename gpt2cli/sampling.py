@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2cli.logit_filters import apply_repetition_penalty as apply_repetition_penalty
+from gpt2cli.logit_filters import choose_next as choose_next
+from gpt2cli.logit_filters import filtered_logits as filtered_logits
 from gpt2cli.logit_filters import min_p_filter as min_p_filter
 from gpt2cli.logit_filters import top_k_filter as top_k_filter
 from gpt2cli.logit_filters import top_p_filter as top_p_filter
@@ -35,30 +37,6 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     ignore_eot: bool = False
-
-
-def filtered_logits(logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
-    """Float32 logits `(B, V)` after the penalty, and when sampling the temperature and filters: the distribution
-    the next token is drawn from (greedy: its argmax)."""
-    logits = apply_repetition_penalty(logits.float(), history, options.repetition_penalty)
-    if options.temperature == 0.0:
-        return logits
-    logits = logits / options.temperature
-    if options.top_k is not None:
-        logits = top_k_filter(logits, options.top_k)
-    logits = top_p_filter(logits, options.top_p)
-    return min_p_filter(logits, options.min_p)
-
-
-def choose_next(
-    logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions, rng: torch.Generator | None
-) -> torch.Tensor:
-    """The next token of each row `(B,)` from logits `(B, V)`, on the logits' device (no host sync)."""
-    logits = filtered_logits(logits, history, options)
-    if options.temperature == 0.0:
-        return logits.argmax(dim=-1)
-    probabilities = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probabilities, 1, generator=rng).squeeze(-1)
 
 
 # ---------------------------------------------------------------- generation
@@ -289,11 +267,13 @@ class TextGenerator:
         self._warm_batch_sizes.add(tokens.size(0))
 
     def warm_up_verify(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, length: int) -> None:
-        """The same for prompt lookup's verification pass (its writes past the rows' positions are masked)."""
+        """The same for prompt lookup: its verification pass `(B, N + 1)`, and the one-token step it takes when
+        nothing was drafted (writes past the rows' positions are masked)."""
         if tokens.size(0) in self._warm_verify_sizes or 0 in self._warm_batch_sizes:
             return
-        for _ in range(3 if self.device.type == "cuda" else 1):
-            self.verify(tokens, cache, positions, length)
+        for step, step_tokens in ((self.verify, tokens), (self.step, tokens[:, :1])):
+            for _ in range(3 if self.device.type == "cuda" else 1):
+                step(step_tokens, cache, positions, length)
         self._warm_verify_sizes.add(tokens.size(0))
 
     @torch.inference_mode()

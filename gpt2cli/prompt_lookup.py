@@ -214,7 +214,9 @@ def _pass_inputs(
     end = max(ends, default=1)  # finished rows are computed too, but nobody reads them
     cache = generator.cache_for(len(idx))
     tokens = torch.tensor(idx, device=generator.device)
-    positions = torch.tensor(batch.positions, device=generator.device)
+    # A finished row may stand at the block size, past the position embeddings: what it computes is never read.
+    positions = torch.tensor([min(position, generator.block_size - 1) for position in batch.positions],
+                             device=generator.device)  # fmt: skip
     return tokens, cache, positions, generator.attend_length(cache, min(end, generator.block_size))
 
 

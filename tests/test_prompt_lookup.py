@@ -235,3 +235,15 @@ def test_compiled_verify_pass_compiles_once_and_matches_eager(model):
     assert compiled.generate(prompts, options)[0].token_ids == eager
     # Each compiled once: the verification pass and the one-token step taken when nothing was drafted.
     assert counters["frames"]["total"] == counters["stats"]["unique_graphs"] == 2
+
+
+def test_rows_that_finish_at_different_passes_near_the_context_limit(model):
+    # Row 0 repeats itself (long accepted drafts) and ends first, near or at the block size; row 1 goes on.
+    tokenizer = get_tokenizer()
+    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, prompt_lookup=6)
+    prompts = [[3, 4] * 5, torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(5)).tolist()]
+    for new_tokens in range(BLOCK - 12, BLOCK + 2, 3):
+        options = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0, ignore_eot=True)
+        batched = lookup.generate(prompts, options)
+        for prompt, completion in zip(prompts, batched, strict=True):
+            assert completion.token_ids == plain.generate([prompt], options)[0].token_ids

@@ -61,7 +61,9 @@ def command(
     num_samples: Annotated[int | None, _s("num_samples")] = None,
     stop: Annotated[list[str] | None, _s("stop")] = None,
     ignore_eot: Annotated[bool | None, _s("ignore_eot", DECODING, "--ignore-eot/--stop-at-eot")] = None,
-    prompt_lookup: Annotated[int | None, _s("prompt_lookup", SPEED, "--prompt-lookup")] = None,
+    prompt_lookup: Annotated[
+        int | None, setting(SampleSettings, "prompt_lookup", "--prompt-lookup", panel=SPEED, metavar="N")
+    ] = None,
     device: DeviceOption[SampleSettings] = None,
     dtype: DtypeOption[SampleSettings] = None,
     quantize: Annotated[Quantize | None, _s("quantize", SPEED)] = None,

@@ -96,7 +96,9 @@ def test_a_verify_pass_past_the_context_writes_its_padding_nowhere_attended(mode
 # ---------------------------------------------------------------- greedy: the plain decoder's text
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.3], ids=["argmax", "repetition-penalty"])
+@pytest.mark.parametrize(
+    "penalty", [1.0, pytest.param(1.3, marks=pytest.mark.slow)], ids=["argmax", "repetition-penalty"]
+)
 def test_greedy_equals_plain_greedy_over_many_prompts(model, penalty):
     tokenizer = get_tokenizer()
     plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, prompt_lookup=4)

@@ -129,10 +129,98 @@ def copy_bandwidth() -> float:
     return 5 * source.numel() * 4 / (time.perf_counter() - started)
 
 
+# ---------------------------------------------------------------- prompt lookup (`gpt2 sample --prompt-lookup N`)
+
+LOOKUP_DRAFTS = (4, 10)  # draft lengths measured (transformers' default is 10)
+LOOKUP_RUN = REPO / "runs" / "sample-bench-default"  # the default run, trained here when no --checkpoint is given
+
+
+def lookup_prompt(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """An input-grounded prompt: a 100-token passage of the bundled Shakespeare, a blank line, and the passage's
+    first 8 tokens again, so that the continuation that repeats the passage is the likely one. Also the rest of the
+    passage (the tokens a perfect copy would produce)."""
+    text = gzip.decompress((REPO / "gpt2cli" / "assets" / "shakespeare.txt.gz").read_bytes()).decode()
+    start = text.index("\n\n", 500_000) + 2
+    passage = tokenizer.encode(text[start : start + 2_000])[:100]
+    return passage + tokenizer.encode("\n\n") + passage[:8], passage[8:]
+
+
+def trained_checkpoint(path: str | None) -> Path:
+    """The checkpoint given, or the default run (`gpt2 train` with no settings), trained into runs/ if missing."""
+    if path is not None:
+        return Path(path)
+    if not (LOOKUP_RUN / "model.safetensors").is_file():
+        print(f"training the default run into {LOOKUP_RUN} (5-7 minutes) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "gpt2cli", "train", "--out", str(LOOKUP_RUN)], check=True)
+    return LOOKUP_RUN
+
+
+def prompt_lookup_section(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Plain greedy against `--prompt-lookup N` greedy on the trained checkpoint, float32, batch 1, NEW_TOKENS new
+    tokens, the runs interleaved (plain, N=4, N=10, plain, ...) so that a loaded machine slows all alike."""
+    import torch
+
+    from gpt2cli import get_tokenizer, load_model
+    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
+
+    checkpoint = trained_checkpoint(getattr(args, "checkpoint", None))
+    print(f"running prompt lookup on {checkpoint} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model(checkpoint, dtype=torch.float32), get_tokenizer()
+    prompt, passage = lookup_prompt(tokenizer)
+    options = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eot=True)
+    generators = {0: TextGenerator(model, tokenizer)}
+    generators.update({draft: TextGenerator(model, tokenizer, prompt_lookup=draft) for draft in LOOKUP_DRAFTS})
+    for generator in generators.values():  # warm-up
+        generator.generate([prompt], SamplingOptions(max_new_tokens=8, temperature=0.0, ignore_eot=True))
+    rates: dict[int, list[float]] = {draft: [] for draft in generators}
+    outputs, timings = {}, {}
+    for _ in range(args.reps):
+        for draft, generator in generators.items():
+            timings[draft] = Timing()
+            outputs[draft] = generator.generate([prompt], options, timing=timings[draft])[0].token_ids
+            rates[draft].append(timings[draft].decode_tokens_per_s)
+    same = [a == b for a, b in zip(outputs[0], passage, strict=False)]
+    copied = same.index(False) if False in same else len(same)
+    plain = statistics.median(rates[0])
+    report["prompt_lookup"] = {
+        "checkpoint": str(checkpoint),
+        "prompt_tokens": len(prompt),
+        "copied_tokens": copied,  # how much of the passage plain greedy reproduces before it departs
+        "plain_tokens_per_s": plain,
+        "plain_runs": rates[0],
+        "drafts": {
+            str(draft): {
+                "tokens_per_s": statistics.median(rates[draft]),
+                "runs": rates[draft],
+                "speedup": statistics.median(rates[draft]) / plain,
+                "speedup_per_pair": statistics.median(r / p for r, p in zip(rates[draft], rates[0], strict=True)),
+                "acceptance_rate": timings[draft].acceptance_rate,
+                "tokens_per_pass": timings[draft].tokens_per_pass,
+                "identical": outputs[draft] == outputs[0],
+            }
+            for draft in LOOKUP_DRAFTS
+        },
+    }
+
+
+def print_prompt_lookup(report: dict[str, Any]) -> None:
+    lookup = report["prompt_lookup"]
+    print(f"\nprompt lookup: {lookup['checkpoint']}, float32, batch 1, {lookup['prompt_tokens']}-token prompt "
+          f"(a passage, then its start again), {NEW_TOKENS} new tokens, greedy; plain greedy copies "
+          f"{lookup['copied_tokens']} tokens of the passage")  # fmt: skip
+    print(f"{'decoder':<16} {'tok/s':>8} {'speedup':>8} {'accepted':>8} {'tok/pass':>8} {'identical':>9}")
+    print(f"{'plain greedy':<16} {lookup['plain_tokens_per_s']:>8.1f}")
+    for draft, r in lookup["drafts"].items():
+        print(f"{'--prompt-lookup ' + draft:<16} {r['tokens_per_s']:>8.1f} {r['speedup_per_pair']:>7.2f}x "
+              f"{r['acceptance_rate']:>8.0%} {r['tokens_per_pass']:>8.2f} "
+              f"{'yes' if r['identical'] else 'NO':>9}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--checkpoint", help="Trained checkpoint for prompt lookup (default: train the default run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,6 +253,7 @@ def main() -> None:
         "read_GB_per_s": round(read / 1e9, 2),
         "results": results,
     }
+    prompt_lookup_section(args, report)
     results["hf-fp32"]["fraction_of_read_limit"] = hf / (read / weight_bytes["fp32"])
     for name in CONTENDERS[1:]:
         variant = name.removeprefix("ours-")
@@ -193,6 +282,7 @@ def main() -> None:
               f"{r['bandwidth_limit_tokens_per_s']:>11.1f} {r['fraction_of_limit']:>8.0%} "
               f"{r['read_limit_tokens_per_s']:>10.1f} {r['fraction_of_read_limit']:>7.0%} "
               f"{r['perplexity_change']:>+10.4%}")  # fmt: skip
+    print_prompt_lookup(report)
 
 
 if __name__ == "__main__":

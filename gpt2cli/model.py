@@ -81,8 +81,9 @@ class KVCache:
         self, config: GPT2Config, batch_size: int, device: torch.device | str, dtype: torch.dtype, length: int = 0
     ) -> None:
         self.capacity = length or config.block_size  # positions a row can hold
-        # One spare position, never written: an attended length is then never the whole tensor, which a step
+        # One spare position, never attended: an attended length is then never the whole tensor, which a step
         # compiled with a dynamic length would otherwise specialise on (a contiguity guard) and compile twice.
+        # A draft's verification writes its padding there (`GPT2.verify_logits`).
         shape = (batch_size, config.n_head, self.capacity + 1, config.head_dim)  # (B, nh, capacity + 1, hs)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -104,7 +105,7 @@ class CachedCall:
     """Where one cached call reads and writes, computed once and shared by every layer."""
 
     cache: KVCache
-    positions: torch.Tensor  # (B, T) the absolute position of each new token
+    positions: torch.Tensor  # (B, T) the cache slot of each new token (its absolute position)
     mask: torch.Tensor  # (B, 1, T, L) True where a new token may attend to a cached position
     rows: slice | None  # the cache rows holding these B sequences; None: all of them
     length: int  # L: the cached positions attended to
@@ -272,16 +273,47 @@ class GPT2(nn.Module):
                 raise UsageError(f"sequence of {positions + T} tokens is longer than the block size "
                                  f"{self.config.block_size}")  # fmt: skip
             positions = torch.full((B,), positions, dtype=torch.long, device=idx.device)
-        length = cache.capacity if length is None else length
         pos = positions[:, None] + torch.arange(T, device=idx.device)  # (B, T)
-        mask = torch.arange(length, device=idx.device) <= pos[:, :, None]  # (B, T, L): causal, per row
-        rows = None if first_row == 0 and cache.batch_size == B else slice(first_row, first_row + B)
-        cached = CachedCall(cache, pos, mask[:, None], rows, length)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, cached, layer)
+        x = self._cached_blocks(idx, cache, pos, pos, pos, length, first_row)  # (B, T, C)
         x = self.transformer.ln_f(x[:, -1, :])  # (B, C): only the last position is needed
         return self.lm_head(x)  # (B, V)
+
+    def verify_logits(
+        self, idx: torch.Tensor, cache: KVCache, positions: torch.Tensor, length: int | None = None
+    ) -> torch.Tensor:
+        """Logits `(B, T, V)` after each of `idx` `(B, T)`, the tokens of row b at `positions[b]...`: a draft's
+        verification pass (prompt lookup), with `next_token_logits`' cache conventions.
+
+        A row near the end of the context pads its draft: tokens whose position falls past the cache (or the block
+        size) are written to the cache's spare slot, never attended, and their logits are meaningless.
+        """
+        pos = positions[:, None] + torch.arange(idx.size(1), device=idx.device)  # (B, T)
+        slots = pos.clamp(max=cache.capacity)  # the spare slot takes the padding past the end
+        x = self._cached_blocks(idx, cache, pos, slots, pos.clamp(max=self.config.block_size - 1), length, 0)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+
+    def _cached_blocks(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache,
+        pos: torch.Tensor,
+        slots: torch.Tensor,
+        embedded_pos: torch.Tensor,
+        length: int | None,
+        first_row: int,
+    ) -> torch.Tensor:
+        """The last block's output `(B, T, C)` for tokens `idx` `(B, T)` at positions `pos` `(B, T)`: each token
+        attends to its row's cached positions up to its own, its key and value stored at `slots` (= `pos` but for
+        padding), its position embedding read at `embedded_pos`."""
+        B = idx.size(0)
+        length = cache.capacity if length is None else length
+        mask = torch.arange(length, device=idx.device) <= pos[:, :, None]  # (B, T, L): causal, per row
+        rows = None if first_row == 0 and cache.batch_size == B else slice(first_row, first_row + B)
+        cached = CachedCall(cache, slots, mask[:, None], rows, length)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(embedded_pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cached, layer)
+        return x
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

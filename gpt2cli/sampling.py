@@ -1,8 +1,10 @@
-"""Text generation: a preallocated KV cache, the usual logit filters, stop conditions and streaming.
+"""Text generation: a preallocated KV cache, the usual logit filters (`logit_filters.py`), stop conditions and
+streaming.
 
 The prompt is encoded once (prefill), then each step feeds one token per sequence. GPT-2's positions are learned
 and absolute, so a cache cannot simply slide: when a sequence reaches the block size, the last half block is
-encoded again as a new prompt and generation continues from there.
+encoded again as a new prompt and generation continues from there. Prompt-lookup decoding (several tokens per
+step) is in `prompt_lookup.py`.
 """
 
 from __future__ import annotations
@@ -14,49 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpt2cli.logit_filters import apply_repetition_penalty as apply_repetition_penalty
+from gpt2cli.logit_filters import choose_next as choose_next
+from gpt2cli.logit_filters import filtered_logits as filtered_logits
+from gpt2cli.logit_filters import min_p_filter as min_p_filter
+from gpt2cli.logit_filters import top_k_filter as top_k_filter
+from gpt2cli.logit_filters import top_p_filter as top_p_filter
 from gpt2cli.model import GPT2, KVCache
 from gpt2cli.quantize import use_matvec_for_decode
 from gpt2cli.tokenizer import EOT_ID, Tokenizer
-
-# ---------------------------------------------------------------- logit filters (each on float32 (B, V) logits)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty: logits of tokens already present are divided by `penalty` (multiplied when negative)."""
-    if penalty == 1.0 or history.numel() == 0:
-        return logits
-    seen = logits.gather(1, history)
-    logits = logits.clone()
-    logits.scatter_(1, history, torch.where(seen > 0, seen / penalty, seen * penalty))
-    return logits
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the `k` largest logits of each row."""
-    if k >= logits.size(-1):
-        return logits
-    threshold = torch.topk(logits, k, dim=-1).values[:, -1:]
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probabilities add up to at least `p` (nucleus)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probabilities = torch.softmax(sorted_logits, dim=-1)
-    before = probabilities.cumsum(dim=-1) - probabilities  # mass of the more likely tokens
-    sorted_logits = sorted_logits.masked_fill(before >= p, float("-inf"))  # the most likely always stays
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-
-
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens less likely than `min_p` times the most likely one."""
-    if min_p <= 0.0:
-        return logits
-    probabilities = torch.softmax(logits, dim=-1)
-    threshold = probabilities.amax(dim=-1, keepdim=True) * min_p
-    return logits.masked_fill(probabilities < threshold, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -69,22 +37,6 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     ignore_eot: bool = False
-
-
-def choose_next(
-    logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions, rng: torch.Generator | None
-) -> torch.Tensor:
-    """The next token of each row `(B,)` from logits `(B, V)`, on the logits' device (no host sync)."""
-    logits = apply_repetition_penalty(logits.float(), history, options.repetition_penalty)
-    if options.temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / options.temperature
-    if options.top_k is not None:
-        logits = top_k_filter(logits, options.top_k)
-    logits = top_p_filter(logits, options.top_p)
-    logits = min_p_filter(logits, options.min_p)
-    probabilities = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probabilities, 1, generator=rng).squeeze(-1)
 
 
 # ---------------------------------------------------------------- generation
@@ -104,6 +56,12 @@ class Timing:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    # Prompt lookup: draft tokens proposed and accepted, (row, forward pass) pairs of the decode, and how many drafts
+    # kept 0, 1, 2, ... of their tokens.
+    drafted: int = 0
+    accepted: int = 0
+    row_passes: int = 0
+    accepted_lengths: dict[int, int] = field(default_factory=dict)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -113,12 +71,27 @@ class Timing:
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / drafted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens each sequence gained per decode forward pass (1 without prompt lookup)."""
+        return self.decode_tokens / self.row_passes if self.row_passes else 0.0
+
     def add(self, other: Timing) -> None:
         """Accumulate another run's counts and times (several batches make one report)."""
         self.prefill_tokens += other.prefill_tokens
         self.prefill_s += other.prefill_s
         self.decode_tokens += other.decode_tokens
         self.decode_s += other.decode_s
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.row_passes += other.row_passes
+        for length, count in other.accepted_lengths.items():
+            self.accepted_lengths[length] = self.accepted_lengths.get(length, 0) + count
 
 
 def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]]:
@@ -214,26 +187,40 @@ def load_generation_model(checkpoint: str, device_name: str, dtype_name: str, qu
 DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]
 
 
-def compile_decode_step(model: GPT2, compile: bool) -> tuple[DecodeStep, bool]:
-    """The decode step `(tokens (B, 1), cache, positions (B,), length) -> logits (B, V)`, and whether it must
-    attend to the whole cache.
+def compile_decode_step(model: GPT2, compile: bool, step: DecodeStep | None = None) -> tuple[DecodeStep, bool]:
+    """The decode step `(tokens (B, 1), cache, positions (B,), length) -> logits (B, V)` (or `step`, another
+    method of the model with that signature), and whether it must attend to the whole cache.
 
     On CUDA the compiled step is recorded as a CUDA graph, which needs one shape: it attends to the whole cache.
     Elsewhere it attends to a power-of-two bucket of it (`KVCache.attend_length`), compiled with a dynamic length so
     that the buckets share one compilation.
     """
+    step = step or model.next_token_logits
     if not compile:
-        return model.next_token_logits, False
+        return step, False
     if next(model.parameters()).device.type == "cuda":
-        return torch.compile(model.next_token_logits, mode="reduce-overhead", dynamic=False), True
-    return torch.compile(model.next_token_logits, dynamic=True), False
+        return torch.compile(step, mode="reduce-overhead", dynamic=False), True
+    return torch.compile(step, dynamic=True), False
 
 
 class TextGenerator:
-    """Generates from one model; reuse it for many prompts (the decode step is compiled once, the cache reused)."""
+    """Generates from one model; reuse it for many prompts (the decode step is compiled once, the cache reused).
 
-    def __init__(self, model: GPT2, tokenizer: Tokenizer, compile: bool = False, use_cache: bool = True) -> None:
+    `prompt_lookup` N: draft up to N tokens per step from earlier text and verify them in one pass
+    (`prompt_lookup.py`)."""
+
+    def __init__(
+        self,
+        model: GPT2,
+        tokenizer: Tokenizer,
+        compile: bool = False,
+        use_cache: bool = True,
+        prompt_lookup: int | None = None,
+    ) -> None:
+        if prompt_lookup is not None and (prompt_lookup < 1 or not use_cache):
+            raise ValueError("prompt lookup needs a draft length of at least 1 and the KV cache")
         self.model = model.eval()
+        self.prompt_lookup = prompt_lookup
         self.use_cache = use_cache
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -242,8 +229,10 @@ class TextGenerator:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             use_matvec_for_decode(model)
         self.step, self.full_length = compile_decode_step(model, compile)
+        self.verify, _ = compile_decode_step(model, compile, model.verify_logits)  # compiled on first use only
         self._cache: KVCache | None = None
         self._warm_batch_sizes: set[int] = set() if compile else {0}  # {0}: eager, nothing to warm up
+        self._warm_verify_sizes: set[int] = set()
 
     def prepare_prompt(self, prompt: str) -> tuple[list[int], bool]:
         """Token ids of a prompt (an empty prompt starts from <|endoftext|>); True if it was cut to fit."""
@@ -277,6 +266,16 @@ class TextGenerator:
             self.step(tokens, cache, positions, self.attend_length(cache, end))
         self._warm_batch_sizes.add(tokens.size(0))
 
+    def warm_up_verify(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, length: int) -> None:
+        """The same for prompt lookup: its verification pass `(B, N + 1)`, and the one-token step it takes when
+        nothing was drafted (writes past the rows' positions are masked)."""
+        if tokens.size(0) in self._warm_verify_sizes or 0 in self._warm_batch_sizes:
+            return
+        for step, step_tokens in ((self.verify, tokens), (self.step, tokens[:, :1])):
+            for _ in range(3 if self.device.type == "cuda" else 1):
+                step(step_tokens, cache, positions, length)
+        self._warm_verify_sizes.add(tokens.size(0))
+
     @torch.inference_mode()
     def generate(
         self,
@@ -290,6 +289,10 @@ class TextGenerator:
         if len({len(prompt) for prompt in prompts}) != 1:
             raise ValueError("prompts generated together must have the same number of tokens")
         timing = timing if timing is not None else Timing()
+        if self.prompt_lookup is not None:
+            from gpt2cli.prompt_lookup import generate_with_lookup
+
+            return generate_with_lookup(self, prompts, options, rng, on_text, timing)
         rows = len(prompts)
         completions = [Completion(prompt_ids=list(prompt)) for prompt in prompts]
         trackers = [TextTracker(self.tokenizer, options.stop) for _ in range(rows)]

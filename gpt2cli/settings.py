@@ -214,6 +214,14 @@ class SampleSettings(Section):
     dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
     quantize: Quantize = Field("none", description="Weight-only int8 quantization (gpt-fast style).")
     compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
+    prompt_lookup: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt-lookup decoding: draft up to N tokens a step by matching the last tokens against earlier "
+        "text (prompt and output) and verify them in one pass; fast where the output repeats its input. Greedy "
+        "float32 output is unchanged (in bf16 or quantized a near-tie can flip); sampling keeps its distribution, "
+        "but a seed gives other text.",
+    )
 
 
 class EvalSettings(Section):

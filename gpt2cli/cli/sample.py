@@ -61,6 +61,9 @@ def command(
     num_samples: Annotated[int | None, _s("num_samples")] = None,
     stop: Annotated[list[str] | None, _s("stop")] = None,
     ignore_eot: Annotated[bool | None, _s("ignore_eot", DECODING, "--ignore-eot/--stop-at-eot")] = None,
+    prompt_lookup: Annotated[
+        int | None, setting(SampleSettings, "prompt_lookup", "--prompt-lookup", panel=SPEED, metavar="N")
+    ] = None,
     device: DeviceOption[SampleSettings] = None,
     dtype: DtypeOption[SampleSettings] = None,
     quantize: Annotated[Quantize | None, _s("quantize", SPEED)] = None,
@@ -118,7 +121,9 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     from gpt2cli.tokenizer import get_tokenizer
 
     model = load_generation_model(checkpoint, settings.device, settings.dtype, settings.quantize, settings.compile)
-    text_generator = TextGenerator(model, get_tokenizer(), compile=settings.compile)
+    text_generator = TextGenerator(
+        model, get_tokenizer(), compile=settings.compile, prompt_lookup=settings.prompt_lookup
+    )
     options = SamplingOptions(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
@@ -155,14 +160,33 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
                 "finish_reason": completion.finish_reason,
                 "tokens_per_s": round(batch_timing.decode_tokens_per_s, 2),
             }
+            if settings.prompt_lookup is not None:  # the batch's draft statistics
+                record.update(_lookup_summary(batch_timing))
             write_stdout([json.dumps(record) + "\n"])
         elif streaming:
             write_stdout(["" if completion.text.endswith("\n") else "\n"])
         else:
             write_stdout([("" if first_output else "---\n") + completion.text + "\n"])
         first_output = False
+    lookup = (
+        ""
+        if settings.prompt_lookup is None
+        else f" | prompt lookup: {timing.accepted}/{timing.drafted} draft tokens accepted "
+        f"({timing.acceptance_rate:.0%}), {timing.tokens_per_pass:.2f} tokens per pass"
+    )
     info(
         f"generated {generated} tokens | prompt: {timing.prefill_tokens} tokens in {timing.prefill_s * 1000:.0f} ms "
         f"({timing.prefill_tokens_per_s:,.1f} tok/s), time to first token {timing.prefill_s * 1000:.0f} ms | "
         f"decode: {timing.decode_tokens} tokens in {timing.decode_s:.2f} s ({timing.decode_tokens_per_s:,.1f} tok/s)"
+        + lookup
     )
+
+
+def _lookup_summary(timing: Any) -> dict[str, Any]:
+    """Prompt lookup's numbers for `--json`."""
+    return {
+        "drafted_tokens": timing.drafted,
+        "accepted_tokens": timing.accepted,
+        "acceptance_rate": round(timing.acceptance_rate, 4),
+        "tokens_per_pass": round(timing.tokens_per_pass, 4),
+    }

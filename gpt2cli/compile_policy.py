@@ -41,7 +41,7 @@ def choose_compile(setting: bool | Literal["auto"], device: torch.device, traini
     if setting is False:
         return CompileChoice(False)
     if setting is True:
-        problem = inductor_problem(device)
+        problem = inductor_problem(device) if device.type in ("cpu", "cuda") else None  # others: torch's to try
         if problem is not None:
             raise UsageError(f"--compile: {problem}; {_remedy(device)}, or pass --no-compile")
         return CompileChoice(True)
@@ -82,7 +82,7 @@ def inductor_problem(device: torch.device) -> str | None:
         if major < 7:  # Triton's oldest target is Volta (7.0)
             return f"Triton needs CUDA compute capability 7.0 or later, this GPU has {major}.{minor}"
         return None
-    return f"Inductor does not support {device.type} training here"
+    return f"Inductor's {device.type} backend is experimental"
 
 
 def _remedy(device: torch.device) -> str:
@@ -90,7 +90,7 @@ def _remedy(device: torch.device) -> str:
         return "install g++ (or set CXX)"
     if device.type == "cuda":
         return "install triton"
-    return "use --device cpu or cuda"
+    return "pass --compile to try it"
 
 
 def find_cpp_compiler() -> str | None:

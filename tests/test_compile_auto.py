@@ -64,8 +64,9 @@ def test_the_decision_rule(no_compiler):
     assert choose_compile(False, CPU, LONG_RUN).enabled is False
     assert choose_compile("auto", CPU, LONG_RUN).reason.startswith("no C++ compiler found")  # type: ignore[union-attr]
     assert "too short" in choose_compile("auto", CPU, 1e12).reason  # type: ignore[operator]
-    mps = compile_policy.inductor_problem(torch.device("mps"))
-    assert mps is not None and "mps" in mps
+    mps = torch.device("mps")  # Inductor's MPS backend: auto leaves it alone, --compile tries it
+    assert "mps" in choose_compile("auto", mps, LONG_RUN).reason  # type: ignore[operator]
+    assert choose_compile(True, mps, 1.0).enabled
 
 
 def test_auto_compiles_a_long_run_where_a_compiler_is_found(monkeypatch):

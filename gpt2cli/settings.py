@@ -135,12 +135,33 @@ class DataSettings(Section):
     )
 
 
+def _compile_mode(value: Any) -> Any:
+    """`auto`, or on/off as pydantic reads booleans (true/false, 1/0, yes/no, on/off): one error line otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str | int) and str(value).strip().lower() in _BOOLEAN_WORDS:
+        return _BOOLEAN_WORDS[str(value).strip().lower()]
+    raise ValueError(f"expected auto, true or false, got {value!r}")
+
+
+_BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True}
+_BOOLEAN_WORDS |= {"false": False, "0": False, "no": False, "off": False}
+# `--compile`/`--no-compile`, or neither: auto (compile where it works and repays; see compile_policy.py).
+CompileMode = Annotated[bool | Literal["auto"], BeforeValidator(_compile_mode)]
+
+
 class TrainSettings(Section):
     """Optimisation and run bookkeeping for `gpt2 train` (the llm.c GPT-2 recipe by default)."""
 
     device: Device = "auto"
     dtype: Dtype = Field("auto", description="Compute dtype; auto picks the best for the device.")
-    compile: bool = Field(False, description="Compile the transformer blocks and the loss with torch.compile.")
+    compile: CompileMode = Field(
+        "auto",
+        description="Compile the transformer blocks and the loss with torch.compile; neither flag (auto): compile "
+        "where Inductor works here (a C++ compiler on the CPU, Triton on CUDA) and the run is long enough to repay it.",
+    )
     parallel: Parallel = Field(
         "ddp",
         description="Under torchrun: ddp keeps a full model on every process; fsdp shards weights, gradients and "

@@ -16,6 +16,7 @@ import torch
 
 from gpt2cli.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.checkpoint import load_model
+from gpt2cli.compile_policy import choose_compile, keep_compiled_code
 from gpt2cli.devices import Precision, keep_freed_memory
 from gpt2cli.distributed import World, is_sharded, parallelize
 from gpt2cli.errors import DataError, UsageError
@@ -139,13 +140,19 @@ def prepare_trainer(
             shards=world.world_size if world.distributed and train.parallel == "fsdp" else 1,
         )
     examples = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
+    steps_left = plan.total_steps - (saved_state or {}).get("step", 0)
+    flops = model.flops_per_token(plan.seq_len) * plan.tokens_per_step * steps_left / world.world_size
+    compiled = _choose_compile(train.compile, device, flops, report if world.is_main else None)
+    # What auto chose is what config.toml records: a resumed run computes as the run it continues.
+    settings = settings.model_copy(update={"train": train.model_copy(update={"compile": compiled})})
     if world.is_main:
         folder.open_for_writing(new=resume_from is None)  # only once everything checked out
 
-    if train.compile:
+    if compiled:
+        keep_compiled_code()
         compile_blocks(model)
     # What the step calls: the training module, its DDP wrapper, or (FSDP) the module with its weights sharded.
-    trained = parallelize(TrainingModel(model, compiled_loss=train.compile), world, train.parallel, device)
+    trained = parallelize(TrainingModel(model, compiled_loss=compiled), world, train.parallel, device)
     root = getattr(trained, "module", trained)  # what DDP wraps, or FSDP's sharded root
     hellaswag = HellaSwag(examples, model, root, precision, world) if examples else None
     # After sharding: the optimizer holds the shards, and its moments are sharded alike.
@@ -177,6 +184,14 @@ def prepare_trainer(
         should_stop=should_stop,
         hellaswag=hellaswag,
     )
+
+
+def _choose_compile(setting: Any, device: torch.device, training_flops: float, report: Report | None) -> bool:
+    """--compile, --no-compile, or auto's choice; auto staying eager says why (once, on the main process)."""
+    choice = choose_compile(setting, device, training_flops)
+    if choice.reason is not None and report is not None:
+        report("notice", {"message": f"compile: off ({choice.reason})"})
+    return choice.enabled
 
 
 def _check_resumable(state: dict[str, Any], data: TokenData, tokens_per_step: int, out: Path) -> None:

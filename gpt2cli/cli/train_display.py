@@ -66,6 +66,8 @@ class TrainingDisplay:
                     self.chart.add_history(payload["out"])
                 self.live = Live("", console=console, transient=True, refresh_per_second=4)
                 self.live.start()
+        elif event == "notice":
+            info(payload["message"])
         elif event == "log":
             line = self._line(payload)
             if self.live is not None and self.chart is not None:

@@ -34,6 +34,8 @@ StorageDtype = Literal["float32", "bfloat16", "float16"]  # a dtype to hold weig
 # The closed choices: named once here, so validation and the CLI's choices (help, completion) agree.
 Schedule = Literal["cosine", "linear", "constant", "wsd"]
 Parallel = Literal["ddp", "fsdp"]
+OptimizerName = Literal["adamw", "muon"]
+MuonAdjustLr = Literal["original", "match_rms_adamw"]
 Quantize = Literal["none", "int8"]
 Task = Literal["lm", "hellaswag"]
 OutputFormat = Literal["table", "json", "jsonl", "csv", "md"]
@@ -172,14 +174,30 @@ class TrainSettings(Section):
     total_batch_tokens: int | None = Field(
         None, ge=1, description="Tokens per optimizer step; gradient accumulation makes up the difference."
     )
-    lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    optimizer: OptimizerName = Field(
+        "adamw",
+        description="adamw for every weight, or muon for the blocks' 2-D matrices with AdamW (at --lr) for "
+        "embeddings, biases and LayerNorm gains (torch >= 2.9; not with --parallel fsdp).",
+    )
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate (of AdamW; under muon, of the AdamW weights).")
+    muon_lr: float = Field(
+        0.02, gt=0, description="Peak learning rate of Muon's matrices; the schedule scales it like --lr."
+    )
+    muon_adjust_lr: MuonAdjustLr = Field(
+        "original",
+        description="Muon's per-matrix lr scaling: original (sqrt(max(1, rows/cols)), Keller Jordan) or "
+        "match_rms_adamw (0.2·sqrt(max(rows, cols)), Moonshot: AdamW-sized learning rates).",
+    )
     min_lr: float | None = Field(None, ge=0, description="Final learning rate (default: lr / 10).")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (default: from the run length).")
     schedule: Schedule = Field("cosine", description="Learning-rate schedule.")
+    decay_fraction: float = Field(
+        0.2, ge=0, le=1, description="wsd: share of the schedule (after warmup) spent decaying to min_lr."
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training tokens.")
     max_tokens: int | None = Field(None, ge=1, description="Training tokens to process.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on 2-D weights only.")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay on 2-D weights only (AdamW and Muon).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value.")

@@ -58,12 +58,19 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-# The embedded default run: a model small enough to train on two CPU cores in five to seven minutes.
+# The embedded default run: a model small enough to train on two CPU cores in about five minutes. Its recipe (Muon for
+# the blocks' matrices, AdamW at 3e-3 for the rest, no weight decay, warmup-stable-decay) came from the sweep in
+# benchmarks/README.md; the pre-#15 recipe is benchmarks/speedrun.py's OLD_RECIPE.
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
     "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
     "train": {
         "batch_size": 8,
-        "lr": 1e-3,
+        "optimizer": "muon",
+        "lr": 3e-3,
+        "muon_lr": 0.02,
+        "weight_decay": 0.0,
+        "schedule": "wsd",
+        "decay_fraction": 0.6,
         "max_steps": 600,
         "warmup_steps": 25,
         "eval_interval": 100,

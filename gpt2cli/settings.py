@@ -58,9 +58,7 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-# The embedded default run: a model small enough to train on two CPU cores in about five minutes. Its recipe (Muon for
-# the blocks' matrices, AdamW at 3e-3 for the rest, no weight decay, warmup-stable-decay) came from the sweep in
-# benchmarks/README.md; the pre-#15 recipe is benchmarks/speedrun.py's OLD_RECIPE.
+# The embedded default run, ~5 minutes on two CPU cores; its recipe: the #15 sweep in benchmarks/README.md.
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
     "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
     "train": {
@@ -181,26 +179,14 @@ class TrainSettings(Section):
     total_batch_tokens: int | None = Field(
         None, ge=1, description="Tokens per optimizer step; gradient accumulation makes up the difference."
     )
-    optimizer: OptimizerName = Field(
-        "adamw",
-        description="adamw for every weight, or muon for the blocks' 2-D matrices with AdamW (at --lr) for "
-        "embeddings, biases and LayerNorm gains (torch >= 2.9; not with --parallel fsdp).",
-    )
+    optimizer: OptimizerName = Field("adamw", description="muon: Muon on the blocks' 2-D matrices, AdamW on the rest.")
     lr: float = Field(6e-4, gt=0, description="Peak learning rate (of AdamW; under muon, of the AdamW weights).")
-    muon_lr: float = Field(
-        0.02, gt=0, description="Peak learning rate of Muon's matrices; the schedule scales it like --lr."
-    )
-    muon_adjust_lr: MuonAdjustLr = Field(
-        "original",
-        description="Muon's per-matrix lr scaling: original (sqrt(max(1, rows/cols)), Keller Jordan) or "
-        "match_rms_adamw (0.2·sqrt(max(rows, cols)), Moonshot: AdamW-sized learning rates).",
-    )
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate; the schedule scales it like --lr.")
+    muon_adjust_lr: MuonAdjustLr = Field("original", description="Muon's per-matrix lr scale (torch's adjust_lr_fn).")
     min_lr: float | None = Field(None, ge=0, description="Final learning rate (default: lr / 10).")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (default: from the run length).")
     schedule: Schedule = Field("cosine", description="Learning-rate schedule.")
-    decay_fraction: float = Field(
-        0.2, ge=0, le=1, description="wsd: share of the schedule (after warmup) spent decaying to min_lr."
-    )
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: the share of the schedule spent decaying.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training tokens.")
     max_tokens: int | None = Field(None, ge=1, description="Training tokens to process.")

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2cli import __version__
 from gpt2cli.checkpoint import checkpoint_layout, hf_config_dict, write_checkpoint
-from gpt2cli.distributed import full_tensor, shard_like
+from gpt2cli.distributed import full_tensor
 from gpt2cli.errors import CheckpointError, Gpt2Error, UsageError
 from gpt2cli.files import atomic_path, atomic_write_bytes, storage_errors
 from gpt2cli.model import GPT2, GPT2Config
@@ -322,31 +322,6 @@ def gather_model_state(model: GPT2, keep: bool = True) -> dict[str, torch.Tensor
         if keep:
             state[name] = whole.cpu()
     return checkpoint_layout(state)
-
-
-def optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, torch.Tensor]:
-    """AdamW's moments and step counts, named after their parameters (gathered whole under FSDP, like the weights)."""
-    tensors = {}
-    for name, parameter in model.named_parameters():
-        for key, value in optimizer.state.get(parameter, {}).items():
-            whole = full_tensor(value.detach())
-            if keep:
-                tensors[f"{name}.{key}"] = whole.contiguous().cpu()
-    return tensors
-
-
-def load_optimizer_tensors(model: GPT2, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    fused = any(group.get("fused") for group in optimizer.param_groups)  # fused AdamW keeps `step` on the device
-    for name, parameter in model.named_parameters():
-        if f"{name}.exp_avg" not in tensors:
-            raise CheckpointError(f"optimizer state has no moments for {name}")
-        # Copies: optimizer state is updated in place and must not alias the loaded file's buffers. Under FSDP
-        # each rank keeps its own shard of the whole moments saved in the file.
-        optimizer.state[parameter] = {
-            "step": tensors[f"{name}.step"].to(parameter.device if fused else "cpu", copy=True),
-            "exp_avg": shard_like(tensors[f"{name}.exp_avg"].to(parameter.device, copy=True), parameter),
-            "exp_avg_sq": shard_like(tensors[f"{name}.exp_avg_sq"].to(parameter.device, copy=True), parameter),
-        }
 
 
 def to_toml(values: dict[str, Any]) -> str:

@@ -34,6 +34,8 @@ StorageDtype = Literal["float32", "bfloat16", "float16"]  # a dtype to hold weig
 # The closed choices: named once here, so validation and the CLI's choices (help, completion) agree.
 Schedule = Literal["cosine", "linear", "constant", "wsd"]
 Parallel = Literal["ddp", "fsdp"]
+OptimizerName = Literal["adamw", "muon"]
+MuonAdjustLr = Literal["original", "match_rms_adamw"]
 Quantize = Literal["none", "int8"]
 Task = Literal["lm", "hellaswag"]
 OutputFormat = Literal["table", "json", "jsonl", "csv", "md"]
@@ -56,12 +58,17 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-# The embedded default run: a model small enough to train on two CPU cores in five to seven minutes.
+# The embedded default run, ~5 minutes on two CPU cores; its recipe: the #15 sweep in benchmarks/README.md.
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
     "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
     "train": {
         "batch_size": 8,
-        "lr": 1e-3,
+        "optimizer": "muon",
+        "lr": 3e-3,
+        "muon_lr": 0.02,
+        "weight_decay": 0.0,
+        "schedule": "wsd",
+        "decay_fraction": 0.6,
         "max_steps": 600,
         "warmup_steps": 25,
         "eval_interval": 100,
@@ -172,14 +179,18 @@ class TrainSettings(Section):
     total_batch_tokens: int | None = Field(
         None, ge=1, description="Tokens per optimizer step; gradient accumulation makes up the difference."
     )
-    lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    optimizer: OptimizerName = Field("adamw", description="muon: Muon on the blocks' 2-D matrices, AdamW on the rest.")
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate (of AdamW; under muon, of the AdamW weights).")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate; the schedule scales it like --lr.")
+    muon_adjust_lr: MuonAdjustLr = Field("original", description="Muon's per-matrix lr scale (torch's adjust_lr_fn).")
     min_lr: float | None = Field(None, ge=0, description="Final learning rate (default: lr / 10).")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (default: from the run length).")
     schedule: Schedule = Field("cosine", description="Learning-rate schedule.")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: the share of the schedule spent decaying.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training tokens.")
     max_tokens: int | None = Field(None, ge=1, description="Training tokens to process.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on 2-D weights only.")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay on 2-D weights only (AdamW and Muon).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value.")

@@ -33,8 +33,8 @@ from gpt2cli.distributed import (
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.memory import NotEnoughMemory, out_of_memory_message
 from gpt2cli.model import GPT2
-from gpt2cli.optim import clip_gradients, clip_gradients_on_device
-from gpt2cli.run_folder import RunFolder, gather_model_state, optimizer_tensors, rng_state
+from gpt2cli.optim import Optimizer, clip_gradients, clip_gradients_on_device, optimizer_tensors
+from gpt2cli.run_folder import RunFolder, gather_model_state, rng_state
 from gpt2cli.settings import Settings
 from gpt2cli.training_data import TokenData
 from gpt2cli.training_hellaswag import HellaSwag
@@ -61,6 +61,7 @@ class Progress:
     step: int = 0
     tokens: int = 0
     elapsed_s: float = 0.0
+    train_s: float = 0.0  # time in training steps only (compilation included; evaluation and saving excluded)
     sampler: SamplerState = field(default_factory=SamplerState)
     last_val_loss: float | None = None
 
@@ -81,7 +82,7 @@ class Trainer:
         plan: RunPlan,
         model: GPT2,
         trained: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
         scaler: torch.amp.GradScaler | None,
         sampler: WindowSampler,
         progress: Progress,
@@ -145,7 +146,9 @@ class Trainer:
             while progress.step < plan.total_steps:
                 step_started = time.perf_counter()
                 loss, grad_norm, lr = self._first_step() if not losses else self._train_step()
-                window_seconds += time.perf_counter() - step_started
+                step_seconds = time.perf_counter() - step_started
+                window_seconds += step_seconds
+                progress.train_s += step_seconds
                 progress.step += 1
                 progress.tokens += plan.tokens_per_step
                 progress.elapsed_s = time.perf_counter() - run_started
@@ -201,7 +204,7 @@ class Trainer:
         plan = self.plan
         lr = plan.schedule.lr_at(self.progress.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's groups: its own peak, the same schedule
         windows = self.sampler.take(plan.windows_per_step)  # the global batch: the same on every rank
         loss_sum = torch.zeros((), device=self.device)
         world = self.world
@@ -300,6 +303,7 @@ class Trainer:
             "tok_per_s": round(tokens_per_s, 1),
             "mfu": None if (mfu := self._mfu(tokens_per_s)) is None else round(mfu, 4),
             "elapsed_s": round(progress.elapsed_s, 3),
+            "train_s": round(progress.train_s, 3),
         }
         if evaluated and self.data.val:
             record["val_loss"] = round(progress.last_val_loss, 6)  # type: ignore[arg-type]
@@ -332,6 +336,7 @@ class Trainer:
             "steps": progress.step,
             "tokens": progress.tokens,
             "elapsed_s": round(progress.elapsed_s, 3),
+            "train_s": round(progress.train_s, 3),
             "train_loss": round(sum(tail) / len(tail), 6) if tail else None,
             "val_loss": None if progress.last_val_loss is None else round(progress.last_val_loss, 6),
             **(self.hellaswag.metrics() if self.hellaswag else {}),
@@ -360,6 +365,7 @@ class Trainer:
         state = {
             "tokens": progress.tokens,
             "elapsed_s": progress.elapsed_s,
+            "train_s": progress.train_s,
             "sampler": dataclasses.asdict(self.sampler.state),
             "last_val_loss": progress.last_val_loss,
             "rng": rng_state(self.device),

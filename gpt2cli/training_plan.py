@@ -58,6 +58,7 @@ def plan_run(train: TrainSettings, config: GPT2Config, train_windows: int, world
         min_lr=train.min_lr if train.min_lr is not None else train.lr / 10,
         warmup_steps=warmup,
         total_steps=schedule_steps,
+        decay_fraction=train.decay_fraction,
     )
     return RunPlan(
         seq_len=seq_len,

@@ -23,8 +23,8 @@ from gpt2cli.errors import DataError, UsageError
 from gpt2cli.evaluation import read_multiple_choice
 from gpt2cli.memory import check_training_memory
 from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import build_optimizer
-from gpt2cli.run_folder import RunFolder, load_optimizer_tensors, restore_rng
+from gpt2cli.optim import Optimizer, build_muon, build_optimizer, load_optimizer_tensors, muon_available
+from gpt2cli.run_folder import RunFolder, restore_rng
 from gpt2cli.settings import DEFAULT_RUN, Settings, load_settings
 from gpt2cli.training import Progress, Report, Trainer
 from gpt2cli.training_data import TokenData
@@ -117,6 +117,7 @@ def prepare_trainer(
     if saved_state is not None:
         settings = _with_saved_schedule(settings, saved_state)
     train = settings.train
+    _check_optimizer(settings, world)
 
     model = build_model(settings, device, resume_from)
     seq_len = train.seq_len or model.config.block_size
@@ -156,7 +157,7 @@ def prepare_trainer(
     root = getattr(trained, "module", trained)  # what DDP wraps, or FSDP's sharded root
     hellaswag = HellaSwag(examples, model, root, precision, world) if examples else None
     # After sharding: the optimizer holds the shards, and its moments are sharded alike.
-    optimizer = build_optimizer(model, train.lr, train.weight_decay, (train.beta1, train.beta2), device)
+    optimizer = _build_optimizer(settings, model, device)
     sharded = is_sharded(model.transformer.wte.weight)
     scaler = _grad_scaler(device, sharded) if precision.needs_scaler else None
     sampler = WindowSampler(len(Windows(data.train, seq_len)), train.seed)
@@ -194,6 +195,24 @@ def _choose_compile(setting: Any, device: torch.device, training_flops: float, r
     return choice.enabled
 
 
+def _check_optimizer(settings: Settings, world: World) -> None:
+    if settings.train.optimizer != "muon":
+        return
+    if not muon_available():
+        raise UsageError(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+    if world.distributed and settings.train.parallel == "fsdp":
+        # Muon orthogonalises whole matrices; FSDP gives each process a slice of every one.
+        raise UsageError("--optimizer muon needs whole matrices, which --parallel fsdp shards: use ddp or adamw")
+
+
+def _build_optimizer(settings: Settings, model: GPT2, device: torch.device) -> Optimizer:
+    train = settings.train
+    betas = (train.beta1, train.beta2)
+    if train.optimizer == "muon":
+        return build_muon(model, train.lr, train.muon_lr, train.muon_adjust_lr, train.weight_decay, betas, device)
+    return build_optimizer(model, train.lr, train.weight_decay, betas, device)
+
+
 def _check_resumable(state: dict[str, Any], data: TokenData, tokens_per_step: int, out: Path) -> None:
     if state["data"] != data.fingerprint():
         raise UsageError(
@@ -211,7 +230,7 @@ def _restore(
     state: dict[str, Any],
     checkpoint: Path,
     model: GPT2,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     scaler: torch.amp.GradScaler | None,
     device: torch.device,
 ) -> Progress:
@@ -224,6 +243,7 @@ def _restore(
         step=state["step"],
         tokens=state["tokens"],
         elapsed_s=state["elapsed_s"],
+        train_s=state.get("train_s", 0.0),  # absent from checkpoints written before it was recorded
         sampler=SamplerState(**state["sampler"]),
         last_val_loss=state.get("last_val_loss"),
     )

@@ -11,12 +11,10 @@ import torch
 from gpt2cli import load_model
 from gpt2cli.errors import UsageError
 from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import build_optimizer
+from gpt2cli.optim import build_optimizer, load_optimizer_tensors, optimizer_tensors
 from gpt2cli.run_folder import (
     RunFolder,
     gather_model_state,
-    load_optimizer_tensors,
-    optimizer_tensors,
     restore_rng,
     rng_state,
     to_toml,

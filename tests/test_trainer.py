@@ -102,7 +102,7 @@ def test_resume_in_process_continues_bit_for_bit(tmp_path, tokens, one_thread):
     assert trainer.progress.step == 3 and [r["step"] for r in metrics(resumed)] == [1, 2, 3]  # truncated
     trainer.run()
     assert metrics(straight) == [
-        {**record, "elapsed_s": a["elapsed_s"], "tok_per_s": a["tok_per_s"]}
+        {**record, "elapsed_s": a["elapsed_s"], "train_s": a["train_s"], "tok_per_s": a["tok_per_s"]}
         for a, record in zip(metrics(straight), metrics(resumed), strict=True)
     ]
 

@@ -1,15 +1,20 @@
-"""Benchmark: batch-1 greedy decoding with `gpt2cli`'s sampler against transformers' `generate` (KV cache on both).
+"""Benchmark: batch-1 greedy decoding with `gpt2cli`'s sampler against transformers' `generate` (KV cache on both),
+in every weight format: float32, bf16, int8, int4 (group sizes 32, 64, 128).
 
 The `gpt2` preset (124M) with random weights (seed 0, built by transformers and converted, so both hold the same
 weights), a 16-token prompt, 128 new tokens, greedy. Each contender runs in its own process, once to warm up and
-then `--reps` times; decode tokens/s excludes the prompt. Also printed: the machine's copy bandwidth and the limit it
-implies (weight bytes per token ÷ copy bandwidth, the issue's definition), its read bandwidth (summing a 1 GiB
-buffer) and the tighter limit that one implies for every contender, transformers included, and the perplexity change
-that bf16 and int8 weights cost on the first 8,192 tokens of the bundled Shakespeare (random weights: a measure of
-numerical error only).
+then `--reps` times; decode tokens/s excludes the prompt. For each mode: the ratio to transformers' float32
+`generate` measured in the same run, and its share of its own bandwidth limit: the bytes one decode step reads
+(weights as stored; `quantize.decode_bytes_per_token`) ÷ this machine's read bandwidth (summing a 512 MiB buffer,
+`gpt2cli/bandwidth.py`) is the fastest it could go. Each mode's perplexity change against float32 is measured on
+the held-out last 5% of the bundled Shakespeare (`--ppl-tokens` tokens), with the trained checkpoint given by
+`--checkpoint` (e.g. the default run's), else with the random 124M weights (labelled: then a measure of numerical
+error only). Then batch 8 (`--num-samples 8`: eight copies of the prompt decoded together), generated tokens/s
+against batch 1, in float32 and in the fastest quantized mode. Last, prompt lookup (`--prompt-lookup N`) against
+plain greedy on a trained checkpoint.
 
-  python benchmarks/sample.py                # table
-  python benchmarks/sample.py --json
+  python benchmarks/sample.py                                   # table
+  python benchmarks/sample.py --checkpoint runs/<the default run> --json
 """
 
 from __future__ import annotations
@@ -29,7 +34,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = list(range(1000, 1016))
 NEW_TOKENS = 128
-CONTENDERS = ("hf-fp32", "ours-fp32", "ours-bf16", "ours-int8")
+# (name, dtype, quantize, group size)
+MODES = [
+    ("fp32", "float32", "none", 32),
+    ("bf16", "bfloat16", "none", 32),
+    ("int8", "float32", "int8", 32),
+    ("int4-g32", "float32", "int4", 32),
+    ("int4-g64", "float32", "int4", 64),
+    ("int4-g128", "float32", "int4", 128),
+]
 
 
 def build_checkpoint(folder: Path) -> Path:
@@ -39,6 +52,9 @@ def build_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder / "hf")
     return folder / "hf"
+
+
+# ---------------------------------------------------------------- workers (each in its own process)
 
 
 def time_hf(folder: Path, reps: int) -> dict[str, Any]:
@@ -64,69 +80,128 @@ def time_hf(folder: Path, reps: int) -> dict[str, Any]:
     return {"decode_tokens_per_s": statistics.median(rates), "runs": rates}
 
 
-def time_ours(folder: Path, reps: int, variant: str) -> dict[str, Any]:
+def load_mode(folder: Path, mode: str) -> Any:
     import torch
 
-    from gpt2cli import get_tokenizer, load_model
-    from gpt2cli.devices import keep_freed_memory
-    from gpt2cli.quantize import quantize_int8
-    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
+    from gpt2cli import load_model
+    from gpt2cli.quantize import quantize_model
 
-    keep_freed_memory(torch.device("cpu"))
-    model = load_model(folder, dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
-    if variant == "int8":
-        quantize_int8(model)
-    text_generator = TextGenerator(model, get_tokenizer())
-    options = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eot=True)
-    text_generator.generate([PROMPT], SamplingOptions(max_new_tokens=8, temperature=0.0, ignore_eot=True))
-    rates, completion = [], None
-    for _ in range(reps):
-        timing = Timing()
-        completion = text_generator.generate([PROMPT], options, timing=timing)[0]
-        rates.append(timing.decode_tokens_per_s)
-    assert completion is not None and len(completion.token_ids) == NEW_TOKENS
-    return {"decode_tokens_per_s": statistics.median(rates), "runs": rates, "perplexity": perplexity(model)}
+    _, dtype, quantize, group_size = next(row for row in MODES if row[0] == mode)
+    model = load_model(folder, dtype=getattr(torch, dtype))
+    quantize_model(model, quantize, group_size)
+    return model
 
 
-def perplexity(model: Any) -> float:
-    import math
-
+def time_ours(folder: Path, reps: int, mode: str, rows: int) -> dict[str, Any]:
     import torch
 
     from gpt2cli import get_tokenizer
+    from gpt2cli.devices import keep_freed_memory
+    from gpt2cli.quantize import decode_bytes_per_token
+    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
+
+    keep_freed_memory(torch.device("cpu"))
+    model = load_mode(folder, mode)
+    text_generator = TextGenerator(model, get_tokenizer())
+    options = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eot=True)
+    prompts = [PROMPT] * rows
+    text_generator.generate(prompts, SamplingOptions(max_new_tokens=8, temperature=0.0, ignore_eot=True))
+    rates, completions = [], []
+    for _ in range(reps):
+        timing = Timing()
+        completions = text_generator.generate(prompts, options, timing=timing)
+        rates.append(timing.decode_tokens_per_s)  # generated tokens/s: every row's tokens
+    assert all(len(completion.token_ids) == NEW_TOKENS for completion in completions)
+    return {
+        "decode_tokens_per_s": statistics.median(rates),
+        "runs": rates,
+        "bytes_per_token": decode_bytes_per_token(model),
+    }
+
+
+def perplexity(folder: Path, mode: str, tokens: int) -> dict[str, Any]:
+    """Perplexity of the held-out last 5% of the bundled Shakespeare (what the default run validates on)."""
+    import numpy as np
+    import torch
+
+    from gpt2cli import get_tokenizer
+    from gpt2cli.devices import resolve_precision
+    from gpt2cli.evaluation import evaluate_lm
 
     text = gzip.decompress((REPO / "gpt2cli" / "assets" / "shakespeare.txt.gz").read_bytes()).decode()
-    tokens = torch.tensor(get_tokenizer().encode(text[:60_000])[: 8 * 1024 + 1])
-    windows = tokens[:-1].view(8, 1024), tokens[1:].view(8, 1024)
-    with torch.inference_mode():
-        logits, _ = model(windows[0])
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), windows[1].reshape(-1))
-    return math.exp(loss.item())
+    held_out = text[int(len(text) * 0.95) :]
+    ids = np.asarray(get_tokenizer().encode(held_out)[:tokens], dtype=np.uint32)
+    model = load_mode(folder, mode).eval()
+    block = model.config.block_size
+    result = evaluate_lm(model, [ids], resolve_precision("float32", torch.device("cpu")), block, block, 8)
+    return {"perplexity": result.perplexity, "tokens": result.tokens}
 
 
-def read_bandwidth() -> float:
-    """Bytes read per second from a 1 GiB buffer (a sum: every byte read once, nothing written)."""
-    import torch
+def measure_bandwidth() -> dict[str, float]:
+    from gpt2cli.bandwidth import read_bandwidth
 
-    source = torch.ones(1 << 28)
-    source.sum()
-    started = time.perf_counter()
-    for _ in range(5):
-        source.sum()
-    return 5 * source.numel() * 4 / (time.perf_counter() - started)
+    return {"read_bytes_per_s": read_bandwidth("cpu")}
 
 
-def copy_bandwidth() -> float:
-    """Bytes copied per second for a 1 GiB buffer (read once, written once)."""
-    import torch
+def worker(args: argparse.Namespace) -> None:
+    folder = Path(args.folder)
+    if args.worker == "hf-fp32":
+        result = time_hf(folder, args.reps)
+    elif args.worker == "bandwidth":
+        result = measure_bandwidth()
+    elif args.worker.startswith("ppl-"):
+        result = perplexity(folder, args.worker.removeprefix("ppl-"), args.ppl_tokens)
+    else:
+        result = time_ours(folder, args.reps, args.worker, args.rows)
+    print(json.dumps(result))
 
-    source = torch.ones(1 << 28)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    started = time.perf_counter()
-    for _ in range(5):
-        target.copy_(source)
-    return 5 * source.numel() * 4 / (time.perf_counter() - started)
+
+def run_worker(name: str, folder: Path, args: argparse.Namespace, rows: int = 1) -> dict[str, Any]:
+    print(f"running {name}{f' (batch {rows})' if rows > 1 else ''} ...", file=sys.stderr, flush=True)
+    command = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--reps", str(args.reps),
+               "--rows", str(rows), "--ppl-tokens", str(args.ppl_tokens)]  # fmt: skip
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_modes(folder: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Batch 1 in every mode against transformers' float32 generate, with each mode's share of its limit."""
+    read = run_worker("bandwidth", folder, args)["read_bytes_per_s"]
+    hf = run_worker("hf-fp32", folder, args)
+    modes = {name: run_worker(name, folder, args) for name, *_ in MODES}
+    fp32_bytes = modes["fp32"]["bytes_per_token"]
+    hf["fraction_of_read_limit"] = hf["decode_tokens_per_s"] / (read / fp32_bytes)
+    for result in modes.values():
+        limit = read / result["bytes_per_token"]
+        result.update(
+            vs_transformers=result["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+            read_limit_tokens_per_s=limit,
+            fraction_of_read_limit=result["decode_tokens_per_s"] / limit,
+        )
+    report.update(read_GB_per_s=round(read / 1e9, 2), hf_fp32=hf, modes=modes)
+
+
+def section_perplexity(folder: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Each mode's perplexity change against float32, on the trained checkpoint if one was given."""
+    scored = Path(args.checkpoint) if args.checkpoint else folder
+    report["perplexity_model"] = str(scored) if args.checkpoint else "random 124M weights (numerical error only)"
+    values = {name: run_worker(f"ppl-{name}", scored, args)["perplexity"] for name, *_ in MODES}
+    for name, value in values.items():
+        report["modes"][name].update(perplexity=value, perplexity_change=value / values["fp32"] - 1)
+
+
+def section_batch(folder: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Batch 8 against batch 1, in float32 and in the fastest quantized mode."""
+    quantized = [name for name, _, quantize, _ in MODES if quantize != "none"]
+    best = max(quantized, key=lambda name: report["modes"][name]["decode_tokens_per_s"])
+    report["batch8"] = {}
+    for name in ("fp32", best):
+        rate = run_worker(name, folder, args, rows=8)["decode_tokens_per_s"]
+        single = report["modes"][name]["decode_tokens_per_s"]
+        report["batch8"][name] = {"decode_tokens_per_s": rate, "vs_batch1": rate / single}
 
 
 # ---------------------------------------------------------------- prompt lookup (`gpt2 sample --prompt-lookup N`)
@@ -216,73 +291,57 @@ def print_prompt_lookup(report: dict[str, Any]) -> None:
               f"{'yes' if r['identical'] else 'NO':>9}")  # fmt: skip
 
 
+def section_prompt_lookup(folder: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Prompt lookup on a trained checkpoint (the random 124M weights in `folder` have nothing to look up)."""
+    prompt_lookup_section(args, report)
+
+
+SECTIONS = [section_modes, section_perplexity, section_batch, section_prompt_lookup]
+
+
+def print_table(report: dict[str, Any]) -> None:
+    hf = report["hf_fp32"]
+    print(f"sample benchmark {report['date']}: 124M random weights, batch 1, 16-token prompt, {NEW_TOKENS} new "
+          f"tokens, greedy; read bandwidth {report['read_GB_per_s']:.1f} GB/s; perplexity on "
+          f"{report['perplexity_model']}")  # fmt: skip
+    print(f"{'mode':<10} {'decode tok/s':>12} {'vs hf':>6} {'MB/token':>8} {'limit tok/s':>11} {'of limit':>8} "
+          f"{'perplexity':>10} {'change':>8}")  # fmt: skip
+    print(f"{'hf-fp32':<10} {hf['decode_tokens_per_s']:>12.1f} {'':>6} {'':>8} {'':>11} "
+          f"{hf['fraction_of_read_limit']:>8.0%}")  # fmt: skip
+    for name, r in report["modes"].items():
+        print(f"{name:<10} {r['decode_tokens_per_s']:>12.1f} {r['vs_transformers']:>5.2f}x "
+              f"{r['bytes_per_token'] / 1e6:>8.1f} {r['read_limit_tokens_per_s']:>11.1f} "
+              f"{r['fraction_of_read_limit']:>8.0%} {r.get('perplexity', float('nan')):>10.3f} "
+              f"{r.get('perplexity_change', float('nan')):>+8.2%}")  # fmt: skip
+    for name, r in report.get("batch8", {}).items():
+        print(f"batch 8, {name}: {r['decode_tokens_per_s']:.1f} generated tok/s = {r['vs_batch1']:.2f}x batch 1")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--checkpoint", help="A trained checkpoint: each mode's perplexity change is measured on it "
+                        "(else on the random weights) and prompt lookup runs on it (else on the default run, trained "
+                        "into runs/ if missing).")  # fmt: skip
+    parser.add_argument("--ppl-tokens", type=int, default=16384, help="Held-out tokens scored for perplexity.")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--checkpoint", help="Trained checkpoint for prompt lookup (default: train the default run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        folder = Path(args.folder)
-        if args.worker == "hf-fp32":
-            print(json.dumps(time_hf(folder, args.reps)))
-        elif args.worker == "bandwidth":
-            print(json.dumps({"copy_bytes_per_s": copy_bandwidth(), "read_bytes_per_s": read_bandwidth()}))
-        else:
-            print(json.dumps(time_ours(folder, args.reps, args.worker.removeprefix("ours-"))))
+        worker(args)
         return
-
-    results: dict[str, Any] = {}
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "new_tokens": NEW_TOKENS}
     with tempfile.TemporaryDirectory(prefix="gpt2-sample-bench-") as temporary:
         folder = build_checkpoint(Path(temporary))
-        for name in (*CONTENDERS, "bandwidth"):
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            command = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--reps", str(args.reps)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[name] = json.loads(output.strip().splitlines()[-1])
-    measured = results.pop("bandwidth")
-    bandwidth, read = measured["copy_bytes_per_s"], measured["read_bytes_per_s"]
-    weight_bytes = {"fp32": 124_439_808 * 4, "bf16": 124_439_808 * 2, "int8": 124_439_808 * 1}
-    hf = results["hf-fp32"]["decode_tokens_per_s"]
-    report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cores": os.cpu_count(),
-        "copy_GB_per_s": round(bandwidth / 1e9, 2),
-        "read_GB_per_s": round(read / 1e9, 2),
-        "results": results,
-    }
-    prompt_lookup_section(args, report)
-    results["hf-fp32"]["fraction_of_read_limit"] = hf / (read / weight_bytes["fp32"])
-    for name in CONTENDERS[1:]:
-        variant = name.removeprefix("ours-")
-        limit = bandwidth / weight_bytes[variant]
-        rate = results[name]["decode_tokens_per_s"]
-        results[name].update(
-            vs_transformers=rate / hf,
-            bandwidth_limit_tokens_per_s=limit,
-            fraction_of_limit=rate / limit,
-            read_limit_tokens_per_s=read / weight_bytes[variant],
-            fraction_of_read_limit=rate / (read / weight_bytes[variant]),
-            perplexity_change=results[name]["perplexity"] / results["ours-fp32"]["perplexity"] - 1,
-        )
+        for section in SECTIONS:
+            section(folder, args, report)
     if args.json:
         print(json.dumps(report, indent=2))
-        return
-    print(f"sample benchmark {report['date']}: 124M random weights, batch 1, 16-token prompt, {NEW_TOKENS} new tokens, "
-          f"greedy; copy bandwidth {bandwidth / 1e9:.1f} GB/s, read bandwidth {read / 1e9:.1f} GB/s")  # fmt: skip
-    print(f"{'contender':<10} {'decode tok/s':>12} {'vs hf':>6} {'limit tok/s':>11} {'of limit':>8} "
-          f"{'read limit':>10} {'of read':>7} {'ppl change':>10}")  # fmt: skip
-    hf_read = results["hf-fp32"]["fraction_of_read_limit"]
-    print(f"{'hf-fp32':<10} {hf:>12.1f} {'':>6} {'':>11} {'':>8} {read / weight_bytes['fp32']:>10.1f} {hf_read:>7.0%}")
-    for name in CONTENDERS[1:]:
-        r = results[name]
-        print(f"{name:<10} {r['decode_tokens_per_s']:>12.1f} {r['vs_transformers']:>5.2f}x "
-              f"{r['bandwidth_limit_tokens_per_s']:>11.1f} {r['fraction_of_limit']:>8.0%} "
-              f"{r['read_limit_tokens_per_s']:>10.1f} {r['fraction_of_read_limit']:>7.0%} "
-              f"{r['perplexity_change']:>+10.4%}")  # fmt: skip
-    print_prompt_lookup(report)
+    else:
+        print_table(report)
+        print_prompt_lookup(report)
 
 
 if __name__ == "__main__":

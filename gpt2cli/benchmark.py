@@ -7,7 +7,11 @@ reported separately), then `reps` timed runs: mean ± standard deviation of toke
 FLOPs per token (nanoGPT's estimate): training 6·N + 12·L·C·T, with N the parameters without the position
 embeddings, L layers, C the width and T the sequence length; a forward pass is a third of that, 2·N + 4·L·C·T;
 prefill projects only the last position onto the vocabulary (`flops.py`). MFU = achieved FLOP/s ÷ the device's
-dense peak for the dtype (from a table of known GPUs, or --peak-tflops)."""
+dense peak for the dtype (from a table of known GPUs, or --peak-tflops).
+
+Decode reads every weight once per step, so its ceiling is memory bandwidth: achieved bandwidth = the bytes a step
+reads (weights as stored, int8/int4 included; see `quantize.decode_bytes_per_token`) × steps/s, reported against
+the read bandwidth measured on this machine (`bandwidth.py`) and, for known GPUs, the table's peak."""
 
 from __future__ import annotations
 
@@ -59,7 +63,12 @@ class CaseResult:
     warmup_s: float | None = None
     ms_per_token: float | None = None  # decode: time per step
     bandwidth_gbps: float | None = None  # decode: weight bytes read per second
-    bandwidth_fraction: float | None = None
+    bandwidth_fraction: float | None = None  # of the GPU table's peak
+    quantize: str = "none"
+    group_size: int | None = None  # int4 only
+    weight_bytes_per_token: int | None = None  # decode: what one step reads
+    measured_read_gbps: float | None = None  # decode: this machine's read bandwidth, measured in this run
+    measured_read_fraction: float | None = None  # decode: achieved ÷ measured
     error: str | None = None  # "OOM" when the case did not fit
     runs_s: list[float] = field(default_factory=list)
 
@@ -78,6 +87,11 @@ class CaseResult:
             "ms_per_token": self.ms_per_token,
             "bandwidth_gbps": self.bandwidth_gbps,
             "bandwidth_fraction": self.bandwidth_fraction,
+            "quantize": self.quantize,
+            "group_size": self.group_size,
+            "weight_bytes_per_token": self.weight_bytes_per_token,
+            "measured_read_gbps": self.measured_read_gbps,
+            "measured_read_fraction": self.measured_read_fraction,
             "error": self.error,
         }
 
@@ -139,39 +153,67 @@ def _is_out_of_memory(error: BaseException) -> bool:
 class Runner:
     """Builds the work of each case (a closure that processes `case.tokens` tokens once) and times it."""
 
-    def __init__(self, model: GPT2, precision: Precision, compile: bool, peak: float | None = None) -> None:
+    def __init__(
+        self,
+        model: GPT2,
+        precision: Precision,
+        compile: bool,
+        peak: float | None = None,
+        quantize: str = "none",
+        group_size: int = 32,
+    ) -> None:
         self.model = model
         self.precision = precision
         self.device = precision.device
         self.compile = compile
         self.peak = peak if peak is not None else peak_tflops(self.device, precision.dtype)
         self.bandwidth = peak_bandwidth_gbps(self.device)
-        itemsize = torch.finfo(precision.dtype).bits // 8 if precision.dtype is not None else 4
-        self.weight_bytes = model.num_parameters() * itemsize  # as stored for inference (fwd, pp, tg)
+        self.quantize, self.group_size = quantize, group_size
+        self._measured_read_gbps: float | None = None
         self._compiled: dict[str, Callable[..., Any]] = {}
         self._decode_step: tuple[Callable[..., torch.Tensor], bool] | None = None  # (step, attends to whole cache)
         self._inference_model: GPT2 | None = None
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes one decode step reads: the inference weights as stored (float, int8 or int4)."""
+        from gpt2cli.quantize import decode_bytes_per_token
+
+        return decode_bytes_per_token(self.inference_model())
+
+    def measured_read_gbps(self) -> float:
+        """This machine's read bandwidth in GB/s, measured once per run (the first decode case pays for it)."""
+        if self._measured_read_gbps is None:
+            from gpt2cli.bandwidth import read_bandwidth
+
+            self._measured_read_gbps = read_bandwidth(self.device) / 1e9
+        return self._measured_read_gbps
+
     def inference_model(self) -> GPT2:
-        """The model for fwd/pp/tg: weights stored in the benchmark's dtype, as `gpt2 sample --dtype` runs it.
+        """The model for fwd/pp/tg: weights stored in the benchmark's dtype, as `gpt2 sample --dtype` runs it, and
+        quantized as `--quantize` says.
 
         Autocast would cast every float32 weight again at each decode step, which is not how inference runs. The
         copy is cast one tensor at a time (never a second float32 model on the device).
         """
         if self._inference_model is None:
             dtype = self.precision.dtype
-            if dtype is None:
+            if dtype is None and self.quantize == "none":
                 self._inference_model = self.model
             else:
-                from gpt2cli.quantize import use_matvec_for_decode
+                from gpt2cli.quantize import quantize_model, use_matvec_for_decode
 
                 with torch.device("meta"):
                     copy = GPT2(self.model.config)
                 # named_parameters yields the tied embedding once; tie_weights shares it with the head again.
-                cast = {name: tensor.detach().to(self.device, dtype) for name, tensor in self.model.named_parameters()}
+                cast = {
+                    name: tensor.detach().to(self.device, dtype or tensor.dtype, copy=True)
+                    for name, tensor in self.model.named_parameters()
+                }
                 copy.load_state_dict(cast, strict=False, assign=True)
                 copy.tie_weights()
                 self._inference_model = copy.eval().requires_grad_(False)
+                quantize_model(self._inference_model, self.quantize, self.group_size)
                 if self.device.type == "cpu" and dtype == torch.bfloat16:
                     use_matvec_for_decode(self._inference_model)
         return self._inference_model
@@ -269,6 +311,9 @@ class Runner:
     ) -> CaseResult:
         # Prefill runs eagerly (its shape changes with every prompt): its result does not claim compilation.
         result = CaseResult(case, dtype=self.precision.name, compile=self.compile and case.kind != "pp")
+        if case.kind != "train":  # training runs the float32 model: --quantize is for inference
+            result.quantize = self.quantize
+            result.group_size = self.group_size if self.quantize == "int4" else None
         try:
             self._make_resident(case)
             if self.device.type == "cuda":
@@ -314,9 +359,12 @@ class Runner:
         if case.kind == "tg":
             steps_per_s = rate / case.batch_size
             result.ms_per_token = 1000.0 / steps_per_s
+            result.weight_bytes_per_token = self.weight_bytes
             result.bandwidth_gbps = self.weight_bytes * steps_per_s / 1e9  # every step reads every weight once
             if self.bandwidth is not None:
                 result.bandwidth_fraction = result.bandwidth_gbps / self.bandwidth
+            result.measured_read_gbps = self.measured_read_gbps()
+            result.measured_read_fraction = result.bandwidth_gbps / result.measured_read_gbps
             return
         result.mfu = mfu(case_flops_per_token(self.model, case), rate, self.peak)
 

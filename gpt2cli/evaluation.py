@@ -50,10 +50,9 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
 
 def token_losses(model: GPT2, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy (float32) of hidden states `(N, C)` against `targets` `(N,)`, in chunks of rows."""
-    weight = model.lm_head.weight
     losses = []
     for start in range(0, hidden.size(0), LOSS_CHUNK_ROWS):
-        logits = hidden[start : start + LOSS_CHUNK_ROWS] @ weight.to(hidden.dtype).t()
+        logits = model.lm_head(hidden[start : start + LOSS_CHUNK_ROWS])  # a Linear, or its int8/int4 version
         losses.append(F.cross_entropy(logits.float(), targets[start : start + LOSS_CHUNK_ROWS], reduction="none"))
     return torch.cat(losses)
 

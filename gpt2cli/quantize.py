@@ -1,15 +1,98 @@
-"""Faster weights for decoding: weight-only int8 quantization and batch-1 matrix-vector products (gpt-fast style).
+"""Faster weights for decoding: weight-only int8 and int4 quantization and batch-1 matrix-vector products
+(gpt-fast style).
 
-Both swap the model's `nn.Linear` modules in place and keep their parameters (so the tied output head stays tied
-where it is not quantized); `gpt2 sample`, `gpt2 bench` and `gpt2 serve` use the same code.
+All swap the model's `nn.Linear` modules in place and keep their parameters (so the tied output head stays tied
+where it is not quantized); `gpt2 sample`, `gpt2 eval`, `gpt2 bench` and `gpt2 serve` use the same code. The int4
+layers are in `quantize_int4.py`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from gpt2cli.model import GPT2
+from gpt2cli.quantize_int4 import Int4Linear, check_group_size, cuda_packs
+
+
+@dataclass
+class QuantizeSummary:
+    """What `quantize_model` did: the mode, and the layers that fell back to int8 (width not a multiple of the
+    group size)."""
+
+    mode: str
+    group_size: int | None = None
+    layers: dict[str, int] = field(default_factory=dict)  # kind ("int4", "int8") -> count
+    fallback: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.mode == "none":
+            return "not quantized"
+        counts = ", ".join(f"{count} {kind}" for kind, count in self.layers.items())
+        text = f"{self.mode}" + (f" (group size {self.group_size})" if self.group_size else "") + f": {counts} layers"
+        if self.fallback:
+            text += f"; int8 for {len(self.fallback)} whose width does not divide by {self.group_size}"
+        return text
+
+    def as_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "group_size": self.group_size, "layers": self.layers, "fallback": self.fallback}
+
+
+def check_quantize_runs(mode: str, device: torch.device, compiled: bool, group_size: int) -> None:
+    """Refuse (exit 2) a quantization that cannot run, or not fast, on this device, before any weights are read."""
+    from gpt2cli.devices import check_int8_runs_fast
+    from gpt2cli.quantize_int4 import check_int4_runs
+
+    if mode == "int8":
+        check_int8_runs_fast(device, compiled)
+    elif mode == "int4":
+        check_group_size(group_size)
+        check_int4_runs(device)
+
+
+def quantize_model(model: GPT2, mode: str, group_size: int = 32) -> QuantizeSummary:
+    """Quantize every Linear (the projections and the output head) in place: `none`, `int8` or `int4`."""
+    if mode == "none":
+        return QuantizeSummary("none")
+    if mode == "int8":
+        quantize_int8(model)
+        return QuantizeSummary("int8", layers={"int8": _count(model, Int8Linear)})
+    check_group_size(group_size)
+    summary = QuantizeSummary("int4", group_size)
+    for parent_name, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            if _int4_fits(child, group_size):
+                setattr(module, name, Int4Linear.from_linear(child, group_size))
+            else:
+                setattr(module, name, Int8Linear.from_linear(child))
+                summary.fallback.append(f"{parent_name}.{name}".lstrip("."))
+    summary.layers = {"int4": _count(model, Int4Linear), "int8": _count(model, Int8Linear)}
+    return summary
+
+
+def _int4_fits(linear: torch.nn.Linear, group_size: int) -> bool:
+    width = linear.in_features
+    return width % group_size == 0 and (linear.weight.device.type != "cuda" or cuda_packs(width))
+
+
+def _count(model: torch.nn.Module, kind: type) -> int:
+    return sum(isinstance(module, kind) for module in model.modules())
+
+
+def decode_bytes_per_token(model: GPT2) -> int:
+    """Bytes a batch-1 decode step reads: every weight, scale and bias once, except the embedding tables, of which
+    it reads one row (the tied head, a Linear, is counted through the head)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
 
 
 class MatVecLinear(torch.nn.Linear):

@@ -166,22 +166,33 @@ def accept_token(
     return not finished
 
 
-def load_generation_model(checkpoint: str, device_name: str, dtype_name: str, quantize: str, compile: bool) -> GPT2:
-    """A checkpoint ready to generate from (`gpt2 sample` and `gpt2 serve`): on its device, in its dtype, quantized.
-    Settings that cannot run (or not fast) are refused before the checkpoint is read."""
+def load_generation_model(
+    checkpoint: str,
+    device_name: str,
+    dtype_name: str,
+    quantize: str,
+    compile: bool,
+    group_size: int = 32,
+    on_summary: Callable[[str], None] | None = None,
+) -> GPT2:
+    """A checkpoint ready to generate from (`gpt2 sample` and `gpt2 serve`): on its device, in its dtype, quantized
+    (`on_summary` gets a line saying how). Settings that cannot run (or not fast) are refused before the checkpoint
+    is read."""
     from gpt2cli.checkpoint import load_model
-    from gpt2cli.devices import DTYPES, check_int8_runs_fast, keep_freed_memory, resolve_device
+    from gpt2cli.devices import DTYPES, keep_freed_memory, resolve_device
     from gpt2cli.errors import UsageError
-    from gpt2cli.quantize import quantize_int8
+    from gpt2cli.quantize import check_quantize_runs, quantize_model
 
     device = resolve_device(device_name)
     if dtype_name == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    if quantize == "int8":
-        check_int8_runs_fast(device, compile)
+    check_quantize_runs(quantize, device, compile, group_size)
     keep_freed_memory(device)
     model = load_model(checkpoint, device=device, dtype=DTYPES[dtype_name])
-    return quantize_int8(model) if quantize == "int8" else model
+    summary = quantize_model(model, quantize, group_size)
+    if on_summary is not None and quantize != "none":
+        on_summary(f"quantized {summary.describe()}")
+    return model
 
 
 DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]

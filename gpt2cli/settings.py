@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -36,8 +36,22 @@ Schedule = Literal["cosine", "linear", "constant", "wsd"]
 Parallel = Literal["ddp", "fsdp"]
 OptimizerName = Literal["adamw", "muon"]
 MuonAdjustLr = Literal["original", "match_rms_adamw"]
-Quantize = Literal["none", "int8"]
+Quantize = Literal["none", "int8", "int4"]
 Task = Literal["lm", "hellaswag"]
+
+
+# int4's group sizes (see quantize_int4.GROUP_SIZES); validated in the settings so a bad one exits 2 early.
+def _group_size(value: int) -> int:
+    if value not in (32, 64, 128):
+        raise ValueError("must be 32, 64 or 128")
+    return value
+
+
+GroupSize = Annotated[
+    int,
+    AfterValidator(_group_size),
+    Field(description="int4: input features per scale and zero point (32, 64 or 128)."),
+]
 OutputFormat = Literal["table", "json", "jsonl", "csv", "md"]
 EncodingErrors = Literal["strict", "replace"]
 DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what DEVICE_PATTERN accepts, for help texts
@@ -244,7 +258,8 @@ class SampleSettings(Section):
     ignore_eot: bool = Field(False, description="Keep going past <|endoftext|> instead of stopping there.")
     device: Device = "auto"
     dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
-    quantize: Quantize = Field("none", description="Weight-only int8 quantization (gpt-fast style).")
+    quantize: Quantize = Field("none", description="Weight-only quantization: int8 per row, int4 per group.")
+    group_size: GroupSize = 32
     compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
     prompt_lookup: int | None = Field(
         None,
@@ -267,6 +282,8 @@ class EvalSettings(Section):
     limit: int | None = Field(None, ge=1, description="Multiple choice: evaluate the first N examples.")
     device: Device = "auto"
     dtype: Dtype = Field("float32", description="Compute dtype (float32 is exact; auto picks the best for the device).")
+    quantize: Quantize = Field("none", description="Score the weights as quantized for inference (int8, int4).")
+    group_size: GroupSize = 32
 
     @model_validator(mode="after")
     def _stride_fits(self) -> EvalSettings:
@@ -293,6 +310,8 @@ class BenchSettings(Section):
     peak_tflops: float | None = Field(
         None, gt=0, description="Device peak for MFU (default: from the known-GPU table)."
     )
+    quantize: Quantize = Field("none", description="fwd, ppN, tgN: weight-only int8 or int4 weights.")
+    group_size: GroupSize = 32
     output_format: OutputFormat = Field("table", description="How to print results.")
 
     @model_validator(mode="after")
@@ -326,7 +345,8 @@ class ServeSettings(Section):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, printed at start).")
     device: Device = "auto"
     dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
-    quantize: Quantize = Field("none", description="Weight-only int8 quantization (gpt-fast style).")
+    quantize: Quantize = Field("none", description="Weight-only quantization: int8 per row, int4 per group.")
+    group_size: GroupSize = 32
     compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
     max_batch: int = Field(16, ge=1, le=1024, description="Sequences decoded together; more wait for a free slot.")
     api_key: str | None = Field(

@@ -152,9 +152,9 @@ def test_bad_choices_from_a_file_and_the_environment(capsys, tmp_path, monkeypat
     config.write_text('[train]\nschedule = "bogus"\n')
     assert run(["train", "--config", str(config)]) == 2
     assert capsys.readouterr().err.startswith("gpt2: error: train.schedule: Input should be 'cosine'")
-    monkeypatch.setenv("GPT2_SAMPLE__QUANTIZE", "int4")
+    monkeypatch.setenv("GPT2_SAMPLE__QUANTIZE", "int2")
     assert run(["sample", "m.safetensors"]) == 2
-    assert capsys.readouterr().err.startswith("gpt2: error: sample.quantize: Input should be 'none' or 'int8'")
+    assert capsys.readouterr().err.startswith("gpt2: error: sample.quantize: Input should be 'none', 'int8' or 'int4'")
 
 
 def test_overrides_keep_only_given_flags_that_are_fields():

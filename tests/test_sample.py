@@ -308,7 +308,7 @@ def test_missing_and_broken_checkpoints(tmp_path):
         ("--temperature", "-0.5", "sample.temperature"),
         ("--max-new-tokens", "0", "sample.max_new_tokens"),
         ("--top-k", "50258", "sample.top_k"),
-        ("--quantize", "int4", "--quantize"),  # a closed choice: the command line names the flag
+        ("--quantize", "int2", "--quantize"),  # a closed choice: the command line names the flag
     ],
 )
 def test_invalid_settings_exit_2(tmp_path, flag, value, field):

@@ -13,6 +13,7 @@ import typer
 from gpt2cli.cli.options import (
     OUTPUT,
     RUN,
+    SPEED,
     BlockSizeOption,
     CompileOption,
     ConfigOption,
@@ -26,11 +27,12 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import info, write_stdout
-from gpt2cli.settings import BenchSettings, ModelSettings, OutputFormat
+from gpt2cli.settings import BenchSettings, ModelSettings, OutputFormat, Quantize
 
 COLUMNS = [
     *("test", "batch_size", "seq_len", "dtype", "compile", "tokens_per_s", "tokens_per_s_std", "mfu"),
-    *("peak_memory_bytes", "warmup_s", "ms_per_token", "bandwidth_gbps", "bandwidth_fraction", "error"),
+    *("peak_memory_bytes", "warmup_s", "ms_per_token", "bandwidth_gbps", "bandwidth_fraction", "quantize"),
+    *("group_size", "weight_bytes_per_token", "measured_read_gbps", "measured_read_fraction", "error"),
 ]
 
 
@@ -65,6 +67,8 @@ def command(
     reps: Annotated[int | None, _b("reps")] = None,
     warmup: Annotated[int | None, _b("warmup")] = None,
     peak_tflops: Annotated[float | None, _b("peak_tflops")] = None,
+    quantize: Annotated[Quantize | None, _b("quantize", SPEED)] = None,
+    group_size: Annotated[int | None, _b("group_size", SPEED)] = None,
     output_format: Annotated[OutputFormat | None, _b("output_format", OUTPUT, "--format")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Same as --format json.", rich_help_panel=OUTPUT)] = False,
     config: ConfigOption = None,
@@ -74,7 +78,9 @@ def command(
     Random weights of the chosen shape. FLOPs per token: training 6·N + 12·L·C·T (N parameters without position
     embeddings, L layers, C width, T sequence length), forward a third of it; MFU divides by the device's dense
     peak for the dtype (known GPUs, or --peak-tflops) and is omitted where the peak is unknown. For tgN, the
-    achieved bandwidth is the weight bytes read per decode step × steps/s.
+    achieved bandwidth is the weight bytes read per decode step × steps/s, against this machine's read bandwidth
+    (measured once per run by summing a 512 MiB buffer) and, for known GPUs, their peak. --quantize int8|int4
+    applies to fwd, ppN and tgN.
     """
     from gpt2cli.settings import load_settings
 
@@ -96,19 +102,23 @@ def run_bench(settings: Any) -> None:
     from gpt2cli.benchmark import Runner, environment, parse_tests, plan_cases
     from gpt2cli.devices import keep_freed_memory, resolve_device, resolve_precision
     from gpt2cli.model import GPT2
+    from gpt2cli.quantize import check_quantize_runs
 
     options = settings.bench
     tests = parse_tests(options.tests)
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
+    check_quantize_runs(options.quantize, device, options.compile, options.group_size)
     keep_freed_memory(device)
     config = settings.model.to_config()
     cases = plan_cases(tests, options.batch_sizes, options.seq_lens or [config.block_size], config.block_size)
     torch.manual_seed(0)
     model = GPT2(config).to(device)
-    runner = Runner(model, precision, options.compile, peak=options.peak_tflops)
+    runner = Runner(model, precision, options.compile, options.peak_tflops, options.quantize, options.group_size)
     env = environment(device)
-    info(f"bench: {env['device_name']} · {precision.name} · compile {options.compile} · "
+    quantized = "" if options.quantize == "none" else f" · {options.quantize}"
+    quantized += f" (group size {options.group_size})" if options.quantize == "int4" else ""
+    info(f"bench: {env['device_name']} · {precision.name}{quantized} · compile {options.compile} · "
          f"{model.num_parameters() / 1e6:.1f}M parameters · {len(cases)} case(s)")  # fmt: skip
 
     def on_rep(case: Any, phase: str, index: int, total: int) -> None:
@@ -124,6 +134,9 @@ def run_bench(settings: Any) -> None:
         status = "OOM" if result.error else f"{result.tokens_per_s:,.1f} ± {result.tokens_per_s_std:,.1f} tok/s"
         info(f"{case.test} batch {case.batch_size} seq {case.seq_len}: {status}")
         results.append(result.as_dict())
+    measured = next((row["measured_read_gbps"] for row in results if row["measured_read_gbps"]), None)
+    if measured is not None:
+        env["measured_read_gbps"] = measured
     _print(results, env, options.output_format)
 
 
@@ -164,12 +177,15 @@ def _human(row: dict[str, Any], env: dict[str, Any]) -> dict[str, str]:
     oom = row["error"] == "OOM"
     extra = ""
     if row["bandwidth_gbps"] is not None:
-        extra = f"{row['bandwidth_gbps']:.1f} GB/s" + (
-            f" ({row['bandwidth_fraction']:.0%})" if row["bandwidth_fraction"] is not None else ""
-        )
+        shares = [f"{row['measured_read_fraction']:.0%} of read"] if row["measured_read_fraction"] is not None else []
+        shares += [f"{row['bandwidth_fraction']:.0%} of peak"] if row["bandwidth_fraction"] is not None else []
+        extra = f"{row['bandwidth_gbps']:.1f} GB/s" + (f" ({', '.join(shares)})" if shares else "")
+    weights = row["dtype"] if row["quantize"] == "none" else row["quantize"]
+    weights += f"/g{row['group_size']}" if row["group_size"] else ""
     return {
         "device": env["device_name"],
         "dtype": row["dtype"],
+        "weights": weights,
         "compile": "yes" if row["compile"] else "no",
         "test": row["test"],
         "batch": str(row["batch_size"]),

@@ -10,6 +10,7 @@ import typer
 from gpt2cli.cli.options import (
     DATA,
     RUN,
+    SPEED,
     CheckpointArgument,
     ConfigOption,
     DeviceOption,
@@ -20,7 +21,7 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import print_json, progress_bar
-from gpt2cli.settings import DataSettings, EvalSettings, Task
+from gpt2cli.settings import DataSettings, EvalSettings, Quantize, Task
 
 
 def _e(field: str, panel: str = DATA) -> Any:
@@ -47,12 +48,16 @@ def command(
     text_field: TextFieldOption = None,
     device: DeviceOption[EvalSettings] = None,
     dtype: DtypeOption[EvalSettings] = None,
+    quantize: Annotated[Quantize | None, _e("quantize", SPEED)] = None,
+    group_size: Annotated[int | None, _e("group_size", SPEED)] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Score a checkpoint: mean loss, perplexity, bits per byte and a 95% interval (lm), or accuracy (hellaswag).
 
     Windows of --context tokens start every --stride tokens; each token after the first is scored exactly once.
+    --quantize int8|int4 scores the weights as `gpt2 sample --quantize` runs them: compare with `--quantize none`
+    to see what quantization costs on your model.
     """
     from gpt2cli.settings import load_settings
 
@@ -63,9 +68,11 @@ def command(
 
 def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output: bool) -> None:
     from gpt2cli.checkpoint import load_model
+    from gpt2cli.cli.output import info
     from gpt2cli.devices import keep_freed_memory, resolve_device, resolve_precision
     from gpt2cli.errors import UsageError
     from gpt2cli.evaluation import evaluate_lm, evaluate_multiple_choice, load_eval_tokens, read_multiple_choice
+    from gpt2cli.quantize import check_quantize_runs, quantize_model
     from gpt2cli.text_encoding import EncodeOptions
     from gpt2cli.tokenizer import get_tokenizer
     from gpt2cli.training_data import resolve_inputs
@@ -73,8 +80,12 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     options = settings.eval
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
+    check_quantize_runs(options.quantize, device, True, options.group_size)  # no decode step: nothing to compile
     keep_freed_memory(device)
     model = load_model(checkpoint, device=device)
+    summary = quantize_model(model, options.quantize, options.group_size)
+    if options.quantize != "none":
+        info(f"quantized {summary.describe()}")
     block = model.config.block_size
     context = options.context or block
     if context > block:
@@ -96,10 +107,13 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
             result = evaluate_lm(
                 model, text.streams, precision, context, stride, options.batch_size, text.text_bytes, advance
             ).as_dict()
+    if options.quantize != "none":
+        result["quantize"] = summary.as_dict()
     if json_output:
         print_json(result)
     else:
-        _print_table(result, checkpoint, options.task, context, stride, precision.name)
+        label = precision.name + ("" if options.quantize == "none" else f", {summary.describe()}")
+        _print_table(result, checkpoint, options.task, context, stride, label)
 
 
 def _print_table(result: dict[str, Any], checkpoint: str, task: str, context: int, stride: int, dtype: str) -> None:

@@ -67,6 +67,7 @@ def command(
     device: DeviceOption[SampleSettings] = None,
     dtype: DtypeOption[SampleSettings] = None,
     quantize: Annotated[Quantize | None, _s("quantize", SPEED)] = None,
+    group_size: Annotated[int | None, _s("group_size", SPEED)] = None,
     compile: CompileOption[SampleSettings] = None,
     seed: SeedOption[SampleSettings] = None,
     config: ConfigOption = None,
@@ -120,7 +121,8 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing, load_generation_model
     from gpt2cli.tokenizer import get_tokenizer
 
-    model = load_generation_model(checkpoint, settings.device, settings.dtype, settings.quantize, settings.compile)
+    model = load_generation_model(checkpoint, settings.device, settings.dtype, settings.quantize, settings.compile,
+                                  settings.group_size, info)  # fmt: skip
     text_generator = TextGenerator(
         model, get_tokenizer(), compile=settings.compile, prompt_lookup=settings.prompt_lookup
     )

@@ -34,6 +34,7 @@ def command(
     device: DeviceOption[ServeSettings] = None,
     dtype: DtypeOption[ServeSettings] = None,
     quantize: Annotated[Quantize | None, _s("quantize", SPEED)] = None,
+    group_size: Annotated[int | None, _s("group_size", SPEED)] = None,
     compile: CompileOption[ServeSettings] = None,
     max_n: Annotated[int | None, _s("max_n", LIMITS)] = None,
     max_prompts: Annotated[int | None, _s("max_prompts", LIMITS)] = None,

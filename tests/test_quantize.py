@@ -1,0 +1,171 @@
+"""Weight-only int8 and int4: the kernels against a float reference, whole models against float32, decoding with and
+without the KV cache, the int8 fallback, bad input, and `--quantize` through eval and bench."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli, shakespeare_text
+from gpt2cli import get_tokenizer, load_model
+from gpt2cli.bandwidth import read_bandwidth
+from gpt2cli.model import GPT2, GPT2Config
+from gpt2cli.quantize import Int8Linear, decode_bytes_per_token, quantize_model
+from gpt2cli.quantize_int4 import Int4Linear, dequantize, group_quantize, int4_kernel_missing
+from gpt2cli.sampling import SamplingOptions, TextGenerator
+
+
+@pytest.fixture(scope="module")
+def hf_model(shared_hf_model_factory):  # read only: built once; the real 50,257-row head
+    return shared_hf_model_factory(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_group_quantize_rounds_each_weight_to_its_nearest_level(group_size):
+    weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    codes, table = group_quantize(weight, group_size)
+    assert codes.dtype == torch.int32 and codes.min() >= 0 and codes.max() <= 15
+    assert table.shape == (256 // group_size, 48, 2) and table.dtype == torch.bfloat16
+    scales = table[..., 0].t().float().repeat_interleave(group_size, dim=1)  # (N, K)
+    error = (dequantize(codes, table, group_size) - weight).abs()
+    assert (error <= scales * 0.5 + 1e-6).all()  # round to nearest: at most half a step off
+
+
+@pytest.mark.parametrize(("rows", "group_size"), [(96, 32), (100, 64), (50257, 32)])
+def test_int4_linear_equals_its_dequantized_weight(rows, group_size):
+    """The packed kernel computes x · dequant(W)ᵀ + b; rows that are not a multiple of 16 (the head's 50,257) are
+    padded for the kernel and cut from the output."""
+    generator = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(128, rows)
+    torch.nn.init.normal_(linear.weight, std=0.02, generator=generator)
+    layer = Int4Linear.from_linear(linear, group_size)
+    assert layer.weight.size(0) % 16 == 0 and layer.weight.size(0) >= rows
+    x = torch.randn(3, 5, 128, generator=generator)
+    codes, table = group_quantize(linear.weight.detach(), group_size)
+    expected = x.to(torch.bfloat16).float() @ dequantize(codes, table, group_size).t() + linear.bias.detach()
+    out = layer(x)
+    assert out.shape == (3, 5, rows) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)  # the kernel rounds its sums to bf16
+
+
+@pytest.mark.parametrize(("mode", "group_size", "min_correlation"), [("int8", 32, 0.999), ("int4", 32, 0.98)])
+def test_quantized_logits_stay_close_to_float32(hf_model, mode, group_size, min_correlation):
+    _, folder = hf_model
+    tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = load_model(folder)
+    with torch.no_grad():
+        exact = model(tokens)[0]
+        summary = quantize_model(model, mode, group_size)
+        approximate = model(tokens)[0]
+    assert approximate.shape == exact.shape
+    assert torch.corrcoef(torch.stack([exact.flatten(), approximate.flatten()]))[0, 1] > min_correlation
+    kind = Int8Linear if mode == "int8" else Int4Linear
+    assert summary.layers == {mode: 9} or summary.layers == {mode: 9, "int8": 0}  # 4 per block and the head
+    assert sum(isinstance(module, kind) for module in model.modules()) == 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_greedy_decoding_with_and_without_the_cache_agree(hf_model, mode):
+    _, folder = hf_model
+    model = load_model(folder)
+    quantize_model(model, mode, 32)
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.encode("It was the best of times")
+    options = SamplingOptions(max_new_tokens=24, temperature=0.0, ignore_eot=True)
+    cached = TextGenerator(model, tokenizer).generate([prompt], options)[0].token_ids
+    uncached = TextGenerator(model, tokenizer, use_cache=False).generate([prompt], options)[0].token_ids
+    assert cached == uncached and len(cached) == 24
+
+
+def test_a_width_that_does_not_divide_by_the_group_size_falls_back_to_int8(hf_model_factory):
+    _, folder = hf_model_factory(n_layer=1, n_head=2, n_embd=96, n_positions=32)
+    model = load_model(folder)
+    summary = quantize_model(model, "int4", 64)
+    # c_attn, attn.c_proj, c_fc and the head read 96 features; only mlp.c_proj (384) divides by 64.
+    assert summary.layers == {"int4": 1, "int8": 4}
+    assert sorted(summary.fallback) == ["lm_head", "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                        "transformer.h.0.mlp.c_fc"]  # fmt: skip
+    assert "int8 for 4 whose width does not divide by 64" in summary.describe()
+    result = run_cli("sample", folder, "--max-new-tokens", "3", "--quantize", "int4", "--group-size", "64")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"int8 for 4 whose width does not divide by 64" in result.stderr
+
+
+def test_decode_bytes_count_every_weight_once_and_no_embedding_table():
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=32))
+    positions = model.transformer.wpe.weight.numel()
+    assert decode_bytes_per_token(model) == (model.num_parameters() - positions) * 4  # the tied head counted once
+    quantize_model(model, "int4", 32)
+    head = model.lm_head
+    assert isinstance(head, Int4Linear)
+    head_bytes = head.weight.numel() + head.scales_and_zeros.numel() * 2  # packed nibbles, bf16 scales and zeros
+    assert head_bytes == 50304 * 64 // 2 + 50304 * 2 * 2 * 2
+    assert decode_bytes_per_token(model) < (model.num_parameters() - positions) * 4 / 5
+
+
+def test_read_bandwidth_is_measured():
+    assert read_bandwidth("cpu", buffer_bytes=32 * 2**20, passes=2) > 1e8  # any machine reads 100 MB/s
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "bench"])
+def test_group_size_48_exits_2(tmp_path, command):
+    extra = [] if command == "bench" else [str(tmp_path / "any")] + (["x.txt"] if command == "eval" else [])
+    result = run_cli(command, *extra, "--quantize", "int4", "--group-size", "48")
+    assert_one_line_error(result, 2, "group_size", "must be 32, 64 or 128")
+
+
+def test_int4_on_a_device_without_a_kernel_is_refused_before_loading(monkeypatch, tmp_path):
+    monkeypatch.setattr("gpt2cli.quantize_int4.int4_kernel_missing", lambda device: "no kernel here")
+    result = run_cli("sample", tmp_path / "absent.safetensors", "--quantize", "int4", "--device", "cpu")
+    assert_one_line_error(result, 2, "--quantize int4 cannot run on cpu: no kernel here")
+    assert int4_kernel_missing(torch.device("mps")) == "torch has no int4 matmul kernel for mps"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert "compute capability 7.5" in int4_kernel_missing(torch.device("cuda"))
+
+
+# ---------------------------------------------------------------- through the commands
+
+
+@pytest.mark.slow
+def test_eval_quantize_measures_what_quantization_costs(hf_model, tmp_path):
+    _, folder = hf_model
+    text = tmp_path / "text.txt"
+    text.write_text(shakespeare_text()[:3000])
+    results = {}
+    for mode in ("none", "int8", "int4"):
+        result = run_cli("eval", folder, text, "--quantize", mode, "--json")
+        assert result.returncode == 0, result.stderr.decode()
+        results[mode] = json.loads(result.stdout)
+    assert "quantize" not in results["none"]
+    assert results["int4"]["quantize"] == {"mode": "int4", "group_size": 32, "layers": {"int4": 9, "int8": 0},
+                                           "fallback": []}  # fmt: skip
+    for mode in ("int8", "int4"):
+        assert results[mode]["tokens"] == results["none"]["tokens"]
+        assert results[mode]["perplexity"] != results["none"]["perplexity"]  # the quantized weights were scored
+        assert abs(results[mode]["loss"] / results["none"]["loss"] - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_bench_quantize_reports_bandwidth_against_the_measured_read_bandwidth():
+    shape = ("--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32")
+    result = run_cli("bench", *shape, "--device", "cpu", "--dtype", "float32", "--tests", "tg4,pp8",
+                     "--batch-size", "1", "--reps", "1", "--warmup", "1", "--quantize", "int4", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    decode, prefill = report["results"]
+    assert decode["quantize"] == prefill["quantize"] == "int4" and decode["group_size"] == 32
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    quantize_model(model, "int4", 32)
+    assert decode["weight_bytes_per_token"] == decode_bytes_per_token(model)
+    steps_per_s = decode["tokens_per_s"]  # batch 1: one token per step
+    assert decode["bandwidth_gbps"] == pytest.approx(decode["weight_bytes_per_token"] * steps_per_s / 1e9)
+    assert decode["measured_read_gbps"] > 0 and report["environment"]["measured_read_gbps"] > 0
+    assert decode["measured_read_fraction"] == pytest.approx(decode["bandwidth_gbps"] / decode["measured_read_gbps"])
+    assert prefill["measured_read_gbps"] is None  # bandwidth is the decode ceiling only

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from gpt2cli.errors import UsageError
+from gpt2cli.setting_types import GROUP_SIZES
 
-GROUP_SIZES = (32, 64, 128)
 ROW_MULTIPLE = 64  # output rows are padded to this: a multiple of what both kernels need (16 on the CPU, 8 on CUDA)
 
 

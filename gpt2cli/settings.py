@@ -7,12 +7,11 @@ between levels: `GPT2_DATA__WORKERS=4`) < command-line flags (passed as init val
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -24,53 +23,27 @@ from pydantic_settings import (
 from gpt2cli.config_files import read_config_file
 from gpt2cli.errors import UsageError
 from gpt2cli.presets import PRESETS, PresetName
-
-CONFIG_ENV_VAR = "GPT2_CONFIG"
-DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
-MAX_SHARD_TOKENS = 2**31 - 1  # the shard header stores the token count as an int32
-
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-StorageDtype = Literal["float32", "bfloat16", "float16"]  # a dtype to hold weights in: no "auto"
-# The closed choices: named once here, so validation and the CLI's choices (help, completion) agree.
-Schedule = Literal["cosine", "linear", "constant", "wsd"]
-Parallel = Literal["ddp", "fsdp"]
-OptimizerName = Literal["adamw", "muon"]
-MuonAdjustLr = Literal["original", "match_rms_adamw"]
-Quantize = Literal["none", "int8", "int4"]
-Task = Literal["lm", "hellaswag"]
-
-
-# int4's group sizes (see quantize_int4.GROUP_SIZES); validated in the settings so a bad one exits 2 early.
-def _group_size(value: int) -> int:
-    if value not in (32, 64, 128):
-        raise ValueError("must be 32, 64 or 128")
-    return value
-
-
-GroupSize = Annotated[
-    int,
-    AfterValidator(_group_size),
-    Field(description="int4: input features per scale and zero point (32, 64 or 128)."),
-]
-OutputFormat = Literal["table", "json", "jsonl", "csv", "md"]
-EncodingErrors = Literal["strict", "replace"]
-DEVICE_KINDS = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what DEVICE_PATTERN accepts, for help texts
-# Open (cuda:N), so a pattern rather than a Literal; every section that runs a model has one.
-Device = Annotated[str, Field(pattern=DEVICE_PATTERN, description="Where to run; auto picks the best available.")]
-Tracker = Literal["tensorboard", "wandb"]
-PlotX = Literal["step", "tokens", "time"]
-PlotMetric = Literal["loss", "val_loss", "lr", "grad_norm", "tok_per_s", "mfu", "hellaswag_acc", "hellaswag_acc_norm"]
-
-
-def _comma_list(value: Any) -> Any:
-    """A list given as text (a flag, an environment variable): `a,b` or a JSON list."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            return json.loads(text)
-        return [part.strip() for part in text.split(",") if part.strip()]
-    return value
-
+from gpt2cli.setting_types import (
+    CONFIG_ENV_VAR,
+    MAX_SHARD_TOKENS,
+    CompileMode,
+    Device,
+    Dtype,
+    EncodingErrors,
+    GroupSize,
+    MuonAdjustLr,
+    OptimizerName,
+    OutputFormat,
+    Parallel,
+    PlotMetric,
+    PlotX,
+    Quantize,
+    Schedule,
+    StorageDtype,
+    Task,
+    Tracker,
+    comma_list,
+)
 
 # The embedded default run, ~5 minutes on two CPU cores; its recipe: the #15 sweep in benchmarks/README.md.
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
@@ -156,23 +129,6 @@ class DataSettings(Section):
     )
 
 
-def _compile_mode(value: Any) -> Any:
-    """`auto`, or on/off as pydantic reads booleans (true/false, 1/0, yes/no, on/off): one error line otherwise."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str | int) and str(value).strip().lower() in _BOOLEAN_WORDS:
-        return _BOOLEAN_WORDS[str(value).strip().lower()]
-    raise ValueError(f"expected auto, true or false, got {value!r}")
-
-
-_BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True}
-_BOOLEAN_WORDS |= {"false": False, "0": False, "no": False, "off": False}
-# `--compile`/`--no-compile`, or neither: auto (compile where it works and repays; see compile_policy.py).
-CompileMode = Annotated[bool | Literal["auto"], BeforeValidator(_compile_mode)]
-
-
 class TrainSettings(Section):
     """Optimisation and run bookkeeping for `gpt2 train` (the llm.c GPT-2 recipe by default)."""
 
@@ -228,7 +184,7 @@ class TrainSettings(Section):
     save_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
     keep: int = Field(1, ge=1, description="Checkpoints to keep.")
     seed: int = Field(1337, ge=0, description="Random seed.")
-    log_to: Annotated[list[Tracker], NoDecode, BeforeValidator(_comma_list)] = Field(
+    log_to: Annotated[list[Tracker], NoDecode, BeforeValidator(comma_list)] = Field(
         default_factory=list, description="Also log to these trackers: tensorboard, wandb (comma list)."
     )
     memory_check: bool = Field(
@@ -326,7 +282,7 @@ class BenchSettings(Section):
 class PlotSettings(Section):
     """`gpt2 plot`: which curves, against what, and how."""
 
-    metrics: Annotated[list[PlotMetric], NoDecode, BeforeValidator(_comma_list)] = Field(
+    metrics: Annotated[list[PlotMetric], NoDecode, BeforeValidator(comma_list)] = Field(
         ["loss", "val_loss"],
         min_length=1,
         description="Metrics to draw (comma list): " + ", ".join(PlotMetric.__args__),

@@ -15,7 +15,7 @@ import numpy as np
 
 from gpt2cli.errors import DataError
 from gpt2cli.files import commit, flush_to_disk, temporary_sibling
-from gpt2cli.settings import MAX_SHARD_TOKENS
+from gpt2cli.setting_types import MAX_SHARD_TOKENS
 from gpt2cli.tokenizer import VOCAB_SIZE
 
 SHARD_MAGIC = 20240520

@@ -27,7 +27,8 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import info, write_stdout
-from gpt2cli.settings import BenchSettings, ModelSettings, OutputFormat, Quantize
+from gpt2cli.setting_types import OutputFormat, Quantize
+from gpt2cli.settings import BenchSettings, ModelSettings
 
 COLUMNS = [
     *("test", "batch_size", "seq_len", "dtype", "compile", "tokens_per_s", "tokens_per_s_std", "mfu"),

@@ -9,7 +9,7 @@ import typer
 
 from gpt2cli.cli.options import JsonOption
 from gpt2cli.cli.output import info, print_json
-from gpt2cli.settings import StorageDtype
+from gpt2cli.setting_types import StorageDtype
 
 
 def command(

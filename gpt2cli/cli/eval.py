@@ -21,7 +21,8 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import print_json, progress_bar
-from gpt2cli.settings import DataSettings, EvalSettings, Quantize, Task
+from gpt2cli.setting_types import Quantize, Task
+from gpt2cli.settings import DataSettings, EvalSettings
 
 
 def _e(field: str, panel: str = DATA) -> Any:

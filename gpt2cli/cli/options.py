@@ -15,7 +15,8 @@ import typer
 from pydantic import BaseModel
 
 from gpt2cli.presets import PresetName
-from gpt2cli.settings import CONFIG_ENV_VAR, DEVICE_KINDS, DataSettings, ModelSettings
+from gpt2cli.setting_types import CONFIG_ENV_VAR, DEVICE_KINDS
+from gpt2cli.settings import DataSettings, ModelSettings
 
 # The panels `--help` groups options into.
 MODEL, DATA, OPTIMIZER, SCHEDULE = "Model", "Data", "Optimizer", "Schedule"

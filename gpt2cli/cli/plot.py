@@ -11,7 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from gpt2cli.cli.options import OUTPUT, ConfigOption, overrides, setting
-from gpt2cli.settings import PlotSettings, PlotX
+from gpt2cli.setting_types import PlotX
+from gpt2cli.settings import PlotSettings
 
 
 def _p(field: str, *declarations: str, panel: str = OUTPUT, **extra: Any) -> Any:

@@ -23,7 +23,8 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import info, write_stdout
-from gpt2cli.settings import Quantize, SampleSettings
+from gpt2cli.setting_types import Quantize
+from gpt2cli.settings import SampleSettings
 
 DECODING = "Decoding"
 

@@ -15,7 +15,8 @@ from gpt2cli.cli.options import (
     overrides,
     setting,
 )
-from gpt2cli.settings import Quantize, ServeSettings
+from gpt2cli.setting_types import Quantize
+from gpt2cli.settings import ServeSettings
 
 SERVER, LIMITS = "Server", "Limits"
 

@@ -11,7 +11,8 @@ import typer
 from gpt2cli.cli.options import DATA, OUTPUT, ConfigOption, JsonOption, TextFieldOption, overrides, setting
 from gpt2cli.cli.output import info, print_json, progress_bar, write_stdout
 from gpt2cli.errors import UsageError
-from gpt2cli.settings import DataSettings, EncodingErrors
+from gpt2cli.setting_types import EncodingErrors
+from gpt2cli.settings import DataSettings
 
 
 def command(

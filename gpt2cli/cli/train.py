@@ -36,16 +36,8 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import info, print_json
-from gpt2cli.settings import (
-    DEFAULT_RUN,
-    DataSettings,
-    ModelSettings,
-    MuonAdjustLr,
-    OptimizerName,
-    Parallel,
-    Schedule,
-    TrainSettings,
-)
+from gpt2cli.setting_types import MuonAdjustLr, OptimizerName, Parallel, Schedule
+from gpt2cli.settings import DEFAULT_RUN, DataSettings, ModelSettings, TrainSettings
 
 
 def _t(field: str, panel: str, *declarations: str) -> Any:

@@ -9,7 +9,9 @@ run's validation split and eval_tokens), one after the other in their own proces
 final validation loss, measured in this run. For each recipe it prints the training tokens and `train_s` (training
 time without evaluation or checkpoint writing, compilation included) at which the validation loss first reaches the
 target, interpolated linearly between the two evaluations around it; the final validation loss; `train_s` and the
-wall time of the whole process; and the ratio of the new recipe's `train_s` to the target over the old one's.
+wall time of the whole process; the ratio of the new recipe's `train_s` to the target over the old one's; and the
+new recipe's validation loss after as much training time as the whole old recipe took. Each run compiles into an
+empty Inductor cache (what a first run on a new machine pays) unless `--warm-cache` is given.
 
   python benchmarks/speedrun.py                  # both recipes (~10 minutes on 2 idle CPU cores), a table
   python benchmarks/speedrun.py --json           # one JSON object; both write benchmarks/results/speedrun-*.json
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -47,12 +50,14 @@ SMOKE = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "3
          "--eval-tokens", "512", "--eval-interval", "2", "--no-compile"]  # fmt: skip
 
 
-def train(name: str, args: list[str], folder: Path) -> dict[str, Any]:
+def train(name: str, args: list[str], folder: Path, warm_cache: bool) -> dict[str, Any]:
     """One `gpt2 train` process; its evaluations, summary and wall time."""
     out = folder / name
     command = [sys.executable, "-m", "gpt2cli", "train", *args, "--out", str(out), "--json"]
     print(f"[{name}] {shlex.join(command[3:])}", file=sys.stderr, flush=True)
     env = {key: value for key, value in os.environ.items() if not key.startswith("GPT2_")}
+    if not warm_cache:  # an empty Inductor cache: the compile a first run on a new machine pays, in full
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / f"inductor-{name}")
     started = time.perf_counter()
     result = subprocess.run(command, stdout=subprocess.PIPE, env=env, check=False)
     wall = time.perf_counter() - started
@@ -100,8 +105,19 @@ def report(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "recipes": rows,
         "train_s_ratio_new_over_old": None if not (old and new) else round(new / old, 3),
         "new_final_within_old_wall_time": rows["new"]["wall_s"] <= rows["old"]["wall_s"],
+        "new_val_loss_at_old_train_s": loss_at(runs["new"]["evals"], rows["old"]["train_s"]),
         "runs": runs,
     }
+
+
+def loss_at(evals: list[dict[str, Any]], train_s: float) -> float:
+    """The validation loss a run had after `train_s` seconds of training (linear between evaluations; its final
+    loss when it finished sooner)."""
+    for before, after in itertools.pairwise(evals):
+        if after["train_s"] >= train_s:
+            share = (train_s - before["train_s"]) / max(after["train_s"] - before["train_s"], 1e-9)
+            return round(before["val_loss"] + max(share, 0.0) * (after["val_loss"] - before["val_loss"]), 4)
+    return evals[-1]["val_loss"]
 
 
 def machine() -> dict[str, Any]:
@@ -129,7 +145,9 @@ def print_table(result: dict[str, Any]) -> None:
     print(
         f"train_s to target, new / old: {'n/a' if ratio is None else f'{ratio:.3f}'} (target ≤ 0.5); new final "
         f"val loss {result['recipes']['new']['final_val_loss']:.4f} in {result['recipes']['new']['wall_s']:.0f} s "
-        f"wall against the old recipe's {result['recipes']['old']['wall_s']:.0f} s (target ≤ 4.5 within it)"
+        f"wall against the old recipe's {result['recipes']['old']['wall_s']:.0f} s (target ≤ 4.5 within it); "
+        f"new val loss after the old recipe's train_s: {result['new_val_loss_at_old_train_s']:.4f}; "
+        f"Inductor cache: {result['compile_cache']}"
     )
 
 
@@ -140,6 +158,9 @@ def main() -> None:
     parser.add_argument("--old-args", default="", help="extra flags for the old recipe")
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps: checks the script only")
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/speedrun-*.json")
+    parser.add_argument(
+        "--warm-cache", action="store_true", help="use your Inductor cache (default: an empty one: a cold compile)"
+    )
     args = parser.parse_args()
 
     common = ["--eval-interval", str(EVAL_INTERVAL)]
@@ -150,8 +171,13 @@ def main() -> None:
     if args.smoke:
         recipes = {name: [*flags, *SMOKE] for name, flags in recipes.items()}
     with tempfile.TemporaryDirectory(prefix="gpt2-speedrun-") as folder:
-        runs = {name: train(name, flags, Path(folder)) for name, flags in recipes.items()}
-    result = {"date": datetime.now().isoformat(timespec="seconds"), "machine": machine(), **report(runs)}
+        runs = {name: train(name, flags, Path(folder), args.warm_cache) for name, flags in recipes.items()}
+    result = {
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "compile_cache": "warm" if args.warm_cache else "cold",
+        **report(runs),
+    }
     if not (args.no_save or args.smoke):
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"speedrun-{datetime.now():%Y-%m-%d-%H%M}.json"

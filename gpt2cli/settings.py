@@ -156,7 +156,7 @@ class TrainSettings(Section):
     min_lr: float | None = Field(None, ge=0, description="Final learning rate (default: lr / 10).")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (default: from the run length).")
     schedule: Schedule = Field("cosine", description="Learning-rate schedule.")
-    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: the share of the schedule spent decaying.")
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: share of the steps after warmup spent decaying.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training tokens.")
     max_tokens: int | None = Field(None, ge=1, description="Training tokens to process.")

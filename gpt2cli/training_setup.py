@@ -45,8 +45,10 @@ def resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> t
             raise UsageError("--resume needs --out, the folder of the run to continue")
         saved = Path(probe.train.out) / "config.toml"
         if config is None and saved.is_file():
-            config = saved
-            bundled = not load_settings(config, flags).data.paths
+            # The saved settings are the run's resolved ones: the default-run profile is not laid over them again,
+            # so a run saved before the profile changed (e.g. AdamW before Muon) resumes as it was started.
+            resumed = load_settings(saved, flags)
+            return resumed, not resumed.data.paths
     return load_settings(config, flags, profile=DEFAULT_RUN if bundled else None), bundled
 
 

@@ -22,7 +22,7 @@ from gpt2cli.optim import MuonWithAdamW, Schedule, build_muon
 from gpt2cli.settings import load_settings
 from gpt2cli.training import Trainer
 from gpt2cli.training_data import TokenData
-from gpt2cli.training_setup import prepare_trainer
+from gpt2cli.training_setup import prepare_trainer, resolve_settings
 
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
 
@@ -125,6 +125,20 @@ def test_resuming_an_adamw_run_with_muon_is_refused(tmp_path, tokens):
     make_trainer(tokens, out, max_steps=2, optimizer="adamw").run()
     with pytest.raises(CheckpointError, match=r"no moments .*another --optimizer"):
         make_trainer(tokens, out, max_steps=4, resume=True)
+
+
+def test_a_default_run_saved_before_muon_resumes_with_adamw(tmp_path):
+    """A run folder from before the default run used Muon: its config.toml has no optimizer keys. Resuming reads the
+    run's own settings without laying today's default-run profile over them."""
+    (tmp_path / "config.toml").write_text(
+        '[data]\npaths = []\n\n[train]\nlr = 0.001\nschedule = "cosine"\nmax_steps = 600\nweight_decay = 0.1\n'
+    )
+    settings, bundled = resolve_settings(None, {"train": {"resume": True, "out": str(tmp_path)}})
+    assert bundled
+    assert (settings.train.optimizer, settings.train.schedule, settings.train.lr) == ("adamw", "cosine", 0.001)
+    assert (settings.train.weight_decay, settings.train.decay_fraction) == (0.1, 0.2)
+    fresh, _ = resolve_settings(None, {"train": {"out": str(tmp_path / "new")}})
+    assert (fresh.train.optimizer, fresh.train.schedule) == ("muon", "wsd")  # a new default run takes the profile
 
 
 def test_muon_under_fsdp_is_refused_before_anything_is_written(tmp_path, tokens):

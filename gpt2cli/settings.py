@@ -45,7 +45,7 @@ from gpt2cli.setting_types import (
     comma_list,
 )
 
-# The embedded default run, ~5 minutes on two CPU cores; its recipe: the #15 sweep in benchmarks/README.md.
+# The embedded default run, about six minutes on two CPU cores; its recipe: the #15 sweep in benchmarks/README.md.
 DEFAULT_RUN: dict[str, dict[str, Any]] = {
     "model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256},
     "train": {

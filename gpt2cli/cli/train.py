@@ -105,7 +105,7 @@ def command(
 ) -> None:
     """Train GPT-2 from scratch or fine-tune a checkpoint; resumable exactly, Ctrl-C or SIGTERM saves before stopping.
 
-    With no DATA it trains a small model on the bundled Shakespeare corpus (about five minutes on two CPU cores;
+    With no DATA it trains a small model on the bundled Shakespeare corpus (about six minutes on two CPU cores;
     Muon with AdamW, warmup-stable-decay) and prints the command that samples from it.
     """
     flags = overrides({**locals(), "paths": data}, model=ModelSettings, data=DataSettings, train=TrainSettings)

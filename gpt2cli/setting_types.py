@@ -31,7 +31,7 @@ GROUP_SIZES = (32, 64, 128)
 
 def _group_size(value: int) -> int:
     if value not in GROUP_SIZES:
-        raise ValueError(f"must be one of {', '.join(map(str, GROUP_SIZES))}")
+        raise ValueError(f"must be {', '.join(map(str, GROUP_SIZES[:-1]))} or {GROUP_SIZES[-1]}")
     return value
 
 

@@ -35,21 +35,3 @@ def read_bandwidth(
         best = min(best, time.perf_counter() - started)
     del source
     return buffer_bytes / best
-
-
-def copy_bandwidth(
-    device: torch.device | str = "cpu", buffer_bytes: int = DEFAULT_BUFFER_BYTES, passes: int = 5
-) -> float:
-    """Bytes per second copied (read once and written once, counted once) for a `buffer_bytes` buffer."""
-    device = torch.device(device)
-    source = torch.ones(buffer_bytes // 4, device=device)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    _synchronize(device)
-    best = float("inf")
-    for _ in range(passes):
-        started = time.perf_counter()
-        target.copy_(source)
-        _synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return buffer_bytes / best

@@ -201,6 +201,7 @@ class Runner:
             if dtype is None and self.quantize == "none":
                 self._inference_model = self.model
             else:
+                from gpt2cli.devices import int8_runs_fast
                 from gpt2cli.quantize import quantize_model, use_matvec_for_decode
 
                 with torch.device("meta"):
@@ -213,7 +214,8 @@ class Runner:
                 copy.load_state_dict(cast, strict=False, assign=True)
                 copy.tie_weights()
                 self._inference_model = copy.eval().requires_grad_(False)
-                quantize_model(self._inference_model, self.quantize, self.group_size)
+                fallback = int8_runs_fast(self.device, self.compile)  # the decode cases run this copy
+                quantize_model(self._inference_model, self.quantize, self.group_size, int8_fallback=fallback)
                 if self.device.type == "cpu" and dtype == torch.bfloat16:
                     use_matvec_for_decode(self._inference_model)
         return self._inference_model

@@ -117,11 +117,16 @@ def cuda_computes_bf16(device: torch.device) -> bool:
     return major >= 8
 
 
-def check_int8_runs_fast(device: torch.device, compiled: bool) -> None:
+def int8_runs_fast(device: torch.device, compiled: bool) -> bool:
     """Weight-only int8 pays only where a kernel reads the int8 weights directly: the CPU's `_weight_int8pack_mm`,
     or on CUDA the matmul torch.compile generates with the int8-to-float conversion fused into it (gpt-fast's
-    way). Eager CUDA would rebuild every float weight at every step, slower than not quantizing: refused."""
-    if device.type == "cuda" and not compiled:
+    way). Eager CUDA would rebuild every float weight at every decode step, slower than not quantizing."""
+    return device.type != "cuda" or compiled
+
+
+def check_int8_runs_fast(device: torch.device, compiled: bool) -> None:
+    """Refuse `--quantize int8` where it runs slower than the float weights (`int8_runs_fast`)."""
+    if not int8_runs_fast(device, compiled):
         raise UsageError(
             "--quantize int8 on CUDA needs --compile (torch.compile fuses the int8 weights into the matmul; "
             "without it every step would rebuild the float weights and run slower than without --quantize)"

@@ -248,11 +248,24 @@ def _verify_step(
     for row, (draft, gained) in enumerate(zip(drafts, gains, strict=True)):
         if not batch.active[row]:
             continue
-        kept = len(gained) - 1
         batch.positions[row] += len(gained)
-        timing.decode_tokens += batch.accept(row, gained, on_text)
+        taken = batch.accept(row, gained, on_text)
+        timing.decode_tokens += taken
         timing.row_passes += 1
-        if draft:
-            timing.drafted += len(draft)
-            timing.accepted += kept
-            timing.accepted_lengths[kept] = timing.accepted_lengths.get(kept, 0) + 1
+        count_draft(timing, len(draft), len(gained) - 1, taken)
+
+
+def count_draft(timing: Timing, drafted: int, kept: int, taken: int) -> None:
+    """Add one row's draft to the acceptance statistics: `kept` of its `drafted` tokens agreed with the model, and
+    the row took `taken` of the `kept + 1` tokens gained (fewer when one of them finished it).
+
+    A row that finishes on a draft token (end of text, a stop string) never reaches the draft tokens after it: they
+    were neither accepted nor rejected, so they count as neither (counting them as accepted inflated the rate). The
+    draft tokens after the first rejected one are counted as drafted, as speculative decoding's rate usually is.
+    """
+    if not drafted:
+        return
+    accepted = min(kept, taken)  # the draft tokens the row took, the one that finished it included
+    timing.drafted += drafted if taken > kept else taken  # taken <= kept: it finished inside the agreeing run
+    timing.accepted += accepted
+    timing.accepted_lengths[accepted] = timing.accepted_lengths.get(accepted, 0) + 1

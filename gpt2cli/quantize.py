@@ -19,58 +19,71 @@ from gpt2cli.quantize_int4 import Int4Linear, check_group_size, cuda_packs
 
 @dataclass
 class QuantizeSummary:
-    """What `quantize_model` did: the mode, and the layers that fell back to int8 (width not a multiple of the
-    group size)."""
+    """What `quantize_model` did: the mode, the layers of each kind, and the layers int4 could not take (width not
+    a multiple of the group size), which became int8 or kept their float weights."""
 
     mode: str
     group_size: int | None = None
-    layers: dict[str, int] = field(default_factory=dict)  # kind ("int4", "int8") -> count
+    layers: dict[str, int] = field(default_factory=dict)  # kind ("int4", "int8", "float") -> count; none are 0
     fallback: list[str] = field(default_factory=list)
+    fallback_kind: str = "int8"  # or "float" where int8 would run slower than float
 
     def describe(self) -> str:
         if self.mode == "none":
             return "not quantized"
         counts = ", ".join(f"{count} {kind}" for kind, count in self.layers.items())
         text = f"{self.mode}" + (f" (group size {self.group_size})" if self.group_size else "") + f": {counts} layers"
-        if self.fallback:
-            text += f"; int8 for {len(self.fallback)} whose width does not divide by {self.group_size}"
+        width = f"{len(self.fallback)} whose width does not divide by {self.group_size}"
+        if self.fallback and self.fallback_kind == "int8":
+            text += f"; int8 for {width}"
+        elif self.fallback:
+            text += f"; float weights kept for {width} (int8 on CUDA without --compile runs slower than float)"
         return text
 
     def as_dict(self) -> dict[str, object]:
         return {"mode": self.mode, "group_size": self.group_size, "layers": self.layers, "fallback": self.fallback}
 
 
-def check_quantize_runs(mode: str, device: torch.device, compiled: bool, group_size: int) -> None:
-    """Refuse (exit 2) a quantization that cannot run, or not fast, on this device, before any weights are read."""
+def check_quantize_runs(mode: str, device: torch.device, compiled: bool, group_size: int, *, decode: bool) -> None:
+    """Refuse (exit 2) a quantization that cannot run, or not fast, on this device, before any weights are read.
+
+    `decode`: the weights run a batch-1 decode loop (sample, serve, bench), where eager int8 on CUDA is slower than
+    float and refused. Scoring passes (eval) multiply many rows per weight read, so that rule does not apply."""
     from gpt2cli.devices import check_int8_runs_fast
     from gpt2cli.quantize_int4 import check_int4_runs
 
-    if mode == "int8":
+    if mode == "int8" and decode:
         check_int8_runs_fast(device, compiled)
     elif mode == "int4":
         check_group_size(group_size)
         check_int4_runs(device)
 
 
-def quantize_model(model: GPT2, mode: str, group_size: int = 32) -> QuantizeSummary:
-    """Quantize every Linear (the projections and the output head) in place: `none`, `int8` or `int4`."""
+def quantize_model(model: GPT2, mode: str, group_size: int = 32, *, int8_fallback: bool = True) -> QuantizeSummary:
+    """Quantize every Linear (the projections and the output head) in place: `none`, `int8` or `int4`.
+
+    Under int4 a layer whose width does not divide by the group size becomes int8, or keeps its float weights where
+    `int8_fallback` is False: eager CUDA decoding, where int8 runs slower than float (`devices.int8_runs_fast`)."""
     if mode == "none":
         return QuantizeSummary("none")
     if mode == "int8":
         quantize_int8(model)
         return QuantizeSummary("int8", layers={"int8": _count(model, Int8Linear)})
     check_group_size(group_size)
-    summary = QuantizeSummary("int4", group_size)
+    summary = QuantizeSummary("int4", group_size, fallback_kind="int8" if int8_fallback else "float")
     for parent_name, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, torch.nn.Linear):
                 continue
             if _int4_fits(child, group_size):
                 setattr(module, name, Int4Linear.from_linear(child, group_size))
-            else:
+                continue
+            if int8_fallback:
                 setattr(module, name, Int8Linear.from_linear(child))
-                summary.fallback.append(f"{parent_name}.{name}".lstrip("."))
-    summary.layers = {"int4": _count(model, Int4Linear), "int8": _count(model, Int8Linear)}
+            summary.fallback.append(f"{parent_name}.{name}".lstrip("."))
+    counts = {"int4": _count(model, Int4Linear), "int8": _count(model, Int8Linear),
+              "float": _count(model, torch.nn.Linear)}  # fmt: skip
+    summary.layers = {kind: count for kind, count in counts.items() if count}  # "0 int8 layers" says nothing
     return summary
 
 
@@ -85,12 +98,16 @@ def _count(model: torch.nn.Module, kind: type) -> int:
 
 def decode_bytes_per_token(model: GPT2) -> int:
     """Bytes a batch-1 decode step reads: every weight, scale and bias once, except the embedding tables, of which
-    it reads one row (the tied head, a Linear, is counted through the head)."""
+    it reads one row (the tied head, a Linear, is counted through the head). Of an int8 layer's two copies of its
+    scales, only the one this device's kernel reads counts."""
     seen: dict[int, int] = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue
-        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if isinstance(module, Int8Linear):
+            tensors = module.tensors_read()
+        for tensor in tensors:
             seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
     return sum(seen.values())
 
@@ -146,6 +163,11 @@ class Int8Linear(torch.nn.Module):
         quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(quantized, scales.to(linear.weight.dtype), bias)
+
+    def tensors_read(self) -> list[torch.Tensor]:
+        """What `forward` reads: the CPU kernel takes the bf16 scales, other devices the float ones (never both)."""
+        scales = self.scales_bf16 if self.weight.device.type == "cpu" else self.scales
+        return [self.weight, scales, *([] if self.bias is None else [self.bias])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

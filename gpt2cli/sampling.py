@@ -56,8 +56,9 @@ class Timing:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
-    # Prompt lookup: draft tokens proposed and accepted, (row, forward pass) pairs of the decode, and how many drafts
-    # kept 0, 1, 2, ... of their tokens.
+    # Prompt lookup: draft tokens proposed and accepted (not those past where a row finished:
+    # `prompt_lookup.count_draft`), (row, forward pass) pairs of the decode, and how many drafts kept 0, 1, 2, ...
+    # of their tokens.
     drafted: int = 0
     accepted: int = 0
     row_passes: int = 0
@@ -179,17 +180,17 @@ def load_generation_model(
     (`on_summary` gets a line saying how). Settings that cannot run (or not fast) are refused before the checkpoint
     is read."""
     from gpt2cli.checkpoint import load_model
-    from gpt2cli.devices import DTYPES, keep_freed_memory, resolve_device
+    from gpt2cli.devices import DTYPES, int8_runs_fast, keep_freed_memory, resolve_device
     from gpt2cli.errors import UsageError
     from gpt2cli.quantize import check_quantize_runs, quantize_model
 
     device = resolve_device(device_name)
     if dtype_name == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    check_quantize_runs(quantize, device, compile, group_size)
+    check_quantize_runs(quantize, device, compile, group_size, decode=True)
     keep_freed_memory(device)
     model = load_model(checkpoint, device=device, dtype=DTYPES[dtype_name])
-    summary = quantize_model(model, quantize, group_size)
+    summary = quantize_model(model, quantize, group_size, int8_fallback=int8_runs_fast(device, compile))
     if on_summary is not None and quantize != "none":
         on_summary(f"quantized {summary.describe()}")
     return model

@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, run_cli
 from gpt2cli import get_tokenizer
 from gpt2cli.logit_filters import filtered_logits
 from gpt2cli.model import GPT2, GPT2Config, KVCache
-from gpt2cli.prompt_lookup import LookupHistory, agreeing_prefix
+from gpt2cli.prompt_lookup import LookupHistory, agreeing_prefix, count_draft
 from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
 
 BLOCK, VOCAB = 48, 512  # a small vocabulary (of GPT-2's first tokens) keeps the output head cheap
@@ -61,25 +61,43 @@ def test_agreeing_prefix():
     assert [agreeing_prefix([1, 2, 3, 4], draft) for draft in ([], [1, 2, 3], [1, 5, 3], [9])] == [0, 3, 1, 0]
 
 
+def test_draft_tokens_past_where_a_row_finished_count_neither_way():
+    timing = Timing()
+    count_draft(timing, drafted=4, kept=2, taken=3)  # 2 accepted, then the model's own token: all 4 proposed count
+    assert (timing.drafted, timing.accepted) == (4, 2)
+    count_draft(timing, drafted=4, kept=4, taken=2)  # a stop string on the 2nd draft token: the other 2 never ran
+    assert (timing.drafted, timing.accepted) == (6, 4)
+    count_draft(timing, drafted=3, kept=1, taken=2)  # finished on the model's own token after 1 accepted
+    assert (timing.drafted, timing.accepted) == (9, 5)
+    count_draft(timing, drafted=0, kept=0, taken=1)  # nothing drafted: nothing counted
+    assert (timing.drafted, timing.accepted, timing.accepted_lengths) == (9, 5, {2: 2, 1: 1})
+
+
 # ---------------------------------------------------------------- the cache
 
 
 def test_rolling_back_the_cache_by_position_equals_a_fresh_cache(model):
-    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
+    """The continuation writes fewer entries than the rejected draft left (11..13 of 11..15): the stale ones at 14
+    and 15 must be masked by position, not merely overwritten."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (2, 14), generator=generator)
+    wrong = torch.randint(0, VOCAB, (2, 6), generator=generator)
+    at = torch.tensor([11, 11])
     with torch.inference_mode():
         cache = KVCache(model.config, 2, "cpu", torch.float32)
         model.next_token_logits(tokens[:, :10], cache, 0)
-        wrong = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
-        model.verify_logits(wrong, cache, torch.tensor([10, 10]))  # a draft, later rejected: stale entries 10..15
-        kept = torch.tensor([[tokens[0, 10], *wrong[0, 1:]], [tokens[1, 10], *wrong[1, 1:]]])
-        model.verify_logits(kept, cache, torch.tensor([10, 10]))  # row 0 keeps 1 token, row 1 keeps 3 (say)
-        continued = model.verify_logits(tokens[:, 11:20], cache, torch.tensor([11, 11]))  # rolled back to 11
-        fresh_cache = KVCache(model.config, 2, "cpu", torch.float32)
+        verified = torch.cat([tokens[:, 10:11], wrong[:, 1:]], dim=1)  # the pending token at 10, then a bad draft
+        model.verify_logits(verified, cache, torch.tensor([10, 10]))  # stale entries 11..15; rolled back to 11
+        step = model.next_token_logits(tokens[:, 11:12], cache, at)
+        continued = model.verify_logits(tokens[:, 12:14], cache, at + 1)
+        fresh_cache = KVCache(model.config, 2, "cpu", torch.float32)  # never saw the draft
         model.next_token_logits(tokens[:, :11], fresh_cache, 0)
-        fresh = model.verify_logits(tokens[:, 11:20], fresh_cache, torch.tensor([11, 11]))
-        full, _ = model(tokens[:, :20])
+        fresh_step = model.next_token_logits(tokens[:, 11:12], fresh_cache, at)
+        fresh = model.verify_logits(tokens[:, 12:14], fresh_cache, at + 1)
+        full, _ = model(tokens)
+    torch.testing.assert_close(step, fresh_step)
     torch.testing.assert_close(continued, fresh)
-    torch.testing.assert_close(continued, full[:, 11:20], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(continued, full[:, 12:14], rtol=1e-4, atol=1e-4)
 
 
 def test_a_verify_pass_past_the_context_writes_its_padding_nowhere_attended(model):
@@ -115,7 +133,8 @@ def test_greedy_equals_plain_greedy_over_many_prompts(model, penalty):
 def test_rows_of_a_batch_accept_different_counts_and_match_their_single_runs(model):
     tokenizer = get_tokenizer()
     plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, prompt_lookup=3)
-    prompts = [([5, 6, 7] * 5)[:12], torch.randint(0, VOCAB, (12,)).tolist(), ([9, 9, 8, 1] * 3)]
+    random = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = [([5, 6, 7] * 5)[:12], random, ([9, 9, 8, 1] * 3)]
     options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True)
     batched = lookup.generate(prompts, options)
     passes = []
@@ -137,11 +156,13 @@ def test_stop_strings_and_max_new_tokens_end_where_plain_decoding_ends(model):
         SamplingOptions(max_new_tokens=30, temperature=0.0, ignore_eot=True, stop=(stop,)),
         SamplingOptions(max_new_tokens=7, temperature=0.0, ignore_eot=True),
     ):
-        expected, streamed = plain.generate([prompt], options)[0], []
-        got = lookup.generate([prompt], options, on_text=lambda row, piece, shown=streamed: shown.append(piece))[0]
+        expected, streamed, timing = plain.generate([prompt], options)[0], [], Timing()
+        got = lookup.generate([prompt], options, on_text=lambda row, piece, shown=streamed: shown.append(piece),
+                              timing=timing)[0]  # fmt: skip
         assert (got.token_ids, got.text, got.finish_reason) == (expected.token_ids, expected.text,
                                                                 expected.finish_reason)  # fmt: skip
         assert "".join(streamed) == got.text
+        assert timing.accepted <= len(got.token_ids) - 1  # every accepted draft token is in the output (not the 1st)
 
 
 # ---------------------------------------------------------------- sampling: the plain sampler's distribution

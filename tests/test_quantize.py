@@ -1,5 +1,6 @@
 """Weight-only int8 and int4: the kernels against a float reference, whole models against float32, decoding with and
-without the KV cache, the int8 fallback, bad input, and `--quantize` through eval and bench."""
+without the KV cache, the int8 fallback (float where int8 would be slow), bad input, and `--quantize` through eval and
+bench."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 from conftest import assert_one_line_error, run_cli, shakespeare_text
 from gpt2cli import get_tokenizer, load_model
 from gpt2cli.bandwidth import read_bandwidth
+from gpt2cli.errors import UsageError
 from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.quantize import Int8Linear, decode_bytes_per_token, quantize_model
+from gpt2cli.quantize import Int8Linear, check_quantize_runs, decode_bytes_per_token, quantize_model
 from gpt2cli.quantize_int4 import Int4Linear, dequantize, group_quantize, int4_kernel_missing
-from gpt2cli.sampling import SamplingOptions, TextGenerator
+from gpt2cli.sampling import SamplingOptions, TextGenerator, load_generation_model
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,8 @@ def test_quantized_logits_stay_close_to_float32(hf_model, mode, group_size, min_
     assert approximate.shape == exact.shape
     assert torch.corrcoef(torch.stack([exact.flatten(), approximate.flatten()]))[0, 1] > min_correlation
     kind = Int8Linear if mode == "int8" else Int4Linear
-    assert summary.layers == {mode: 9} or summary.layers == {mode: 9, "int8": 0}  # 4 per block and the head
+    assert summary.layers == {mode: 9}  # 4 per block and the head; kinds with no layer are left out
+    assert summary.describe() == f"{mode}" + (" (group size 32)" if mode == "int4" else "") + f": 9 {mode} layers"
     assert sum(isinstance(module, kind) for module in model.modules()) == 9
 
 
@@ -94,6 +97,26 @@ def test_a_width_that_does_not_divide_by_the_group_size_falls_back_to_int8(hf_mo
     assert b"int8 for 4 whose width does not divide by 64" in result.stderr
 
 
+def test_the_fallback_keeps_float_weights_where_int8_would_be_slow(shared_hf_model_factory, monkeypatch):
+    """Eager CUDA decoding refuses `--quantize int8` as slower than float; int4's fallback layers follow the same
+    rule (here on the CPU, with the device check patched to say what it says on CUDA without --compile)."""
+    _, folder = shared_hf_model_factory(n_layer=1, n_head=2, n_embd=96, n_positions=32)
+    monkeypatch.setattr("gpt2cli.devices.int8_runs_fast", lambda device, compiled: False)
+    lines: list[str] = []
+    model = load_generation_model(str(folder), "cpu", "float32", "int4", False, 64, on_summary=lines.append)
+    assert not any(isinstance(module, Int8Linear) for module in model.modules())
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert lines == ["quantized int4 (group size 64): 1 int4, 4 float layers; float weights kept for 4 whose width "
+                     "does not divide by 64 (int8 on CUDA without --compile runs slower than float)"]  # fmt: skip
+    prompt = get_tokenizer().encode("It was")
+    options = SamplingOptions(max_new_tokens=3, temperature=0.0, ignore_eot=True)
+    assert len(TextGenerator(model, get_tokenizer()).generate([prompt], options)[0].token_ids) == 3
+    # `--quantize int8` itself is refused for decoding, not for eval's scoring passes.
+    with pytest.raises(UsageError, match="needs --compile"):
+        check_quantize_runs("int8", torch.device("cpu"), False, 32, decode=True)
+    check_quantize_runs("int8", torch.device("cpu"), False, 32, decode=False)
+
+
 def test_decode_bytes_count_every_weight_once_and_no_embedding_table():
     model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=32))
     positions = model.transformer.wpe.weight.numel()
@@ -104,6 +127,18 @@ def test_decode_bytes_count_every_weight_once_and_no_embedding_table():
     head_bytes = head.weight.numel() + head.scales_and_zeros.numel() * 2  # packed nibbles, bf16 scales and zeros
     assert head_bytes == 50304 * 64 // 2 + 50304 * 2 * 2 * 2
     assert decode_bytes_per_token(model) < (model.num_parameters() - positions) * 4 / 5
+
+
+def test_decode_bytes_count_only_the_int8_scales_this_device_reads():
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=32))
+    quantize_model(model, "int8")
+    layers = [module for module in model.modules() if isinstance(module, Int8Linear)]
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.LayerNorm)]
+    # On the CPU the kernel reads the int8 rows and the bf16 scales; the float32 scales (CUDA's) are not read.
+    expected = sum(layer.weight.numel() + layer.scales_bf16.numel() * 2 for layer in layers)
+    expected += sum(layer.bias.numel() * 4 for layer in layers if layer.bias is not None)  # the head has none
+    expected += sum(parameter.numel() * 4 for norm in norms for parameter in norm.parameters())
+    assert decode_bytes_per_token(model) == expected
 
 
 def test_read_bandwidth_is_measured():
@@ -117,7 +152,7 @@ def test_read_bandwidth_is_measured():
 def test_group_size_48_exits_2(tmp_path, command):
     extra = [] if command == "bench" else [str(tmp_path / "any")] + (["x.txt"] if command == "eval" else [])
     result = run_cli(command, *extra, "--quantize", "int4", "--group-size", "48")
-    assert_one_line_error(result, 2, "group_size", "must be 32, 64 or 128")
+    assert_one_line_error(result, 2, "group_size", "must be one of 32, 64, 128")
 
 
 def test_int4_on_a_device_without_a_kernel_is_refused_before_loading(monkeypatch, tmp_path):
@@ -144,8 +179,7 @@ def test_eval_quantize_measures_what_quantization_costs(hf_model, tmp_path):
         assert result.returncode == 0, result.stderr.decode()
         results[mode] = json.loads(result.stdout)
     assert "quantize" not in results["none"]
-    assert results["int4"]["quantize"] == {"mode": "int4", "group_size": 32, "layers": {"int4": 9, "int8": 0},
-                                           "fallback": []}  # fmt: skip
+    assert results["int4"]["quantize"] == {"mode": "int4", "group_size": 32, "layers": {"int4": 9}, "fallback": []}
     for mode in ("int8", "int4"):
         assert results[mode]["tokens"] == results["none"]["tokens"]
         assert results[mode]["perplexity"] != results["none"]["perplexity"]  # the quantized weights were scored

@@ -109,7 +109,7 @@ def run_bench(settings: Any) -> None:
     tests = parse_tests(options.tests)
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
-    check_quantize_runs(options.quantize, device, options.compile, options.group_size)
+    check_quantize_runs(options.quantize, device, options.compile, options.group_size, decode=True)
     keep_freed_memory(device)
     config = settings.model.to_config()
     cases = plan_cases(tests, options.batch_sizes, options.seq_lens or [config.block_size], config.block_size)

@@ -81,7 +81,7 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     options = settings.eval
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
-    check_quantize_runs(options.quantize, device, True, options.group_size)  # no decode step: nothing to compile
+    check_quantize_runs(options.quantize, device, False, options.group_size, decode=False)  # scoring passes only
     keep_freed_memory(device)
     model = load_model(checkpoint, device=device)
     summary = quantize_model(model, options.quantize, options.group_size)

@@ -15,11 +15,15 @@ Variants (the 4-layer, width-256 shape of benchmarks/train.py, batch 8 x 256, ra
   python benchmarks/compile_ab.py blocks whole --rounds 10 --steps 3 [--no-hf] [--json]
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,14 +34,16 @@ from gpt2cli.training_model import TrainingModel, block_compile_options, compile
 B, T = 8, 256
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256)
 
+Step = Callable[[torch.Tensor, torch.Tensor], float]  # one training step on (inputs, targets): the loss
 
-def data(seed):
+
+def data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 50257, (B, T + 1), generator=g)
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
-def hf_step_factory():
+def hf_step_factory() -> Step:
     from transformers import GPT2Config as HFConfig
     from transformers import GPT2LMHeadModel
 
@@ -49,7 +55,7 @@ def hf_step_factory():
         [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95)
     )
 
-    def step(x, y):
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
         logits = model(x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
@@ -61,7 +67,8 @@ def hf_step_factory():
     return step
 
 
-def ours_step_factory(variant):
+def ours_step_factory(variant: str) -> tuple[Step, dict[str, float]]:
+    """The variant's step and its seconds per phase (summed over the steps it runs)."""
     torch.manual_seed(0)
     model = GPT2(GPT2Config(**SHAPE)).train()
     whole = "whole" in variant
@@ -75,7 +82,7 @@ def ours_step_factory(variant):
     opt_step = torch.compile(opt.step) if "copt" in variant else opt.step
     phases = {"fwd": 0.0, "bwd": 0.0, "clip": 0.0, "opt": 0.0}
 
-    def step(x, y):
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled="fp32" not in variant):
             loss = trained(x, y)
@@ -92,11 +99,10 @@ def ours_step_factory(variant):
             phases[k] += v
         return value
 
-    step.phases = phases
-    return step
+    return step, phases
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--rounds", type=int, default=6)
@@ -104,17 +110,22 @@ def main():
     parser.add_argument("--no-hf", action="store_true", help="ratios to the first variant instead")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    steps = {}
+    steps: dict[str, Step] = {}
+    phases_of: dict[str, dict[str, float] | None] = {}  # None: transformers' step is not split into phases
     for v in ([] if args.no_hf else ["hf"]) + args.variants:
         t = time.perf_counter()
-        steps[v] = hf_step_factory() if v == "hf" else ours_step_factory(v)
+        if v == "hf":
+            steps[v], phases_of[v] = hf_step_factory(), None
+        else:
+            steps[v], phases_of[v] = ours_step_factory(v)
         for i in range(3):  # compile + warm
             steps[v](*data(i))
         print(f"{v}: ready in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-        if hasattr(steps[v], "phases"):
-            for k in steps[v].phases:
-                steps[v].phases[k] = 0.0
-    times = {v: [] for v in steps}
+        phases = phases_of[v]
+        if phases is not None:  # the warm-up steps are not counted
+            for k in phases:
+                phases[k] = 0.0
+    times: dict[str, list[float]] = {v: [] for v in steps}
     for r in range(args.rounds):
         order = list(steps) if r % 2 == 0 else list(reversed(steps))
         for v in order:
@@ -123,7 +134,7 @@ def main():
                 steps[v](*data(100 + i))
             times[v].append((time.perf_counter() - t) / args.steps)
     reference = times[next(iter(times))]
-    report = {
+    report: dict[str, Any] = {
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "threads": torch.get_num_threads(),
@@ -132,7 +143,7 @@ def main():
     }
     for v, ts in times.items():
         ratios = [r / t for r, t in zip(reference, ts, strict=True)]
-        phases = getattr(steps[v], "phases", None)
+        phases = phases_of[v]
         total = sum(phases.values()) if phases else 0.0
         report["variants"][v] = {
             "ms_per_step": statistics.median(ts) * 1e3,

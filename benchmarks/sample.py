@@ -230,9 +230,11 @@ def trained_checkpoint(path: str | None) -> Path:
     return LOOKUP_RUN
 
 
-def prompt_lookup_section(args: argparse.Namespace, report: dict[str, Any]) -> None:
+def section_prompt_lookup(folder: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
     """Plain greedy against `--prompt-lookup N` greedy on the trained checkpoint, float32, batch 1, NEW_TOKENS new
-    tokens, the runs interleaved (plain, N=4, N=10, plain, ...) so that a loaded machine slows all alike."""
+    tokens, the runs interleaved (plain, N=4, N=10, plain, ...) so that a loaded machine slows all alike.
+
+    `folder` (the random 124M weights) is unused: random weights have nothing to look up."""
     import torch
 
     from gpt2cli import get_tokenizer, load_model
@@ -289,11 +291,6 @@ def print_prompt_lookup(report: dict[str, Any]) -> None:
         print(f"{'--prompt-lookup ' + draft:<16} {r['tokens_per_s']:>8.1f} {r['speedup_per_pair']:>7.2f}x "
               f"{r['acceptance_rate']:>8.0%} {r['tokens_per_pass']:>8.2f} "
               f"{'yes' if r['identical'] else 'NO':>9}")  # fmt: skip
-
-
-def section_prompt_lookup(folder: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
-    """Prompt lookup on a trained checkpoint (the random 124M weights in `folder` have nothing to look up)."""
-    prompt_lookup_section(args, report)
 
 
 SECTIONS = [section_modes, section_perplexity, section_batch, section_prompt_lookup]

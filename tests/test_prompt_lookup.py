@@ -133,7 +133,7 @@ def test_greedy_equals_plain_greedy_over_many_prompts(model, penalty):
 def test_rows_of_a_batch_accept_different_counts_and_match_their_single_runs(model):
     tokenizer = get_tokenizer()
     plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, prompt_lookup=3)
-    random = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    random = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = [([5, 6, 7] * 5)[:12], random, ([9, 9, 8, 1] * 3)]
     options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True)
     batched = lookup.generate(prompts, options)

@@ -225,7 +225,7 @@ def trained_checkpoint(path: str | None) -> Path:
     if path is not None:
         return Path(path)
     if not (LOOKUP_RUN / "model.safetensors").is_file():
-        print(f"training the default run into {LOOKUP_RUN} (5-7 minutes) ...", file=sys.stderr, flush=True)
+        print(f"training the default run into {LOOKUP_RUN} (about six minutes) ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "gpt2cli", "train", "--out", str(LOOKUP_RUN)], check=True)
     return LOOKUP_RUN
 

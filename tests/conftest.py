@@ -31,6 +31,29 @@ def shakespeare_text() -> str:
     return gzip.decompress(packed).decode("utf-8")
 
 
+@pytest.fixture(scope="module")
+def tokens():  # -> TokenData (imported lazily: conftest loads before any test needs torch)
+    """About 5,000 tokens of the bundled corpus, the last 600 held out: enough for tiny in-process trainers."""
+    import numpy as np
+
+    from gpt2cli import get_tokenizer
+    from gpt2cli.training_data import TokenData
+
+    ids = np.array(get_tokenizer().encode(shakespeare_text()[:20_000]), dtype=np.uint16)
+    return TokenData(train=[ids[:-600]], val=[ids[-600:]], sources=["shakespeare"])
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for bit-for-bit comparisons (see exact_environment)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for CLI calls, without settings leaking in from the developer's shell."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("GPT2_")}

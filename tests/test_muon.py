@@ -8,12 +8,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, shakespeare_text, write_corpus
-from gpt2cli import get_tokenizer
+from conftest import run_cli, write_corpus
 from gpt2cli.devices import resolve_precision
 from gpt2cli.distributed import World
 from gpt2cli.errors import CheckpointError, UsageError
@@ -21,24 +19,9 @@ from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.optim import MuonWithAdamW, Schedule, build_muon
 from gpt2cli.settings import load_settings
 from gpt2cli.training import Trainer
-from gpt2cli.training_data import TokenData
 from gpt2cli.training_setup import prepare_trainer, resolve_settings
 
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
-
-
-@pytest.fixture(scope="module")
-def tokens() -> TokenData:
-    ids = np.array(get_tokenizer().encode(shakespeare_text()[:20_000]), dtype=np.uint16)
-    return TokenData(train=[ids[:-600]], val=[ids[-600:]], sources=["shakespeare"])
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-for-bit comparisons: see conftest.exact_environment
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_trainer(tokens, out, world: World | None = None, **train) -> Trainer:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import shakespeare_text
-from gpt2cli import get_tokenizer
 from gpt2cli.devices import resolve_precision
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.model import GPT2Config
 from gpt2cli.settings import load_settings
-from gpt2cli.training_data import TokenData
 from gpt2cli.training_plan import plan_run
 from gpt2cli.training_setup import prepare_trainer
 
@@ -46,20 +42,6 @@ def test_plan_refuses_what_cannot_run():
         plan_run(train_settings(batch_size=4, total_batch_tokens=200), config, 100)
     with pytest.raises(DataError, match="3 window"):
         plan_run(train_settings(batch_size=4), config, 3)
-
-
-@pytest.fixture(scope="module")
-def tokens() -> TokenData:
-    ids = np.array(get_tokenizer().encode(shakespeare_text()[:20_000]), dtype=np.uint16)
-    return TokenData(train=[ids[:-600]], val=[ids[-600:]], sources=["shakespeare"])
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-for-bit comparisons: see conftest.exact_environment
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_trainer(tokens, out, **train):

@@ -21,7 +21,6 @@ empty Inductor cache (what a first run on a new machine pays) unless `--warm-cac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -123,12 +122,14 @@ def loss_at(evals: list[dict[str, Any]], train_s: float) -> float:
 def machine() -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    from gpt2cli.devices import device_name
+
+    return {
+        "cpu": device_name(torch.device("cpu")),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def print_table(result: dict[str, Any]) -> None:

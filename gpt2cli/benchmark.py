@@ -362,7 +362,7 @@ class Runner:
             steps_per_s = rate / case.batch_size
             result.ms_per_token = 1000.0 / steps_per_s
             result.weight_bytes_per_token = self.weight_bytes
-            result.bandwidth_gbps = self.weight_bytes * steps_per_s / 1e9  # every step reads every weight once
+            result.bandwidth_gbps = result.weight_bytes_per_token * steps_per_s / 1e9  # each step reads every weight
             if self.bandwidth is not None:
                 result.bandwidth_fraction = result.bandwidth_gbps / self.bandwidth
             result.measured_read_gbps = self.measured_read_gbps()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +42,15 @@ class Schedule:
         return self.lr - (progress - decay_start) / self.decay_fraction * (self.lr - self.min_lr)
 
 
-def parameter_groups(model: GPT2, weight_decay: float) -> list[dict[str, object]]:
-    """Weight decay on 2-D weights (matmuls and embeddings) only; biases and LayerNorm gains are not decayed."""
+def parameter_groups(
+    model: GPT2, weight_decay: float, leave_out: Sequence[torch.nn.Parameter] = ()
+) -> list[dict[str, object]]:
+    """Weight decay on 2-D weights (matmuls and embeddings) only; biases and LayerNorm gains are not decayed.
+    `leave_out`: parameters another optimizer holds (Muon's matrices)."""
+    left_out = {id(parameter) for parameter in leave_out}
     decay, no_decay = [], []
     for parameter in model.parameters():  # the tied embedding appears once
-        if parameter.requires_grad:
+        if parameter.requires_grad and id(parameter) not in left_out:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -121,12 +125,7 @@ def build_muon(
     """Muon (Nesterov momentum 0.95, 5 Newton-Schulz steps) on the blocks' matrices; AdamW on the rest, with weight
     decay on the embeddings only. Both decay weights by `weight_decay` × their learning rate."""
     hidden = muon_parameters(model)
-    hidden_ids = {id(parameter) for parameter in hidden}
-    decay, no_decay = [], []
-    for parameter in model.parameters():  # the tied embedding appears once
-        if parameter.requires_grad and id(parameter) not in hidden_ids:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    adamw_groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adamw_groups = parameter_groups(model, weight_decay, leave_out=hidden)
     muon = torch.optim.Muon(
         [{"params": hidden, "lr_ratio": muon_lr / lr}],
         lr=muon_lr,

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -189,7 +189,9 @@ def prepare_trainer(
     )
 
 
-def _choose_compile(setting: Any, device: torch.device, training_flops: float, report: Report | None) -> bool:
+def _choose_compile(
+    setting: bool | Literal["auto"], device: torch.device, training_flops: float, report: Report | None
+) -> bool:
     """--compile, --no-compile, or auto's choice; auto staying eager says why (once, on the main process)."""
     choice = choose_compile(setting, device, training_flops)
     if choice.reason is not None and report is not None:

@@ -1,16 +1,17 @@
 """Benchmark: batch-1 greedy decoding with `gpt2cli`'s sampler against transformers' `generate` (KV cache on both),
-in every weight format: float32, bf16, int8, int4 (group sizes 32, 64, 128).
+in every weight format: float32, bf16, int8, int4 (group sizes 32, 64, 128), each eager and compiled (`--compile`).
 
 The `gpt2` preset (124M) with random weights (seed 0, built by transformers and converted, so both hold the same
 weights), a 16-token prompt, 128 new tokens, greedy. Each contender runs in its own process, once to warm up and
 then `--reps` times; decode tokens/s excludes the prompt. For each mode: the ratio to transformers' float32
 `generate` measured in the same run, and its share of its own bandwidth limit: the bytes one decode step reads
 (weights as stored; `quantize.decode_bytes_per_token`) ÷ this machine's read bandwidth (summing a 512 MiB buffer,
-`gpt2cli/bandwidth.py`) is the fastest it could go. Each mode's perplexity change against float32 is measured on
-the held-out last 5% of the bundled Shakespeare (`--ppl-tokens` tokens), with the trained checkpoint given by
-`--checkpoint` (e.g. the default run's), else with the random 124M weights (labelled: then a measure of numerical
-error only). Then batch 8 (`--num-samples 8`: eight copies of the prompt decoded together), generated tokens/s
-against batch 1, in float32 and in the fastest quantized mode. Last, prompt lookup (`--prompt-lookup N`) against
+`gpt2cli/bandwidth.py`, measured again before each timed run and set against it) is the fastest it could go.
+Each mode's perplexity change against float32 is measured on the held-out last 5% of the bundled Shakespeare
+(`--ppl-tokens` tokens), with the trained checkpoint given by `--checkpoint` (e.g. the default run's), else with the
+random 124M weights (labelled: then a measure of numerical error only). Then batch 8 (`--num-samples 8`: eight
+copies of the prompt decoded together), generated tokens/s against batch 1, in float32 and in the fastest quantized
+mode (eager or compiled, whichever was faster at batch 1). Last, prompt lookup (`--prompt-lookup N`) against
 plain greedy on a trained checkpoint.
 
   python benchmarks/sample.py                                   # table
@@ -34,8 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = list(range(1000, 1016))
 NEW_TOKENS = 128
-# (name, dtype, quantize, group size)
-MODES = [
+# (name, dtype, quantize, group size): each runs eager and compiled (`--compile`, name + "-compiled")
+WEIGHT_MODES = [
     ("fp32", "float32", "none", 32),
     ("bf16", "bfloat16", "none", 32),
     ("int8", "float32", "int8", 32),
@@ -43,6 +44,8 @@ MODES = [
     ("int4-g64", "float32", "int4", 64),
     ("int4-g128", "float32", "int4", 128),
 ]
+COMPILED = "-compiled"
+MODES = [mode for name, *rest in WEIGHT_MODES for mode in [(name, *rest), (name + COMPILED, *rest)]]
 
 
 def build_checkpoint(folder: Path) -> Path:
@@ -86,36 +89,45 @@ def load_mode(folder: Path, mode: str) -> Any:
     from gpt2cli import load_model
     from gpt2cli.quantize import quantize_model
 
-    _, dtype, quantize, group_size = next(row for row in MODES if row[0] == mode)
+    _, dtype, quantize, group_size = next(row for row in WEIGHT_MODES if row[0] == mode)
     model = load_model(folder, dtype=getattr(torch, dtype))
     quantize_model(model, quantize, group_size)
     return model
 
 
 def time_ours(folder: Path, reps: int, mode: str, rows: int) -> dict[str, Any]:
+    """Decode tokens/s, and the share of the read limit: this machine's read bandwidth is measured again before
+    each timed run (it varied 36-63 GB/s between runs minutes apart on the shared 2-core VM), and each run is set
+    against the bandwidth measured just before it."""
     import torch
 
     from gpt2cli import get_tokenizer
+    from gpt2cli.bandwidth import read_bandwidth
     from gpt2cli.devices import keep_freed_memory
     from gpt2cli.quantize import decode_bytes_per_token
     from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
 
     keep_freed_memory(torch.device("cpu"))
-    model = load_mode(folder, mode)
-    text_generator = TextGenerator(model, get_tokenizer())
+    model = load_mode(folder, mode.removesuffix(COMPILED))
+    text_generator = TextGenerator(model, get_tokenizer(), compile=mode.endswith(COMPILED))
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eot=True)
     prompts = [PROMPT] * rows
-    text_generator.generate(prompts, SamplingOptions(max_new_tokens=8, temperature=0.0, ignore_eot=True))
-    rates, completions = [], []
+    text_generator.generate(prompts, options)  # warm-up: compiles every attended-length bucket
+    bytes_per_token = decode_bytes_per_token(model)
+    rates, bandwidths, completions = [], [], []
     for _ in range(reps):
+        bandwidths.append(read_bandwidth("cpu", passes=3))
         timing = Timing()
         completions = text_generator.generate(prompts, options, timing=timing)
         rates.append(timing.decode_tokens_per_s)  # generated tokens/s: every row's tokens
     assert all(len(completion.token_ids) == NEW_TOKENS for completion in completions)
+    shares = [rate * bytes_per_token / rows / bandwidth for rate, bandwidth in zip(rates, bandwidths, strict=True)]
     return {
         "decode_tokens_per_s": statistics.median(rates),
         "runs": rates,
-        "bytes_per_token": decode_bytes_per_token(model),
+        "bytes_per_token": bytes_per_token,
+        "read_GB_per_s": [round(bandwidth / 1e9, 2) for bandwidth in bandwidths],
+        "fraction_of_read_limit": statistics.median(shares),
     }
 
 
@@ -175,11 +187,9 @@ def section_modes(folder: Path, args: argparse.Namespace, report: dict[str, Any]
     fp32_bytes = modes["fp32"]["bytes_per_token"]
     hf["fraction_of_read_limit"] = hf["decode_tokens_per_s"] / (read / fp32_bytes)
     for result in modes.values():
-        limit = read / result["bytes_per_token"]
         result.update(
             vs_transformers=result["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
-            read_limit_tokens_per_s=limit,
-            fraction_of_read_limit=result["decode_tokens_per_s"] / limit,
+            read_limit_tokens_per_s=statistics.median(result["read_GB_per_s"]) * 1e9 / result["bytes_per_token"],
         )
     report.update(read_GB_per_s=round(read / 1e9, 2), hf_fp32=hf, modes=modes)
 
@@ -188,17 +198,21 @@ def section_perplexity(folder: Path, args: argparse.Namespace, report: dict[str,
     """Each mode's perplexity change against float32, on the trained checkpoint if one was given."""
     scored = Path(args.checkpoint) if args.checkpoint else folder
     report["perplexity_model"] = str(scored) if args.checkpoint else "random 124M weights (numerical error only)"
-    values = {name: run_worker(f"ppl-{name}", scored, args)["perplexity"] for name, *_ in MODES}
-    for name, value in values.items():
-        report["modes"][name].update(perplexity=value, perplexity_change=value / values["fp32"] - 1)
+    values = {name: run_worker(f"ppl-{name}", scored, args)["perplexity"] for name, *_ in WEIGHT_MODES}
+    for name, value in values.items():  # compiling changes the order of sums, not the weights: scored once
+        for mode in (name, name + COMPILED):
+            report["modes"][mode].update(perplexity=value, perplexity_change=value / values["fp32"] - 1)
 
 
 def section_batch(folder: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
-    """Batch 8 against batch 1, in float32 and in the fastest quantized mode."""
+    """Batch 8 against batch 1, in float32 and in the fastest quantized mode (each eager or compiled: the faster)."""
+
+    def fastest(names: list[str]) -> str:
+        return max(names, key=lambda name: report["modes"][name]["decode_tokens_per_s"])
+
     quantized = [name for name, _, quantize, _ in MODES if quantize != "none"]
-    best = max(quantized, key=lambda name: report["modes"][name]["decode_tokens_per_s"])
     report["batch8"] = {}
-    for name in ("fp32", best):
+    for name in (fastest(["fp32", "fp32" + COMPILED]), fastest(quantized)):
         rate = run_worker(name, folder, args, rows=8)["decode_tokens_per_s"]
         single = report["modes"][name]["decode_tokens_per_s"]
         report["batch8"][name] = {"decode_tokens_per_s": rate, "vs_batch1": rate / single}
@@ -301,12 +315,12 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"sample benchmark {report['date']}: 124M random weights, batch 1, 16-token prompt, {NEW_TOKENS} new "
           f"tokens, greedy; read bandwidth {report['read_GB_per_s']:.1f} GB/s; perplexity on "
           f"{report['perplexity_model']}")  # fmt: skip
-    print(f"{'mode':<10} {'decode tok/s':>12} {'vs hf':>6} {'MB/token':>8} {'limit tok/s':>11} {'of limit':>8} "
+    print(f"{'mode':<18} {'decode tok/s':>12} {'vs hf':>6} {'MB/token':>8} {'limit tok/s':>11} {'of limit':>8} "
           f"{'perplexity':>10} {'change':>8}")  # fmt: skip
-    print(f"{'hf-fp32':<10} {hf['decode_tokens_per_s']:>12.1f} {'':>6} {'':>8} {'':>11} "
+    print(f"{'hf-fp32':<18} {hf['decode_tokens_per_s']:>12.1f} {'':>6} {'':>8} {'':>11} "
           f"{hf['fraction_of_read_limit']:>8.0%}")  # fmt: skip
     for name, r in report["modes"].items():
-        print(f"{name:<10} {r['decode_tokens_per_s']:>12.1f} {r['vs_transformers']:>5.2f}x "
+        print(f"{name:<18} {r['decode_tokens_per_s']:>12.1f} {r['vs_transformers']:>5.2f}x "
               f"{r['bytes_per_token'] / 1e6:>8.1f} {r['read_limit_tokens_per_s']:>11.1f} "
               f"{r['fraction_of_read_limit']:>8.0%} {r.get('perplexity', float('nan')):>10.3f} "
               f"{r.get('perplexity_change', float('nan')):>+8.2%}")  # fmt: skip

@@ -83,4 +83,14 @@ def attention(
     `causal_attention`, SDPA's kernel with a faster backward (see the module docstring)."""
     if mask is None and causal and k.size(-2) == q.size(-2) and compiled_cpu_attention_applies(q, dropout):
         return causal_attention(q, k, v)
+    if mask is not None and q.size(-2) == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+        return _one_query_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A decode step's attention (one query per row) written out for Inductor, which fuses it into a few loops:
+    SDPA's CPU kernel costs ~300 us per layer for 8 rows of one query each, far more than the arithmetic."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, L)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ v.float()).to(q.dtype)

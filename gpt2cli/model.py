@@ -115,9 +115,9 @@ class CachedCall:
         keys, values = self.cache.keys[layer], self.cache.values[layer]  # (B, nh, capacity + 1, hs)
         if self.rows is not None:
             keys, values = keys[self.rows], values[self.rows]
-        index = self.positions[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
-        keys.scatter_(2, index, k)
-        values.scatter_(2, index, v)
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+        keys[rows, :, self.positions] = k.transpose(1, 2)  # indexed (B, T, nh, hs)
+        values[rows, :, self.positions] = v.transpose(1, 2)
         return keys.narrow(2, 0, self.length), values.narrow(2, 0, self.length)  # (B, nh, L, hs)
 
 

@@ -83,6 +83,38 @@ def test_quantized_greedy_decoding_with_and_without_the_cache_agree(hf_model, mo
     assert cached == uncached and len(cached) == 24
 
 
+@pytest.mark.slow  # torch.compile
+@pytest.mark.parametrize(("mode", "tolerance"), [("none", 1e-4), ("int8", 2e-2), ("int4", 2e-2)])
+def test_the_compiled_cpu_decode_step_matches_eager_for_rows_at_different_positions(hf_model, mode, tolerance):
+    """The compiled step (one-row products as reductions, one-query attention written out, the cache written in
+    place) against eager, for one row and for three rows at different positions: logits and the cache itself. int8's
+    eager kernel takes bf16 activations, the compiled reduction float32 ones, hence the looser tolerance."""
+    from gpt2cli.model import KVCache
+    from gpt2cli.sampling import compile_decode_step
+
+    _, folder = hf_model
+    model = load_model(folder).eval()
+    quantize_model(model, mode, 32)
+    compiled, _ = compile_decode_step(model, True)
+    for lengths in ([5], [3, 9, 6]):
+        rows = len(lengths)
+        tokens = torch.randint(0, 50257, (rows, 30), generator=torch.Generator().manual_seed(rows))
+        caches = [KVCache(model.config, rows, "cpu", torch.float32) for _ in range(2)]
+        with torch.inference_mode():
+            for cache in caches:  # prefill: each row's prompt at its own length (eager)
+                for row, length in enumerate(lengths):
+                    model.next_token_logits(tokens[row : row + 1, :length], cache, 0, first_row=row)
+            positions = torch.tensor(lengths)
+            for _ in range(6):
+                end = int(positions.max()) + 1
+                eager = model.next_token_logits(tokens[:, :1], caches[0], positions, caches[0].attend_length(end))
+                ours = compiled(tokens[:, :1], caches[1], positions, caches[1].attend_length(end))
+                torch.testing.assert_close(ours, eager, rtol=tolerance, atol=tolerance * eager.abs().max().item())
+                positions += 1
+        for stored, expected in zip(caches[1].keys + caches[1].values, caches[0].keys + caches[0].values, strict=True):
+            torch.testing.assert_close(stored, expected, rtol=tolerance, atol=tolerance)
+
+
 def test_a_width_that_does_not_divide_by_the_group_size_falls_back_to_int8(hf_model_factory):
     _, folder = hf_model_factory(n_layer=1, n_head=2, n_embd=96, n_positions=32)
     model = load_model(folder)

@@ -216,7 +216,11 @@ class SampleSettings(Section):
     dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
     quantize: Quantize = Field("none", description="Weight-only quantization: int8 per row, int4 per group.")
     group_size: GroupSize = 32
-    compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
+    compile: bool = Field(
+        False,
+        description="Compile the decode step: CUDA graphs on GPU; on the CPU ~2.5x faster float32 decoding (one-row "
+        "products as streaming loops) after a first compile of ~25 s, cached for later runs.",
+    )
     prompt_lookup: int | None = Field(
         None,
         ge=1,
@@ -303,7 +307,11 @@ class ServeSettings(Section):
     dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
     quantize: Quantize = Field("none", description="Weight-only quantization: int8 per row, int4 per group.")
     group_size: GroupSize = 32
-    compile: bool = Field(False, description="Compile the decode step (CUDA graphs on GPU).")
+    compile: bool = Field(
+        False,
+        description="Compile the decode step: CUDA graphs on GPU; on the CPU ~2.5x faster float32 decoding (one-row "
+        "products as streaming loops) after a first compile of ~25 s, cached for later runs.",
+    )
     max_batch: int = Field(16, ge=1, le=1024, description="Sequences decoded together; more wait for a free slot.")
     api_key: str | None = Field(
         None, min_length=1, description="Require 'Authorization: Bearer KEY' (also GPT2_SERVE__API_KEY)."

@@ -88,7 +88,8 @@ def test_quantized_greedy_decoding_with_and_without_the_cache_agree(hf_model, mo
 def test_the_compiled_cpu_decode_step_matches_eager_for_rows_at_different_positions(hf_model, mode, tolerance):
     """The compiled step (one-row products as reductions, one-query attention written out, the cache written in
     place) against eager, for one row and for three rows at different positions: logits and the cache itself. int8's
-    eager kernel takes bf16 activations, the compiled reduction float32 ones, hence the looser tolerance."""
+    eager kernel takes bf16 activations, the compiled reduction float32 ones, hence the looser tolerance. The modes
+    run one after another in one process: a step compiled for one must not be reused for the next (its guards)."""
     from gpt2cli.model import KVCache
     from gpt2cli.sampling import compile_decode_step
 

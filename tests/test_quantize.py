@@ -87,7 +87,8 @@ def test_quantized_greedy_decoding_with_and_without_the_cache_agree(hf_model, mo
 @pytest.mark.parametrize(("mode", "tolerance"), [("none", 1e-4), ("int8", 2e-2), ("int4", 2e-2)])
 def test_the_compiled_cpu_decode_step_matches_eager_for_rows_at_different_positions(hf_model, mode, tolerance):
     """The compiled step (one-row products as reductions, one-query attention written out, the cache written in
-    place) against eager, for one row and for three rows at different positions: logits and the cache itself. int8's
+    place) against eager, for one row and for three rows at different positions in a four-row cache (as `gpt2 serve`
+    steps its active rows): logits and the cache itself. int8's
     eager kernel takes bf16 activations, the compiled reduction float32 ones, hence the looser tolerance. The modes
     run one after another in one process: a step compiled for one must not be reused for the next (its guards)."""
     from gpt2cli.model import KVCache
@@ -100,7 +101,8 @@ def test_the_compiled_cpu_decode_step_matches_eager_for_rows_at_different_positi
     for lengths in ([5], [3, 9, 6]):
         rows = len(lengths)
         tokens = torch.randint(0, 50257, (rows, 30), generator=torch.Generator().manual_seed(rows))
-        caches = [KVCache(model.config, rows, "cpu", torch.float32) for _ in range(2)]
+        cache_rows = rows if rows == 1 else rows + 1  # a spare row: the step writes a slice of the cache (serve)
+        caches = [KVCache(model.config, cache_rows, "cpu", torch.float32) for _ in range(2)]
         with torch.inference_mode():
             for cache in caches:  # prefill: each row's prompt at its own length (eager)
                 for row, length in enumerate(lengths):

@@ -13,7 +13,7 @@ import codecs
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from gpt2cli.logit_filters import top_p_filter as top_p_filter
 from gpt2cli.model import GPT2, KVCache
 from gpt2cli.quantize import use_matvec_for_decode
 from gpt2cli.tokenizer import EOT_ID, Tokenizer
+
+if TYPE_CHECKING:
+    from gpt2cli.settings import GenerationWeights
 
 
 @dataclass(frozen=True)
@@ -169,13 +172,7 @@ def accept_token(
 
 
 def load_generation_model(
-    checkpoint: str,
-    device_name: str,
-    dtype_name: str,
-    quantize: str,
-    compile: bool,
-    group_size: int = 32,
-    on_summary: Callable[[str], None] | None = None,
+    checkpoint: str, weights: GenerationWeights, on_summary: Callable[[str], None] | None = None
 ) -> GPT2:
     """A checkpoint ready to generate from (`gpt2 sample` and `gpt2 serve`): on its device, in its dtype, quantized
     (`on_summary` gets a line saying how). Settings that cannot run (or not fast) are refused before the checkpoint
@@ -185,14 +182,15 @@ def load_generation_model(
     from gpt2cli.errors import UsageError
     from gpt2cli.quantize import check_quantize_runs, quantize_model
 
-    device = resolve_device(device_name)
-    if dtype_name == "float16" and device.type == "cpu":
+    device = resolve_device(weights.device)
+    if weights.dtype == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    check_quantize_runs(quantize, device, compile, group_size, decode=True)
+    check_quantize_runs(weights.quantize, device, weights.compile, weights.group_size, decode=True)
     keep_freed_memory(device)
-    model = load_model(checkpoint, device=device, dtype=DTYPES[dtype_name])
-    summary = quantize_model(model, quantize, group_size, int8_fallback=int8_runs_fast(device, compile))
-    if on_summary is not None and quantize != "none":
+    model = load_model(checkpoint, device=device, dtype=DTYPES[weights.dtype])
+    fallback = int8_runs_fast(device, weights.compile)
+    summary = quantize_model(model, weights.quantize, weights.group_size, int8_fallback=fallback)
+    if on_summary is not None and weights.quantize != "none":
         on_summary(f"quantized {summary.describe()}")
     return model
 

@@ -199,7 +199,21 @@ class TrainSettings(Section):
         return self
 
 
-class SampleSettings(Section):
+class GenerationWeights(Section):
+    """How `gpt2 sample` and `gpt2 serve` load a checkpoint and run its decode step."""
+
+    device: Device = "auto"
+    dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
+    quantize: Quantize = Field("none", description="Weight-only quantization: int8 per row, int4 per group.")
+    group_size: GroupSize = 32
+    compile: bool = Field(
+        False,
+        description="Compile the decode step: CUDA graphs on GPU; on the CPU ~2.5x faster float32 decoding (one-row "
+        "products as streaming loops) after a first compile of ~25 s, cached for later runs.",
+    )
+
+
+class SampleSettings(GenerationWeights):
     """Text generation for `gpt2 sample`."""
 
     max_new_tokens: int = Field(256, ge=1, description="Tokens to generate per sample.")
@@ -212,15 +226,6 @@ class SampleSettings(Section):
     seed: int | None = Field(None, ge=0, description="Random seed: the same seed gives the same text.")
     stop: list[str] = Field(default_factory=list, description="Stop just before this text (repeatable).")
     ignore_eot: bool = Field(False, description="Keep going past <|endoftext|> instead of stopping there.")
-    device: Device = "auto"
-    dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
-    quantize: Quantize = Field("none", description="Weight-only quantization: int8 per row, int4 per group.")
-    group_size: GroupSize = 32
-    compile: bool = Field(
-        False,
-        description="Compile the decode step: CUDA graphs on GPU; on the CPU ~2.5x faster float32 decoding (one-row "
-        "products as streaming loops) after a first compile of ~25 s, cached for later runs.",
-    )
     prompt_lookup: int | None = Field(
         None,
         ge=1,
@@ -298,20 +303,11 @@ class PlotSettings(Section):
     height: int | None = Field(None, ge=10, description="Terminal chart height in rows (default: from the terminal).")
 
 
-class ServeSettings(Section):
+class ServeSettings(GenerationWeights):
     """`gpt2 serve`: the OpenAI-compatible HTTP server."""
 
     host: str = Field("127.0.0.1", min_length=1, description="Address to listen on (0.0.0.0: every interface).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, printed at start).")
-    device: Device = "auto"
-    dtype: StorageDtype = Field("float32", description="Weights and compute dtype (float32 is exact).")
-    quantize: Quantize = Field("none", description="Weight-only quantization: int8 per row, int4 per group.")
-    group_size: GroupSize = 32
-    compile: bool = Field(
-        False,
-        description="Compile the decode step: CUDA graphs on GPU; on the CPU ~2.5x faster float32 decoding (one-row "
-        "products as streaming loops) after a first compile of ~25 s, cached for later runs.",
-    )
     max_batch: int = Field(16, ge=1, le=1024, description="Sequences decoded together; more wait for a free slot.")
     api_key: str | None = Field(
         None, min_length=1, description="Require 'Authorization: Bearer KEY' (also GPT2_SERVE__API_KEY)."

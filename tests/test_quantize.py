@@ -17,6 +17,7 @@ from gpt2cli.model import GPT2, GPT2Config
 from gpt2cli.quantize import Int8Linear, check_quantize_runs, decode_bytes_per_token, quantize_model
 from gpt2cli.quantize_int4 import Int4Linear, dequantize, group_quantize, int4_kernel_missing
 from gpt2cli.sampling import SamplingOptions, TextGenerator, load_generation_model
+from gpt2cli.settings import GenerationWeights
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,8 @@ def test_the_fallback_keeps_float_weights_where_int8_would_be_slow(shared_hf_mod
     _, folder = shared_hf_model_factory(n_layer=1, n_head=2, n_embd=96, n_positions=32)
     monkeypatch.setattr("gpt2cli.devices.int8_runs_fast", lambda device, compiled: False)
     lines: list[str] = []
-    model = load_generation_model(str(folder), "cpu", "float32", "int4", False, 64, on_summary=lines.append)
+    weights = GenerationWeights(device="cpu", quantize="int4", group_size=64)
+    model = load_generation_model(str(folder), weights, on_summary=lines.append)
     assert not any(isinstance(module, Int8Linear) for module in model.modules())
     assert isinstance(model.lm_head, torch.nn.Linear)
     assert lines == ["quantized int4 (group size 64): 1 int4, 4 float layers; float weights kept for 4 whose width "

@@ -122,8 +122,7 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing, load_generation_model
     from gpt2cli.tokenizer import get_tokenizer
 
-    model = load_generation_model(checkpoint, settings.device, settings.dtype, settings.quantize, settings.compile,
-                                  settings.group_size, info)  # fmt: skip
+    model = load_generation_model(checkpoint, settings, info)
     text_generator = TextGenerator(
         model, get_tokenizer(), compile=settings.compile, prompt_lookup=settings.prompt_lookup
     )

@@ -53,8 +53,7 @@ def load_engine(checkpoint: str, settings: ServeSettings, state: ServerState) ->
     def say(line: str) -> None:
         print(f"gpt2 serve: {line}", file=sys.stderr, flush=True)
 
-    model = load_generation_model(checkpoint, settings.device, settings.dtype, settings.quantize, settings.compile,
-                                  settings.group_size, say)  # fmt: skip
+    model = load_generation_model(checkpoint, settings, say)
     engine = Engine(model, state.tokenizer, settings.max_batch, compile=settings.compile)
     engine.start()
     state.limits = Limits(model.config.block_size, model.config.vocab_size, settings.max_n, settings.max_prompts)

@@ -188,8 +188,8 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if one_row_on_cpu(flat) and torch.compiler.is_compiling():
-            out = (compiled_matvec(self.weight, flat) * self.scales.float()).to(flat.dtype)[None]
+        if one_row_on_cpu(flat) and torch.compiler.is_compiling():  # the bf16 scales, as the kernel below
+            out = (compiled_matvec(self.weight, flat) * self.scales_bf16.float()).to(flat.dtype)[None]
         elif flat.device.type == "cpu":
             # The CPU kernel is fast with bf16 activations only (measured 44 us against 478 us in float32 for a
             # 768 -> 2304 projection), so activations go through it in bf16.

@@ -239,12 +239,7 @@ def _verify_step(
     else:  # nothing to verify: the plain one-token step is cheaper than a pass of N + 1
         logits = generator.step(tokens[:, :1], cache, positions, length)[:, None]  # (B, 1, V)
 
-    if options.temperature == 0.0 and options.repetition_penalty == 1.0:
-        choices = logits.argmax(dim=-1).tolist()  # one host sync for the whole batch
-        gains = [[*draft[:kept], row_choices[kept]] for draft, row_choices in zip(drafts, choices, strict=True)
-                 for kept in [agreeing_prefix(row_choices, draft)]]  # fmt: skip
-    else:
-        gains = choose_with_drafts(logits, [history.tokens for history in batch.histories], drafts, options, rng)
+    gains = choose_with_drafts(logits, [history.tokens for history in batch.histories], drafts, options, rng)
     for row, (draft, gained) in enumerate(zip(drafts, gains, strict=True)):
         if not batch.active[row]:
             continue

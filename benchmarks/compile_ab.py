@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import build_optimizer, clip_gradients
-from gpt2cli.training_model import TrainingModel, block_compile_options, compile_blocks
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.training.optim import build_optimizer, clip_gradients
+from gpt2cli.training.training_model import TrainingModel, block_compile_options, compile_blocks
 
 B, T = 8, 256
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256)

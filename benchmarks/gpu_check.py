@@ -228,7 +228,7 @@ def prepare(context: Context) -> None:
     import torch
 
     from gpt2cli import save_model
-    from gpt2cli.model import GPT2, GPT2Config
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
 
     text = gzip.decompress((REPO / "gpt2cli" / "assets" / "shakespeare.txt.gz").read_bytes()).decode("utf-8")
     if context.shapes.text_chars is not None:
@@ -337,8 +337,8 @@ def part_decode(context: Context, part: Part) -> None:
     from torch._dynamo.utils import counters
 
     from gpt2cli.benchmark import Case, Runner
-    from gpt2cli.devices import resolve_device, resolve_precision
-    from gpt2cli.model import GPT2, GPT2Config
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
+    from gpt2cli.runtime.devices import resolve_device, resolve_precision
 
     device = resolve_device(context.device)
     dtype = "bfloat16" if context.cuda else "float32"
@@ -471,7 +471,7 @@ def environment(device: str) -> dict[str, Any]:
                     memory_gib=round(properties.total_memory / 2**30, 1), gpus=torch.cuda.device_count(),
                     driver=_driver_version(), cudnn=torch.backends.cudnn.version())  # fmt: skip
     else:
-        from gpt2cli.devices import device_name
+        from gpt2cli.runtime.devices import device_name
 
         info.update(card=None, cpu=device_name(torch.device("cpu")), cores=os.cpu_count())
     return info

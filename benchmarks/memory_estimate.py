@@ -1,4 +1,4 @@
-"""How close is `gpt2cli.memory.training_memory` to a real CPU step? For each shape, a fresh process builds the
+"""How close is `gpt2cli.training.memory.training_memory` to a real CPU step? For each shape, a fresh process builds the
 model, optimizer and data, then runs two training steps; the peak resident memory those add (VmHWM after
 resetting it, less VmRSS before the model is built) is compared with the estimate.
 
@@ -24,11 +24,11 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 import numpy as np, torch
-from gpt2cli.devices import resolve_precision
-from gpt2cli.memory import training_memory
-from gpt2cli.settings import load_settings
-from gpt2cli.training_data import TokenData
-from gpt2cli.training_setup import prepare_trainer
+from gpt2cli.runtime.devices import resolve_precision
+from gpt2cli.training.memory import training_memory
+from gpt2cli.settings.sections import load_settings
+from gpt2cli.data.inputs import TokenData
+from gpt2cli.training.setup import prepare_trainer
 
 n_layer, n_head, n_embd, seq_len, batch, dtype, out = json.loads(sys.argv[1])
 def status(field):

@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from gpt2cli.tokenizer import SPLIT_PATTERN
+    from gpt2cli.data.tokenizer import SPLIT_PATTERN
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("GPT2_")}
     with tempfile.TemporaryDirectory(prefix="gpt2-parquet-bench-") as tmp:

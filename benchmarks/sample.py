@@ -6,7 +6,7 @@ weights), a 16-token prompt, 128 new tokens, greedy. Each contender runs in its 
 then `--reps` times; decode tokens/s excludes the prompt. For each mode: the ratio to transformers' float32
 `generate` measured in the same run, and its share of its own bandwidth limit: the bytes one decode step reads
 (weights as stored; `quantize.decode_bytes_per_token`) ÷ this machine's read bandwidth (summing a 512 MiB buffer,
-`gpt2cli/bandwidth.py`, measured again before each timed run and set against it) is the fastest it could go.
+`gpt2cli/runtime/bandwidth.py`, measured again before each timed run and set against it) is the fastest it could go.
 Each mode's perplexity change against float32 is measured on the held-out last 5% of the bundled Shakespeare
 (`--ppl-tokens` tokens), with the trained checkpoint given by `--checkpoint` (e.g. the default run's), else with the
 random 124M weights (labelled: then a measure of numerical error only). Then batch 8 (`--num-samples 8`: eight
@@ -87,7 +87,7 @@ def load_mode(folder: Path, mode: str) -> Any:
     import torch
 
     from gpt2cli import load_model
-    from gpt2cli.quantize import quantize_model
+    from gpt2cli.generation.quantize import quantize_model
 
     _, dtype, quantize, group_size = next(row for row in WEIGHT_MODES if row[0] == mode)
     model = load_model(folder, dtype=getattr(torch, dtype))
@@ -102,10 +102,10 @@ def time_ours(folder: Path, reps: int, mode: str, rows: int) -> dict[str, Any]:
     import torch
 
     from gpt2cli import get_tokenizer
-    from gpt2cli.bandwidth import read_bandwidth
-    from gpt2cli.devices import keep_freed_memory
-    from gpt2cli.quantize import decode_bytes_per_token
-    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
+    from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing
+    from gpt2cli.generation.quantize import decode_bytes_per_token
+    from gpt2cli.runtime.bandwidth import read_bandwidth
+    from gpt2cli.runtime.devices import keep_freed_memory
 
     keep_freed_memory(torch.device("cpu"))
     model = load_mode(folder, mode.removesuffix(COMPILED))
@@ -137,8 +137,8 @@ def perplexity(folder: Path, mode: str, tokens: int) -> dict[str, Any]:
     import torch
 
     from gpt2cli import get_tokenizer
-    from gpt2cli.devices import resolve_precision
     from gpt2cli.evaluation import evaluate_lm
+    from gpt2cli.runtime.devices import resolve_precision
 
     text = gzip.decompress((REPO / "gpt2cli" / "assets" / "shakespeare.txt.gz").read_bytes()).decode()
     held_out = text[int(len(text) * 0.95) :]
@@ -150,7 +150,7 @@ def perplexity(folder: Path, mode: str, tokens: int) -> dict[str, Any]:
 
 
 def measure_bandwidth() -> dict[str, float]:
-    from gpt2cli.bandwidth import read_bandwidth
+    from gpt2cli.runtime.bandwidth import read_bandwidth
 
     return {"read_bytes_per_s": read_bandwidth("cpu")}
 
@@ -252,7 +252,7 @@ def section_prompt_lookup(folder: Path, args: argparse.Namespace, report: dict[s
     import torch
 
     from gpt2cli import get_tokenizer, load_model
-    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
+    from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing
 
     checkpoint = trained_checkpoint(getattr(args, "checkpoint", None))
     print(f"running prompt lookup on {checkpoint} ...", file=sys.stderr, flush=True)

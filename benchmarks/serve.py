@@ -39,7 +39,7 @@ def build_checkpoint(folder: Path) -> Path:
     import torch
 
     from gpt2cli import save_model
-    from gpt2cli.model import GPT2, GPT2Config
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
 
     torch.manual_seed(0)
     return save_model(GPT2(GPT2Config()), folder / "gpt2-random.safetensors")

@@ -2,7 +2,7 @@
 
   old   the default run before issue #15, reproduced with flags: AdamW (lr 1e-3 down to 1e-4, weight decay 0.1),
         25 warmup steps then cosine, 600 steps of 8 × 256 tokens, 4 layers, 4 heads, width 256, eager
-  new   `gpt2 train` with no arguments: today's default run (see DEFAULT_RUN in gpt2cli/settings.py)
+  new   `gpt2 train` with no arguments: today's default run (see DEFAULT_RUN in gpt2cli/settings/sections.py)
 
 Both train on the bundled Shakespeare corpus and evaluate every 25 steps on the same held-out tokens (the default
 run's validation split and eval_tokens), one after the other in their own processes. The target is the old recipe's
@@ -122,7 +122,7 @@ def loss_at(evals: list[dict[str, Any]], train_s: float) -> float:
 def machine() -> dict[str, Any]:
     import torch
 
-    from gpt2cli.devices import device_name
+    from gpt2cli.runtime.devices import device_name
 
     return {
         "cpu": device_name(torch.device("cpu")),

@@ -94,7 +94,7 @@ class Timing(NamedTuple):
 
 def split_pattern() -> str:
     """GPT-2's pre-tokenizer regex, exactly as gpt2cli uses it."""
-    from gpt2cli.tokenizer import SPLIT_PATTERN
+    from gpt2cli.data.tokenizer import SPLIT_PATTERN
 
     return SPLIT_PATTERN
 

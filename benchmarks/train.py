@@ -83,8 +83,8 @@ def run_transformers(shard: Path, steps: int, warmup: int, bf16: bool) -> dict[s
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2cli.batches import Windows, WindowSampler
-    from gpt2cli.shards import read_shard
+    from gpt2cli.data.shards import read_shard
+    from gpt2cli.training.batches import Windows, WindowSampler
 
     torch.manual_seed(RECIPE["seed"])
     config = GPT2Config(
@@ -146,7 +146,7 @@ def main() -> None:
 
     import torch
 
-    from gpt2cli.devices import device_name
+    from gpt2cli.runtime.devices import device_name
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gpt2-train-bench-") as temporary:

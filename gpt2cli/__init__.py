@@ -13,17 +13,17 @@ __version__ = "0.1.0"
 __all__ = ["GPT2", "GPT2Config", "__version__", "get_tokenizer", "load_model", "save_model"]
 
 _LAZY = {
-    "GPT2": "gpt2cli.model",
-    "GPT2Config": "gpt2cli.model",
-    "load_model": "gpt2cli.checkpoint",
-    "save_model": "gpt2cli.checkpoint",
-    "get_tokenizer": "gpt2cli.tokenizer",
+    "GPT2": "gpt2cli.model.gpt2",
+    "GPT2Config": "gpt2cli.model.gpt2",
+    "load_model": "gpt2cli.formats.checkpoint",
+    "save_model": "gpt2cli.formats.checkpoint",
+    "get_tokenizer": "gpt2cli.data.tokenizer",
 }
 
 if TYPE_CHECKING:
-    from gpt2cli.checkpoint import load_model, save_model
-    from gpt2cli.model import GPT2, GPT2Config
-    from gpt2cli.tokenizer import get_tokenizer
+    from gpt2cli.data.tokenizer import get_tokenizer
+    from gpt2cli.formats.checkpoint import load_model, save_model
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
 
 
 def __getattr__(name: str) -> Any:

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from gpt2cli import losses
-from gpt2cli.devices import Precision, fast_matmul, peak_bandwidth_gbps, peak_tflops
 from gpt2cli.errors import UsageError
-from gpt2cli.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
-from gpt2cli.model import GPT2, KVCache
-from gpt2cli.optim import build_optimizer
-from gpt2cli.training_model import TrainingModel, compile_blocks
+from gpt2cli.model.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
+from gpt2cli.model.gpt2 import GPT2, KVCache
+from gpt2cli.runtime.devices import Precision, fast_matmul, peak_bandwidth_gbps, peak_tflops
+from gpt2cli.training import loss as losses
+from gpt2cli.training.optim import build_optimizer
+from gpt2cli.training.training_model import TrainingModel, compile_blocks
 
 _TEST = re.compile(r"^(train|fwd|pp(\d+)|tg(\d+))$")
 
@@ -177,14 +177,14 @@ class Runner:
     @property
     def weight_bytes(self) -> int:
         """Bytes one decode step reads: the inference weights as stored (float, int8 or int4)."""
-        from gpt2cli.quantize import decode_bytes_per_token
+        from gpt2cli.generation.quantize import decode_bytes_per_token
 
         return decode_bytes_per_token(self.inference_model())
 
     def measured_read_gbps(self) -> float:
         """This machine's read bandwidth in GB/s, measured once per run (the first decode case pays for it)."""
         if self._measured_read_gbps is None:
-            from gpt2cli.bandwidth import read_bandwidth
+            from gpt2cli.runtime.bandwidth import read_bandwidth
 
             self._measured_read_gbps = read_bandwidth(self.device) / 1e9
         return self._measured_read_gbps
@@ -201,8 +201,8 @@ class Runner:
             if dtype is None and self.quantize == "none":
                 self._inference_model = self.model
             else:
-                from gpt2cli.devices import int8_runs_fast
-                from gpt2cli.quantize import quantize_model, use_matvec_for_decode
+                from gpt2cli.generation.quantize import quantize_model, use_matvec_for_decode
+                from gpt2cli.runtime.devices import int8_runs_fast
 
                 with torch.device("meta"):
                     copy = GPT2(self.model.config)
@@ -287,7 +287,7 @@ class Runner:
         """Decode `case.seq_len` tokens as `gpt2 sample` does: the same decode step (compiled once), the block-size
         cache, positions as a device tensor. One cache serves every rep, so a CUDA graph recorded in the warm-up
         is replayed, not recorded again."""
-        from gpt2cli.sampling import compile_decode_step
+        from gpt2cli.generation.generator import compile_decode_step
 
         if self._decode_step is None:
             self._decode_step = compile_decode_step(model, self.compile)
@@ -376,7 +376,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     import platform
 
     from gpt2cli import __version__
-    from gpt2cli.devices import device_name
+    from gpt2cli.runtime.devices import device_name
 
     return {
         "gpt2cli": __version__,

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2cli.devices import Precision
+from gpt2cli.data.encoding import EncodeOptions, Source, encode_sources, parse_json_line
+from gpt2cli.data.shards import is_shard, read_shard
+from gpt2cli.data.tokenizer import EOT_ID, Tokenizer
 from gpt2cli.errors import DataError, UsageError
-from gpt2cli.model import GPT2
-from gpt2cli.shards import is_shard, read_shard
-from gpt2cli.text_encoding import EncodeOptions, Source, encode_sources, parse_json_line
-from gpt2cli.tokenizer import EOT_ID, Tokenizer
+from gpt2cli.model.gpt2 import GPT2
+from gpt2cli.runtime.devices import Precision
 
 LOSS_CHUNK_ROWS = 1024  # rows of logits computed at once
 
@@ -159,7 +159,7 @@ class EvalText:
 
 def load_eval_tokens(paths: list[str], options: EncodeOptions, max_tokens: int | None = None) -> EvalText:
     """Token streams, one per input: text as is, .jsonl documents joined by <|endoftext|>, shards as stored."""
-    from gpt2cli.tokenizer import get_tokenizer
+    from gpt2cli.data.tokenizer import get_tokenizer
 
     streams, any_shard = [], False
     for name in paths:

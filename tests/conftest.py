@@ -37,7 +37,7 @@ def tokens():  # -> TokenData (imported lazily: conftest loads before any test n
     import numpy as np
 
     from gpt2cli import get_tokenizer
-    from gpt2cli.training_data import TokenData
+    from gpt2cli.data.inputs import TokenData
 
     ids = np.array(get_tokenizer().encode(shakespeare_text()[:20_000]), dtype=np.uint16)
     return TokenData(train=[ids[:-600]], val=[ids[-600:]], sources=["shakespeare"])
@@ -313,7 +313,7 @@ def biased_model(path: Path, tokens: set[int], block_size: int = 64) -> Path:
     import torch
 
     from gpt2cli import save_model
-    from gpt2cli.model import GPT2, GPT2Config
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=block_size))

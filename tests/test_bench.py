@@ -11,8 +11,8 @@ import torch
 
 from conftest import assert_one_line_error, run_cli
 from gpt2cli.benchmark import Case, Runner, plan_cases
-from gpt2cli.devices import resolve_precision
-from gpt2cli.model import GPT2, GPT2Config
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.runtime.devices import resolve_precision
 
 TINY = ("--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--reps", "2", "--warmup", "1")
 

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt2cli import GPT2, GPT2Config, load_model, save_model
-from gpt2cli.checkpoint import write_hf_config
 from gpt2cli.errors import CheckpointError, UsageError
+from gpt2cli.formats.checkpoint import write_hf_config
 
 SHAPE = GPT2Config(n_layer=2, n_head=4, n_embd=64, block_size=32)
 
@@ -183,7 +183,7 @@ def test_crash_during_save_keeps_previous_file(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("gpt2cli.checkpoint.save_file", explode)
+    monkeypatch.setattr("gpt2cli.formats.checkpoint.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
         save_model(_model(1), path)
     assert path.read_bytes() == before

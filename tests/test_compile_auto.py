@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, cli_env, run_cli
-from gpt2cli import compile_policy
-from gpt2cli.compile_policy import choose_compile
-from gpt2cli.settings import load_settings
+from gpt2cli.runtime import compile as compile_policy
+from gpt2cli.runtime.compile import choose_compile
+from gpt2cli.settings.sections import load_settings
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
 SHORT = [*TINY, "--device", "cpu", "--dtype", "float32", "--max-steps", "2", "--val-fraction", "0"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli, shakespeare_text
 from gpt2cli import get_tokenizer, load_model, save_model
-from gpt2cli.model import GPT2, GPT2Config
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
 
 SHAPE = GPT2Config(n_layer=2, n_head=4, n_embd=64, block_size=64)
 TOKENS = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))

@@ -91,8 +91,8 @@ def test_table_output(hf_model, text_file):
 
 def test_multiple_choice_losses_equal_a_direct_computation(hf_model):
     from gpt2cli import load_model
-    from gpt2cli.devices import Precision
     from gpt2cli.evaluation import ending_losses, read_multiple_choice
+    from gpt2cli.runtime.devices import Precision
 
     reference, folder = hf_model
     tokenizer = get_tokenizer()

@@ -11,23 +11,24 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli, shakespeare_text
-from gpt2cli import benchmark, get_tokenizer, losses
+from gpt2cli import benchmark, get_tokenizer
 from gpt2cli.benchmark import Case, Runner
-from gpt2cli.devices import (
+from gpt2cli.data.inputs import TokenData
+from gpt2cli.errors import UsageError
+from gpt2cli.model.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.runtime.devices import (
     check_int8_runs_fast,
     peak_tflops_for,
     resolve_device,
     resolve_precision,
 )
-from gpt2cli.distributed import StopPoll, World, poll_interval, start
-from gpt2cli.errors import UsageError
-from gpt2cli.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
-from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import clip_gradients, clip_gradients_on_device
-from gpt2cli.settings import load_settings
-from gpt2cli.training import dropout_seed
-from gpt2cli.training_data import TokenData
-from gpt2cli.training_setup import prepare_trainer
+from gpt2cli.runtime.distributed import StopPoll, World, poll_interval, start
+from gpt2cli.settings.sections import load_settings
+from gpt2cli.training import loss as losses
+from gpt2cli.training.optim import clip_gradients, clip_gradients_on_device
+from gpt2cli.training.setup import prepare_trainer
+from gpt2cli.training.trainer import dropout_seed
 
 # ---------------------------------------------------------------- precision: bf16 only where it is native
 
@@ -125,7 +126,7 @@ def tokens() -> TokenData:
 
 def test_training_mfu_uses_the_run_dtype_and_the_world_size(tmp_path, monkeypatch, tokens):
     asked = []
-    monkeypatch.setattr("gpt2cli.training.peak_tflops", lambda device, dtype: asked.append(dtype) or 100.0)
+    monkeypatch.setattr("gpt2cli.training.trainer.peak_tflops", lambda device, dtype: asked.append(dtype) or 100.0)
     model = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
     settings = load_settings(None, {"model": model, "train": {"device": "cpu", "dtype": "float32", "batch_size": 2}})
     trainer = prepare_trainer(settings, tokens, tmp_path / "run", resolve_precision("float32", torch.device("cpu")))
@@ -297,6 +298,6 @@ def test_a_compiled_bench_does_not_call_its_eager_prefill_compiled():
 
 
 def test_gpt2_sample_refuses_eager_int8_on_cuda_before_loading_anything(monkeypatch, tmp_path):
-    monkeypatch.setattr("gpt2cli.devices.resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr("gpt2cli.runtime.devices.resolve_device", lambda name: torch.device("cuda"))
     result = run_cli("sample", tmp_path / "absent.safetensors", "--quantize", "int8", "--device", "cuda")
     assert_one_line_error(result, 2, "--quantize int8 on CUDA needs --compile")

@@ -9,8 +9,8 @@ import pytest
 
 from gpt2cli.cli.app import reflow, run
 from gpt2cli.cli.options import overrides
-from gpt2cli.presets import PRESETS
-from gpt2cli.settings import (
+from gpt2cli.model.presets import PRESETS
+from gpt2cli.settings.sections import (
     DEFAULT_RUN,
     BenchSettings,
     DataSettings,

@@ -9,7 +9,7 @@ import torch
 
 from gpt2cli import GPT2, GPT2Config, load_model
 from gpt2cli.errors import ConfigError, UsageError
-from gpt2cli.presets import PRESETS
+from gpt2cli.model.presets import PRESETS
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_shapes_that_cannot_work_are_clear_errors():
 @pytest.mark.slow  # torch.compile
 def test_compiled_cpu_attention_matches_sdpa_in_value_and_gradients():
     """The compiled bf16 training path (attention.py): SDPA's output, and gradients as close to float64 as SDPA's."""
-    from gpt2cli.attention import causal_attention, compiled_cpu_attention_applies
+    from gpt2cli.model.attention import causal_attention, compiled_cpu_attention_applies
 
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 40, 64, generator=generator) for _ in range(3))

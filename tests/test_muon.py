@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from conftest import run_cli, write_corpus
-from gpt2cli.devices import resolve_precision
-from gpt2cli.distributed import World
 from gpt2cli.errors import CheckpointError, UsageError
-from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import MuonWithAdamW, Schedule, build_muon
-from gpt2cli.settings import load_settings
-from gpt2cli.training import Trainer
-from gpt2cli.training_setup import prepare_trainer, resolve_settings
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.runtime.devices import resolve_precision
+from gpt2cli.runtime.distributed import World
+from gpt2cli.settings.sections import load_settings
+from gpt2cli.training.optim import MuonWithAdamW, Schedule, build_muon
+from gpt2cli.training.setup import prepare_trainer, resolve_settings
+from gpt2cli.training.trainer import Trainer
 
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
 

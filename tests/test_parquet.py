@@ -14,11 +14,11 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from conftest import assert_one_line_error, cli_env, run_cli, run_cli_process, shakespeare_text
+from gpt2cli.data.encoding import EncodeOptions
+from gpt2cli.data.inputs import load_token_data, resolve_inputs
+from gpt2cli.data.shards import read_shard
+from gpt2cli.data.tokenizer import SPLIT_PATTERN, VOCAB_SHA256
 from gpt2cli.evaluation import load_eval_tokens
-from gpt2cli.shards import read_shard
-from gpt2cli.text_encoding import EncodeOptions
-from gpt2cli.tokenizer import SPLIT_PATTERN, VOCAB_SHA256
-from gpt2cli.training_data import load_token_data, resolve_inputs
 
 EOT = 50256
 FIELD = "content"  # not the default `text`: --text-field must be honoured
@@ -26,7 +26,7 @@ FIELD = "content"  # not the default `text`: --text-field must be honoured
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tiktoken.Encoding:
-    """GPT-2 built by tiktoken's own file loader, independent of gpt2cli.tokenizer."""
+    """GPT-2 built by tiktoken's own file loader, independent of gpt2cli.data.tokenizer."""
     vocab = importlib.resources.files("gpt2cli.assets").joinpath("gpt2.tiktoken")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken-cache")))
@@ -175,7 +175,7 @@ def test_eval_reads_parquet_like_jsonl(tmp_path, documents):
     import torch
 
     from gpt2cli import save_model
-    from gpt2cli.model import GPT2, GPT2Config
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
 
     write_parquet(tmp_path / "docs.parquet", documents[:30])
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({FIELD: doc}) + "\n" for doc in documents[:30]))

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import cli_env, run_cli, write_corpus
 from gpt2cli.cli.loss_chart import LossChart
-from gpt2cli.curves import METRICS, downsample, moving_average, sparkline, step_sparkline
-from gpt2cli.metrics import read_metrics
-from gpt2cli.setting_types import PlotMetric
-from gpt2cli.settings import load_settings
+from gpt2cli.observe.curves import METRICS, downsample, moving_average, sparkline, step_sparkline
+from gpt2cli.observe.metrics import read_metrics
+from gpt2cli.settings.sections import load_settings
+from gpt2cli.settings.types import PlotMetric
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
 SHORT = [*TINY, "--device", "cpu", "--dtype", "float32", "--log-interval", "1", "--eval-interval", "3"]

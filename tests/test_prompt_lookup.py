@@ -12,10 +12,10 @@ import torch
 
 from conftest import assert_one_line_error, run_cli
 from gpt2cli import get_tokenizer
-from gpt2cli.logit_filters import filtered_logits
-from gpt2cli.model import GPT2, GPT2Config, KVCache
-from gpt2cli.prompt_lookup import LookupHistory, agreeing_prefix, count_draft
-from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing
+from gpt2cli.generation.drafting import LookupHistory, agreeing_prefix, count_draft
+from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing
+from gpt2cli.generation.logit_filters import filtered_logits
+from gpt2cli.model.gpt2 import GPT2, GPT2Config, KVCache
 
 BLOCK, VOCAB = 48, 512  # a small vocabulary (of GPT-2's first tokens) keeps the output head cheap
 

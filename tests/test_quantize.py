@@ -11,13 +11,13 @@ import torch
 
 from conftest import assert_one_line_error, run_cli, shakespeare_text
 from gpt2cli import get_tokenizer, load_model
-from gpt2cli.bandwidth import read_bandwidth
 from gpt2cli.errors import UsageError
-from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.quantize import Int8Linear, check_quantize_runs, decode_bytes_per_token, quantize_model
-from gpt2cli.quantize_int4 import Int4Linear, dequantize, group_quantize, int4_kernel_missing
-from gpt2cli.sampling import SamplingOptions, TextGenerator, load_generation_model
-from gpt2cli.settings import GenerationWeights
+from gpt2cli.generation.generator import SamplingOptions, TextGenerator, load_generation_model
+from gpt2cli.generation.quantize import Int8Linear, check_quantize_runs, decode_bytes_per_token, quantize_model
+from gpt2cli.generation.quantize_int4 import Int4Linear, dequantize, group_quantize, int4_kernel_missing
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.runtime.bandwidth import read_bandwidth
+from gpt2cli.settings.sections import GenerationWeights
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,8 @@ def test_the_compiled_cpu_decode_step_matches_eager_for_rows_at_different_positi
     steps its active rows): logits and the cache itself. int8's
     eager kernel takes bf16 activations, the compiled reduction float32 ones, hence the looser tolerance. The modes
     run one after another in one process: a step compiled for one must not be reused for the next (its guards)."""
-    from gpt2cli.model import KVCache
-    from gpt2cli.sampling import compile_decode_step
+    from gpt2cli.generation.generator import compile_decode_step
+    from gpt2cli.model.gpt2 import KVCache
 
     _, folder = hf_model
     model = load_model(folder).eval()
@@ -137,7 +137,7 @@ def test_the_fallback_keeps_float_weights_where_int8_would_be_slow(shared_hf_mod
     """Eager CUDA decoding refuses `--quantize int8` as slower than float; int4's fallback layers follow the same
     rule (here on the CPU, with the device check patched to say what it says on CUDA without --compile)."""
     _, folder = shared_hf_model_factory(n_layer=1, n_head=2, n_embd=96, n_positions=32)
-    monkeypatch.setattr("gpt2cli.devices.int8_runs_fast", lambda device, compiled: False)
+    monkeypatch.setattr("gpt2cli.runtime.devices.int8_runs_fast", lambda device, compiled: False)
     lines: list[str] = []
     weights = GenerationWeights(device="cpu", quantize="int4", group_size=64)
     model = load_generation_model(str(folder), weights, on_summary=lines.append)
@@ -193,7 +193,7 @@ def test_group_size_48_exits_2(tmp_path, command):
 
 
 def test_int4_on_a_device_without_a_kernel_is_refused_before_loading(monkeypatch, tmp_path):
-    monkeypatch.setattr("gpt2cli.quantize_int4.int4_kernel_missing", lambda device: "no kernel here")
+    monkeypatch.setattr("gpt2cli.generation.quantize_int4.int4_kernel_missing", lambda device: "no kernel here")
     result = run_cli("sample", tmp_path / "absent.safetensors", "--quantize", "int4", "--device", "cpu")
     assert_one_line_error(result, 2, "--quantize int4 cannot run on cpu: no kernel here")
     assert int4_kernel_missing(torch.device("mps")) == "torch has no int4 matmul kernel for mps"

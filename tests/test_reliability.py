@@ -20,11 +20,11 @@ import torch
 
 from conftest import assert_one_line_error, exact_environment, run_cli, write_corpus
 from gpt2cli import load_model
-from gpt2cli.run_folder import RunFolder, RunFolderInUse
-from gpt2cli.shards import HEADER_BYTES, ShardWriter, read_shard
-from gpt2cli.text_encoding import EncodeOptions
-from gpt2cli.token_cache import checksum_path
-from gpt2cli.training_data import tokens_of
+from gpt2cli.data.encoding import EncodeOptions
+from gpt2cli.data.inputs import tokens_of
+from gpt2cli.data.shards import HEADER_BYTES, ShardWriter, read_shard
+from gpt2cli.data.token_cache import checksum_path
+from gpt2cli.training.run_folder import RunFolder, RunFolderInUse
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
 EXACT = ["--device", "cpu", "--dtype", "float32", "--log-interval", "1"]
@@ -228,7 +228,7 @@ def failing_safetensors_save(monkeypatch, fragment: str) -> None:
     """safetensors' save writes half the file, then the disk is full."""
     from safetensors.torch import save_file
 
-    import gpt2cli.run_folder
+    import gpt2cli.training.run_folder
 
     def save(tensors, filename, metadata=None):
         if fragment in str(filename):
@@ -237,7 +237,7 @@ def failing_safetensors_save(monkeypatch, fragment: str) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
         save_file(tensors, filename, metadata)
 
-    monkeypatch.setattr(gpt2cli.run_folder, "save_file", save)
+    monkeypatch.setattr(gpt2cli.training.run_folder, "save_file", save)
 
 
 CHECKPOINTED = [*TINY, *EXACT, "--save-interval", "2", "--eval-interval", "3", "--keep", "2", "--max-steps", "8"]
@@ -280,7 +280,7 @@ def test_a_full_disk_in_tokenize_convert_and_the_cache_leaves_nothing(tmp_path, 
     shard = tmp_path / "out" / "tokens.bin"
     assert_one_line_error(run_cli("tokenize", corpus, "-o", shard), 1, f"cannot write {shard}", "ENOSPC")
     from gpt2cli import save_model
-    from gpt2cli.model import GPT2, GPT2Config
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
 
     source = save_model(GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16)), tmp_path / "m.safetensors")
     for destination in ("m.safetensors", "hf", "m.bin"):
@@ -295,9 +295,10 @@ def test_a_full_disk_in_tokenize_convert_and_the_cache_leaves_nothing(tmp_path, 
 
 
 def test_a_cpu_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, corpus, exact_env, monkeypatch):
-    import gpt2cli.memory
+    import gpt2cli.training.memory
 
-    monkeypatch.setattr(gpt2cli.memory, "memory_available", lambda: (8 * 2**20, "the container's memory limit"))
+    limit = (8 * 2**20, "the container's memory limit")
+    monkeypatch.setattr(gpt2cli.training.memory, "memory_available", lambda: limit)
     out = tmp_path / "run"
     refused = run_cli("train", corpus, *TINY, *EXACT, "--batch-size", "64", "--out", out, env=exact_env)
     line = assert_one_line_error(refused, 1, "needs about", "batch 64 × 32 tokens", "--batch-size", "--seq-len",
@@ -309,7 +310,7 @@ def test_a_cpu_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, corpus,
 
 
 def test_the_limit_is_the_cgroups_where_set(tmp_path):
-    from gpt2cli.memory import _cgroup_free
+    from gpt2cli.training.memory import _cgroup_free
 
     proc = tmp_path / "cgroup"
     proc.write_text("0::/job/step\n")
@@ -324,7 +325,7 @@ def test_the_limit_is_the_cgroups_where_set(tmp_path):
 
 
 def test_an_out_of_memory_in_the_first_step_is_one_line(tmp_path, corpus, exact_env, monkeypatch):
-    from gpt2cli.training import Trainer
+    from gpt2cli.training.trainer import Trainer
 
     def out_of_memory(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -10,16 +10,16 @@ import torch
 
 from gpt2cli import load_model
 from gpt2cli.errors import UsageError
-from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import build_optimizer, load_optimizer_tensors, optimizer_tensors
-from gpt2cli.run_folder import (
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.training.optim import build_optimizer, load_optimizer_tensors, optimizer_tensors
+from gpt2cli.training.run_folder import (
     RunFolder,
     gather_model_state,
     restore_rng,
     rng_state,
     to_toml,
 )
-from gpt2cli.training_model import TrainingModel
+from gpt2cli.training.training_model import TrainingModel
 
 CONFIG = GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=8)
 

@@ -11,9 +11,7 @@ import torch
 
 from conftest import assert_one_line_error, biased_model, cli_env, run_cli
 from gpt2cli import get_tokenizer, load_model
-from gpt2cli.model import GPT2, GPT2Config, KVCache
-from gpt2cli.quantize import quantize_int8
-from gpt2cli.sampling import (
+from gpt2cli.generation.generator import (
     SamplingOptions,
     TextGenerator,
     Timing,
@@ -23,6 +21,8 @@ from gpt2cli.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from gpt2cli.generation.quantize import quantize_int8
+from gpt2cli.model.gpt2 import GPT2, GPT2Config, KVCache
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 

@@ -71,7 +71,7 @@ def checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from gpt2cli import save_model
-    from gpt2cli.model import GPT2, GPT2Config
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("serve") / "tiny.safetensors"
@@ -269,7 +269,7 @@ def test_loading_answers_503():
     from fastapi.testclient import TestClient
 
     from gpt2cli.serving.app import ServerState, create_app
-    from gpt2cli.settings import ServeSettings
+    from gpt2cli.settings.sections import ServeSettings
 
     app = create_app(ServerState(ServeSettings(), "tiny", get_tokenizer()), log=lambda record: None)
     with TestClient(app) as test_client:

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import DATA, assert_one_line_error, cli_env, run_cli
 from gpt2cli.errors import UsageError
-from gpt2cli.settings import SettingsError, load_settings
+from gpt2cli.settings.sections import SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)

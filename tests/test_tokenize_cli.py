@@ -13,15 +13,15 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from conftest import assert_one_line_error, cli_env, run_cli, shakespeare_text
-from gpt2cli.shards import HEADER_BYTES, SHARD_MAGIC
-from gpt2cli.tokenizer import SPLIT_PATTERN, VOCAB_SHA256
+from gpt2cli.data.shards import HEADER_BYTES, SHARD_MAGIC
+from gpt2cli.data.tokenizer import SPLIT_PATTERN, VOCAB_SHA256
 
 EOT = 50256
 
 
 @pytest.fixture(scope="module")
 def reference_encoding(tmp_path_factory) -> tiktoken.Encoding:
-    """GPT-2 built by tiktoken's own file loader, independent of gpt2cli.tokenizer."""
+    """GPT-2 built by tiktoken's own file loader, independent of gpt2cli.data.tokenizer."""
     vocab = importlib.resources.files("gpt2cli.assets").joinpath("gpt2.tiktoken")
     cache = tmp_path_factory.mktemp("tiktoken-cache")
     with pytest.MonkeyPatch.context() as patch:

@@ -10,9 +10,9 @@ import tiktoken
 
 from conftest import shakespeare_text
 from gpt2cli import get_tokenizer
+from gpt2cli.data.encoding import read_chunks
+from gpt2cli.data.tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer
 from gpt2cli.errors import Gpt2Error
-from gpt2cli.text_encoding import read_chunks
-from gpt2cli.tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer
 
 
 def test_published_facts():
@@ -41,7 +41,7 @@ def test_round_trip_edge_cases(text):
 
 
 def test_corrupt_vocabulary_is_refused(monkeypatch):
-    monkeypatch.setattr("gpt2cli.tokenizer.VOCAB_SHA256", "0" * 64)
+    monkeypatch.setattr("gpt2cli.data.tokenizer.VOCAB_SHA256", "0" * 64)
     with pytest.raises(Gpt2Error, match="corrupt"):
         Tokenizer()
 

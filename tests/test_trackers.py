@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_cli
 from gpt2cli.errors import UsageError
-from gpt2cli.trackers import check_trackers, hyperparameters, tracker_scalars
+from gpt2cli.observe.trackers import check_trackers, hyperparameters, tracker_scalars
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
 SHORT = [*TINY, "--device", "cpu", "--dtype", "float32", "--log-interval", "1", "--eval-interval", "3"]

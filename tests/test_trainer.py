@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from gpt2cli.devices import resolve_precision
 from gpt2cli.errors import DataError, UsageError
-from gpt2cli.model import GPT2Config
-from gpt2cli.settings import load_settings
-from gpt2cli.training_plan import plan_run
-from gpt2cli.training_setup import prepare_trainer
+from gpt2cli.model.gpt2 import GPT2Config
+from gpt2cli.runtime.devices import resolve_precision
+from gpt2cli.settings.sections import load_settings
+from gpt2cli.training.plan import plan_run
+from gpt2cli.training.setup import prepare_trainer
 
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
 

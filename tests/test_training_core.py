@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2cli.batches import Windows, WindowSampler
-from gpt2cli.losses import cross_entropy_block, cross_entropy_block_for_compile, fused_linear_cross_entropy
-from gpt2cli.model import GPT2, GPT2Config
-from gpt2cli.optim import Schedule, parameter_groups
-from gpt2cli.training_data import hold_out_tail
-from gpt2cli.training_model import TrainingModel
+from gpt2cli.data.inputs import hold_out_tail
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.training.batches import Windows, WindowSampler
+from gpt2cli.training.loss import cross_entropy_block, cross_entropy_block_for_compile, fused_linear_cross_entropy
+from gpt2cli.training.optim import Schedule, parameter_groups
+from gpt2cli.training.training_model import TrainingModel
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
@@ -193,7 +193,7 @@ def test_tied_embedding_gradient_is_added_into_the_fused_loss_gradient():
 
 
 def test_tied_embedding_alone_gives_the_ordinary_embedding_gradient():
-    from gpt2cli.losses import TiedGradient, tied_embedding
+    from gpt2cli.training.loss import TiedGradient, tied_embedding
 
     weight = torch.randn(10, 4, requires_grad=True)
     idx = torch.tensor([[1, 2, 2], [9, 1, 0]])

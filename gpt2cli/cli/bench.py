@@ -27,8 +27,8 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import info, write_stdout
-from gpt2cli.setting_types import OutputFormat, Quantize
-from gpt2cli.settings import BenchSettings, ModelSettings
+from gpt2cli.settings.sections import BenchSettings, ModelSettings
+from gpt2cli.settings.types import OutputFormat, Quantize
 
 COLUMNS = [
     *("test", "batch_size", "seq_len", "dtype", "compile", "tokens_per_s", "tokens_per_s_std", "mfu"),
@@ -83,7 +83,7 @@ def command(
     (measured once per run by summing a 512 MiB buffer) and, for known GPUs, their peak. --quantize int8|int4
     applies to fwd, ppN and tgN.
     """
-    from gpt2cli.settings import load_settings
+    from gpt2cli.settings.sections import load_settings
 
     flags = overrides(locals(), model=ModelSettings, bench=BenchSettings)
     lists = {
@@ -101,9 +101,9 @@ def run_bench(settings: Any) -> None:
     import torch
 
     from gpt2cli.benchmark import Runner, environment, parse_tests, plan_cases
-    from gpt2cli.devices import keep_freed_memory, resolve_device, resolve_precision
-    from gpt2cli.model import GPT2
-    from gpt2cli.quantize import check_quantize_runs
+    from gpt2cli.generation.quantize import check_quantize_runs
+    from gpt2cli.model.gpt2 import GPT2
+    from gpt2cli.runtime.devices import keep_freed_memory, resolve_device, resolve_precision
 
     options = settings.bench
     tests = parse_tests(options.tests)

@@ -10,7 +10,7 @@ import typer
 from gpt2cli.cli.app import Command, Group
 from gpt2cli.cli.options import DATA, ConfigOption, JsonOption, overrides, setting
 from gpt2cli.cli.output import info, print_json, write_stdout
-from gpt2cli.settings import DataSettings
+from gpt2cli.settings.sections import DataSettings
 
 command = typer.Typer(
     name="cache",
@@ -23,9 +23,9 @@ CacheDirOption = Annotated[str | None, setting(DataSettings, "cache_dir", "--cac
 
 
 def _cache(config: Path | None, cache_dir: str | None) -> Any:
-    from gpt2cli.settings import load_settings
-    from gpt2cli.token_cache import TokenCache
-    from gpt2cli.training_data import default_cache_dir
+    from gpt2cli.data.inputs import default_cache_dir
+    from gpt2cli.data.token_cache import TokenCache
+    from gpt2cli.settings.sections import load_settings
 
     settings = load_settings(config, overrides({"cache_dir": cache_dir}, data=DataSettings)).data
     return TokenCache(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir())

@@ -9,7 +9,7 @@ import typer
 
 from gpt2cli.cli.options import JsonOption
 from gpt2cli.cli.output import info, print_json
-from gpt2cli.setting_types import StorageDtype
+from gpt2cli.settings.types import StorageDtype
 
 
 def command(
@@ -42,9 +42,9 @@ def command(
     so it loads offline with from_pretrained. nanoGPT pickles are read with torch.load(weights_only=True): anything
     but tensors and plain values is refused. Nothing is left at DST after an error.
     """
-    from gpt2cli.conversion import convert
-    from gpt2cli.devices import DTYPES
     from gpt2cli.errors import UsageError
+    from gpt2cli.formats.conversion import convert
+    from gpt2cli.runtime.devices import DTYPES
 
     if quant is not None and quant != "q8_0":
         raise UsageError(f"--quant {quant}: only q8_0 is supported")

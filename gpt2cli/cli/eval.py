@@ -21,8 +21,8 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import print_json, progress_bar
-from gpt2cli.setting_types import Quantize, Task
-from gpt2cli.settings import DataSettings, EvalSettings
+from gpt2cli.settings.sections import DataSettings, EvalSettings
+from gpt2cli.settings.types import Quantize, Task
 
 
 def _e(field: str, panel: str = DATA) -> Any:
@@ -60,7 +60,7 @@ def command(
     --quantize int8|int4 scores the weights as `gpt2 sample --quantize` runs them: compare with `--quantize none`
     to see what quantization costs on your model.
     """
-    from gpt2cli.settings import load_settings
+    from gpt2cli.settings.sections import load_settings
 
     # `data` here is the input files, not DataSettings' `paths`: only text_field is a data setting.
     settings = load_settings(config, overrides(locals(), eval=EvalSettings, data=DataSettings))
@@ -68,15 +68,15 @@ def command(
 
 
 def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output: bool) -> None:
-    from gpt2cli.checkpoint import load_model
     from gpt2cli.cli.output import info
-    from gpt2cli.devices import keep_freed_memory, resolve_device, resolve_precision
+    from gpt2cli.data.encoding import EncodeOptions
+    from gpt2cli.data.inputs import resolve_inputs
+    from gpt2cli.data.tokenizer import get_tokenizer
     from gpt2cli.errors import UsageError
     from gpt2cli.evaluation import evaluate_lm, evaluate_multiple_choice, load_eval_tokens, read_multiple_choice
-    from gpt2cli.quantize import check_quantize_runs, quantize_model
-    from gpt2cli.text_encoding import EncodeOptions
-    from gpt2cli.tokenizer import get_tokenizer
-    from gpt2cli.training_data import resolve_inputs
+    from gpt2cli.formats.checkpoint import load_model
+    from gpt2cli.generation.quantize import check_quantize_runs, quantize_model
+    from gpt2cli.runtime.devices import keep_freed_memory, resolve_device, resolve_precision
 
     options = settings.eval
     device = resolve_device(options.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gpt2cli.curves import step_sparkline
+from gpt2cli.observe.curves import step_sparkline
 
 
 class LossChart:
@@ -31,7 +31,7 @@ class LossChart:
     def add_history(self, run: str) -> None:
         """The records a resumed run logged before this process (metrics.jsonl, cut back to the checkpoint)."""
         from gpt2cli.errors import UsageError
-        from gpt2cli.metrics import read_metrics
+        from gpt2cli.observe.metrics import read_metrics
 
         try:
             for record in read_metrics(run).records:

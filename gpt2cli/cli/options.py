@@ -1,4 +1,4 @@
-"""Shared option definitions. Defaults, choices and validation live in `gpt2cli.settings`; flags only override.
+"""Shared option definitions. Defaults, choices and validation live in `gpt2cli.settings.sections`; flags only override.
 
 A flag is declared once, in its command's signature, with `setting(Section, "field")`: the help text, the shown
 default and the panel come from the settings field. `overrides` then picks the flags given out of the command's
@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from gpt2cli.presets import PresetName
-from gpt2cli.setting_types import CONFIG_ENV_VAR, DEVICE_KINDS
-from gpt2cli.settings import DataSettings, ModelSettings
+from gpt2cli.model.presets import PresetName
+from gpt2cli.settings.sections import DataSettings, ModelSettings
+from gpt2cli.settings.types import CONFIG_ENV_VAR, DEVICE_KINDS
 
 # The panels `--help` groups options into.
 MODEL, DATA, OPTIMIZER, SCHEDULE = "Model", "Data", "Optimizer", "Schedule"

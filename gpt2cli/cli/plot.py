@@ -11,8 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from gpt2cli.cli.options import OUTPUT, ConfigOption, overrides, setting
-from gpt2cli.setting_types import PlotX
-from gpt2cli.settings import PlotSettings
+from gpt2cli.settings.sections import PlotSettings
+from gpt2cli.settings.types import PlotX
 
 
 def _p(field: str, *declarations: str, panel: str = OUTPUT, **extra: Any) -> Any:
@@ -52,7 +52,7 @@ def command(
     a picture (matplotlib) or one self-contained HTML file. Both need: pip install 'gpt2cli\\[plot]'. Long runs
     are downsampled to what a figure can show (each bucket keeps its lowest and highest point, so spikes stay).
     """
-    from gpt2cli.settings import load_settings
+    from gpt2cli.settings.sections import load_settings
 
     settings = load_settings(config, overrides(locals(), plot=PlotSettings)).plot
     if output is not None and str(output) == "-":
@@ -60,7 +60,7 @@ def command(
     if output is not None:
         _check_writable(output)
     paths = [Path(run) for run in runs]
-    from gpt2cli.curves import is_bench_file
+    from gpt2cli.observe.curves import is_bench_file
 
     bench = [is_bench_file(path) for path in paths]
     if any(bench) and not all(bench):
@@ -76,7 +76,7 @@ def command(
 def _check_writable(output: Path) -> None:
     """Refuse a bad -o before reading and drawing anything."""
     from gpt2cli.errors import UsageError
-    from gpt2cli.plotting import output_format
+    from gpt2cli.observe.plotting import output_format
 
     output_format(output)
     folder = output.parent if str(output.parent) else Path(".")
@@ -90,8 +90,8 @@ def _check_writable(output: Path) -> None:
 
 def _plot_runs(paths: list[Path], settings: Any, output: Path | None) -> None:
     from gpt2cli.cli.app import warn
-    from gpt2cli.curves import DEFAULT_POINTS, build_panels
-    from gpt2cli.metrics import read_metrics
+    from gpt2cli.observe.curves import DEFAULT_POINTS, build_panels
+    from gpt2cli.observe.metrics import read_metrics
 
     logs = [read_metrics(path) for path in paths]
     for log in logs:
@@ -99,13 +99,13 @@ def _plot_runs(paths: list[Path], settings: Any, output: Path | None) -> None:
             warn(message)
     _unique_names(logs)
     if output is None:
-        from gpt2cli.plotting import terminal_lines
+        from gpt2cli.observe.plotting import terminal_lines
 
         width, height, color = _terminal_size(settings)
         panels = build_panels(logs, settings.metrics, settings.x, settings.smooth, max_points=4 * width)
         _draw_in_terminal(terminal_lines(panels, width, height * len(panels), settings.log_y, color))
         return
-    from gpt2cli.plotting import curves_data, curves_figure, save_figure
+    from gpt2cli.observe.plotting import curves_data, curves_figure, save_figure
 
     panels = build_panels(logs, settings.metrics, settings.x, settings.smooth, max_points=DEFAULT_POINTS)
     save_figure(curves_figure(panels, settings.log_y), output, curves_data(panels))
@@ -113,16 +113,16 @@ def _plot_runs(paths: list[Path], settings: Any, output: Path | None) -> None:
 
 
 def _plot_bench(paths: list[Path], settings: Any, output: Path | None) -> None:
-    from gpt2cli.curves import bench_groups, read_bench
+    from gpt2cli.observe.curves import bench_groups, read_bench
 
     charts = bench_groups([read_bench(path) for path in paths])
     if output is None:
-        from gpt2cli.plotting import terminal_bars
+        from gpt2cli.observe.plotting import terminal_bars
 
         width, height, color = _terminal_size(settings)
         _draw_in_terminal(terminal_bars(charts, width, height * len(charts), settings.log_y, color))
         return
-    from gpt2cli.plotting import bars_data, bars_figure, save_figure
+    from gpt2cli.observe.plotting import bars_data, bars_figure, save_figure
 
     save_figure(bars_figure(charts, settings.log_y), output, bars_data(charts))
     _wrote(output, f"{len(paths)} file(s), {len(charts)} test(s)")

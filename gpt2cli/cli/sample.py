@@ -23,8 +23,8 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import info, write_stdout
-from gpt2cli.setting_types import Quantize
-from gpt2cli.settings import SampleSettings
+from gpt2cli.settings.sections import SampleSettings
+from gpt2cli.settings.types import Quantize
 
 DECODING = "Decoding"
 
@@ -83,7 +83,7 @@ def command(
     --stop text. Prompts longer than the context are cut from the left (with a warning); generation past the
     context re-encodes the last half of it and goes on.
     """
-    from gpt2cli.settings import load_settings
+    from gpt2cli.settings.sections import load_settings
 
     settings = load_settings(config, overrides(locals(), sample=SampleSettings)).sample
     prompts = _read_prompts(prompt, prompt_file, prompts_file)
@@ -119,8 +119,8 @@ def _read_prompts(prompt: str | None, prompt_file: str | None, prompts_file: str
 def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output: bool) -> None:
     import torch
 
-    from gpt2cli.sampling import SamplingOptions, TextGenerator, Timing, load_generation_model
-    from gpt2cli.tokenizer import get_tokenizer
+    from gpt2cli.data.tokenizer import get_tokenizer
+    from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing, load_generation_model
 
     model = load_generation_model(checkpoint, settings, info)
     text_generator = TextGenerator(

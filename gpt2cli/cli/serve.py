@@ -15,8 +15,8 @@ from gpt2cli.cli.options import (
     overrides,
     setting,
 )
-from gpt2cli.setting_types import Quantize
-from gpt2cli.settings import ServeSettings
+from gpt2cli.settings.sections import ServeSettings
+from gpt2cli.settings.types import Quantize
 
 SERVER, LIMITS = "Server", "Limits"
 
@@ -52,8 +52,8 @@ def command(
     from pathlib import Path
 
     from gpt2cli.errors import UsageError
-    from gpt2cli.extras import import_extra
-    from gpt2cli.settings import load_settings
+    from gpt2cli.runtime.extras import import_extra
+    from gpt2cli.settings.sections import load_settings
 
     settings = load_settings(config, overrides(locals(), serve=ServeSettings)).serve
     for module in ("fastapi", "uvicorn"):

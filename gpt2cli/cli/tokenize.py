@@ -11,8 +11,8 @@ import typer
 from gpt2cli.cli.options import DATA, OUTPUT, ConfigOption, JsonOption, TextFieldOption, overrides, setting
 from gpt2cli.cli.output import info, print_json, progress_bar, write_stdout
 from gpt2cli.errors import UsageError
-from gpt2cli.setting_types import EncodingErrors
-from gpt2cli.settings import DataSettings
+from gpt2cli.settings.sections import DataSettings
+from gpt2cli.settings.types import EncodingErrors
 
 
 def command(
@@ -63,9 +63,9 @@ def command(
       gpt2 tokenize corpus.bin --decode | head      # back to text
       gpt2 tokenize 'fineweb/*.parquet' -o fw.bin --shard-size 100000000 --val-tokens 100000000
     """
-    from gpt2cli.settings import load_settings
-    from gpt2cli.text_encoding import EncodeOptions, check_sources
-    from gpt2cli.tokenize_jobs import count_tokens, decode_sources, ids_as_lines, tokenize_to_shards
+    from gpt2cli.data.encoding import EncodeOptions, check_sources
+    from gpt2cli.data.tokenize_jobs import count_tokens, decode_sources, ids_as_lines, tokenize_to_shards
+    from gpt2cli.settings.sections import load_settings
 
     flags = overrides({**locals(), "allow_special": special}, data=DataSettings)
     settings = load_settings(config, flags).data
@@ -133,8 +133,8 @@ def command(
 
 def _expand(names: list[str]) -> list[str]:
     """Folders and quoted globs of .parquet files, as files; other names (and - for stdin) as given."""
-    from gpt2cli.parquet import PARQUET_SUFFIX
-    from gpt2cli.training_data import resolve_inputs
+    from gpt2cli.data.inputs import resolve_inputs
+    from gpt2cli.data.parquet import PARQUET_SUFFIX
 
     expanded = []
     for name in names:

@@ -36,8 +36,8 @@ from gpt2cli.cli.options import (
     setting,
 )
 from gpt2cli.cli.output import info, print_json
-from gpt2cli.setting_types import MuonAdjustLr, OptimizerName, Parallel, Schedule
-from gpt2cli.settings import DEFAULT_RUN, DataSettings, ModelSettings, TrainSettings
+from gpt2cli.settings.sections import DEFAULT_RUN, DataSettings, ModelSettings, TrainSettings
+from gpt2cli.settings.types import MuonAdjustLr, OptimizerName, Parallel, Schedule
 
 
 def _t(field: str, panel: str, *declarations: str) -> Any:
@@ -117,12 +117,12 @@ command.__doc__ = f"{inspect.cleandoc(command.__doc__ or '')}\n\n{profile_help(D
 
 
 def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], json_output: bool) -> None:
-    from gpt2cli.devices import resolve_device
-    from gpt2cli.distributed import barrier, from_environment, start, stop
-    from gpt2cli.run_folder import new_run_folder
-    from gpt2cli.trackers import check_trackers
-    from gpt2cli.training import Interrupted
-    from gpt2cli.training_setup import resolve_settings
+    from gpt2cli.observe.trackers import check_trackers
+    from gpt2cli.runtime.devices import resolve_device
+    from gpt2cli.runtime.distributed import barrier, from_environment, start, stop
+    from gpt2cli.training.run_folder import new_run_folder
+    from gpt2cli.training.setup import resolve_settings
+    from gpt2cli.training.trainer import Interrupted
 
     settings, bundled = resolve_settings(config, flags)
     check_trackers(settings.train.log_to)  # a missing tracker package stops here, before any training starts
@@ -145,12 +145,12 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
 def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, json_output: bool) -> None:
     from gpt2cli.cli.app import warn
     from gpt2cli.cli.train_display import TrainingDisplay, print_summary
-    from gpt2cli.devices import resolve_precision
-    from gpt2cli.run_folder import RunFolder
-    from gpt2cli.text_encoding import EncodeOptions
-    from gpt2cli.training import Interrupted
-    from gpt2cli.training_data import bundled_corpus, default_cache_dir, load_token_data
-    from gpt2cli.training_setup import prepare_trainer, with_absolute_paths
+    from gpt2cli.data.encoding import EncodeOptions
+    from gpt2cli.data.inputs import bundled_corpus, default_cache_dir, load_token_data
+    from gpt2cli.runtime.devices import resolve_precision
+    from gpt2cli.training.run_folder import RunFolder
+    from gpt2cli.training.setup import prepare_trainer, with_absolute_paths
+    from gpt2cli.training.trainer import Interrupted
 
     precision = resolve_precision(settings.train.dtype, device)
     options = EncodeOptions.from_settings(settings.data)

@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpt2cli.data.tokenizer import Tokenizer
 from gpt2cli.serving.engine import Engine, Event, Finished, PromptScored, Sequence, TokenGenerated
 from gpt2cli.serving.protocol import (
     ApiError,
@@ -34,8 +35,7 @@ from gpt2cli.serving.protocol import (
     top_dict,
     usage,
 )
-from gpt2cli.settings import ServeSettings
-from gpt2cli.tokenizer import Tokenizer
+from gpt2cli.settings.sections import ServeSettings
 
 
 @dataclass

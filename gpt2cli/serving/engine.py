@@ -19,9 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt2cli.model import GPT2, KVCache
-from gpt2cli.sampling import Completion, SamplingOptions, TextGenerator, TextTracker, accept_token, choose_next
-from gpt2cli.tokenizer import Tokenizer
+from gpt2cli.data.tokenizer import Tokenizer
+from gpt2cli.generation.generator import (
+    Completion,
+    SamplingOptions,
+    TextGenerator,
+    TextTracker,
+    accept_token,
+    choose_next,
+)
+from gpt2cli.model.gpt2 import GPT2, KVCache
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), likeliest first
 

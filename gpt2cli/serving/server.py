@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpt2cli.data.tokenizer import get_tokenizer
 from gpt2cli.serving.app import ServerState, create_app
-from gpt2cli.settings import ServeSettings
-from gpt2cli.tokenizer import get_tokenizer
+from gpt2cli.settings.sections import ServeSettings
 
 SHUTDOWN_GRACE_S = 3
 
@@ -46,7 +46,7 @@ def request_logger(json_logs: bool) -> Any:
 
 def load_engine(checkpoint: str, settings: ServeSettings, state: ServerState) -> None:
     """Load the model and start the engine (on the loader thread); the server answers 503 until this ends."""
-    from gpt2cli.sampling import load_generation_model
+    from gpt2cli.generation.generator import load_generation_model
     from gpt2cli.serving.engine import Engine
     from gpt2cli.serving.protocol import Limits
 

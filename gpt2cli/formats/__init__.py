@@ -1,0 +1,1 @@
+"""Files: checkpoints, conversion, llm.c weights, GGUF export, tokenizer files."""

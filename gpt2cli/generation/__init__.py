@@ -1,0 +1,1 @@
+"""Generation: the text generator, logit filters, drafting (prompt lookup), weight-only quantization."""

@@ -1,0 +1,1 @@
+"""Runs seen: metrics, curves, plots, trackers."""

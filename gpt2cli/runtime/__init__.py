@@ -1,0 +1,1 @@
+"""Where the code runs: devices, torchrun, compile policy, bandwidth, atomic files, optional extras."""

@@ -1,0 +1,1 @@
+"""Every option, validated (pydantic-settings), and where settings come from. Torch-free."""

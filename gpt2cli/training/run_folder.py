@@ -1,0 +1,371 @@
+"""The run folder: every file a training run writes, and how a run is found again to resume it.
+
+    model.safetensors     the latest weights (a hard link into the newest checkpoint); loads in transformers too
+    config.json           transformers' config, so the folder itself is a transformers checkpoint
+    config.toml           the resolved settings of the run
+    metrics.jsonl         one JSON object per log line
+    checkpoints/step-NNNNNN/{model,optimizer}.safetensors, state.json
+    checkpoints/latest    the name of the newest complete checkpoint folder
+    .lock                 the writer's lock (its PID inside): one `gpt2 train` at a time writes here
+
+A checkpoint folder is written under a temporary name and renamed when complete, then `latest` is replaced
+atomically: killing the process at any instant leaves the previous checkpoint intact and pointed to. A failed
+write (full disk, lost permission) removes what it had written and leaves `latest` where it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt2cli import __version__
+from gpt2cli.errors import CheckpointError, Gpt2Error, UsageError
+from gpt2cli.formats.checkpoint import checkpoint_layout, hf_config_dict, write_checkpoint
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.observe.trackers import Trackers, open_trackers
+from gpt2cli.runtime.distributed import full_tensor
+from gpt2cli.runtime.files import atomic_path, atomic_write_bytes, storage_errors
+
+STATE_FORMAT = 1
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+LOCK = ".lock"
+
+
+class RunFolderInUse(Gpt2Error):
+    """Another live process holds the run folder's writer lock."""
+
+
+def new_run_folder(distributed: bool = False) -> Path:
+    """A fresh `runs/YYYYMMDD-HHMMSS` (or, under torchrun, one name every rank agrees on)."""
+    if distributed:  # every rank must name the same folder: torchrun gives the job one id
+        return Path("runs") / f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = Path("runs") / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = Path("runs") / f"{stamp}-{n}"
+    return candidate
+
+
+class RunFolder:
+    """One run's folder. Reading (finding a checkpoint, its state) works on any rank; writing is rank 0's, and
+    starts with `open_for_writing`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoints = path / CHECKPOINTS
+        self.metrics = path / "metrics.jsonl"
+        self.model_file = path / "model.safetensors"
+        self.trackers = Trackers()  # none until `start_trackers`
+
+    # ------------------------------------------------------------ the one writer
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the folder's writer lock for the block: `flock` on `.lock`, which the kernel releases when the
+        process ends however it ends, so a killed run never leaves a stale lock. A second writer fails at once
+        with the holder's PID. A folder created here only for the lock is removed again if nothing was written."""
+        created = self._create_missing_folders()
+        try:
+            descriptor = self._acquire()
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        try:
+            self._remove_stale_temporaries()  # only the writer may: they could be a live writer's save in progress
+            yield
+        finally:
+            if created is not None and {path.name for path in self.path.iterdir()} <= {LOCK}:
+                # Still holding the lock: nobody else can be using the folder this (refused) run created.
+                shutil.rmtree(created, ignore_errors=True)
+            os.close(descriptor)
+
+    def _create_missing_folders(self) -> Path | None:
+        """Create the run folder if missing; returns the top-most folder created (None if it existed)."""
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise UsageError(f"--out {self.path}: exists and is not a folder")
+            return None
+        top = self.path
+        while not top.parent.exists():
+            top = top.parent
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {self.path}: cannot write there ({error.strerror})") from None
+        return top
+
+    def _acquire(self) -> int:
+        lock = self.path / LOCK
+        while True:
+            try:
+                descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as error:
+                raise UsageError(f"--out {self.path}: cannot write there ({error.strerror})") from None
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(descriptor)
+                raise RunFolderInUse(
+                    f"{self.path} is in use by another gpt2 train (PID {holder}); wait for it to end or stop it"
+                ) from None
+            # A refused run that had created the folder may have removed this file between our open and lock.
+            if _same_file(descriptor, lock):
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+                return descriptor
+            os.close(descriptor)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written files and checkpoint folders of a run that was killed (`.NAME.PID.tmp`)."""
+        for stale in [*self.path.glob(".*.tmp"), *self.checkpoints.glob(".*.tmp")]:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ reading
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.checkpoints / LATEST
+        if not pointer.is_file():
+            return None
+        folder = self.checkpoints / pointer.read_text().strip()
+        return folder if (folder / "state.json").is_file() else None
+
+    def checkpoint_to_resume(self, resume: bool) -> Path | None:
+        """The checkpoint `--resume` continues from (None for a new run, whose folder must not hold one)."""
+        existing = self.latest_checkpoint()
+        if resume:
+            if existing is None:
+                raise UsageError(f"{self.path}: no training state to resume (expected {self.checkpoints / LATEST})")
+            return existing
+        if existing is not None:
+            raise UsageError(f"{self.path} already holds a run; continue it with --resume or choose another --out")
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {self.path}: exists and is not a folder")
+        return None
+
+    @staticmethod
+    def read_state(checkpoint: Path) -> dict[str, Any]:
+        """A checkpoint's state.json (step, tokens, data position, RNG, plan, settings)."""
+        state = json.loads((checkpoint / "state.json").read_text())
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{checkpoint}: unsupported state format {state.get('format')!r}")
+        return state
+
+    @staticmethod
+    def read_optimizer(checkpoint: Path) -> dict[str, torch.Tensor]:
+        return load_file(checkpoint / "optimizer.safetensors")
+
+    # ------------------------------------------------------------ writing (rank 0)
+
+    def open_for_writing(self, new: bool) -> None:
+        """The one place a run starts writing here (a new run creates the folder; a refused run leaves nothing)."""
+        if not new:
+            return
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise UsageError(f"--out {self.path}: cannot write there ({error.strerror})") from None
+
+    def write_run_files(self, settings: dict[str, Any], config: GPT2Config) -> None:
+        """config.toml (the resolved settings) and, for models transformers can load, its config.json."""
+        with storage_errors(f"the run's settings in {self.path}"):
+            atomic_write_bytes(self.path / "config.toml", to_toml(settings).encode())
+            if config.bias:
+                config_json = json.dumps(hf_config_dict(config), indent=2) + "\n"
+                atomic_write_bytes(self.path / "config.json", config_json.encode())
+
+    def start_trackers(self, names: list[str], settings: dict[str, Any], resumed_step: int | None) -> None:
+        """TensorBoard / W&B, fed every metrics record from now on (`resumed_step`: None for a new run)."""
+        self.trackers = open_trackers(names, self.path, settings, resumed_step)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """One line into metrics.jsonl, the run's record, whole or not at all (a write that fails part-way is cut
+        off again); the trackers get the same record, as views of it."""
+        line = (json.dumps(record) + "\n").encode()
+        with storage_errors(str(self.metrics)), open(self.metrics, "ab") as handle:
+            size = handle.tell()
+            try:
+                handle.write(line)
+                handle.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    handle.truncate(size)
+                raise
+        self.trackers.log(record)
+
+    def close_trackers(self) -> None:
+        self.trackers.close()
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop log lines written after the checkpoint being resumed (they will be written again), and a last line
+        cut short by a killed process."""
+        if self.metrics.is_file():
+            kept = [line for line in self.metrics.read_text().splitlines() if (record := _json_or_none(line))
+                    and record["step"] <= step]  # fmt: skip
+            with storage_errors(str(self.metrics)):
+                atomic_write_bytes(self.metrics, "".join(line + "\n" for line in kept).encode())
+
+    def save_checkpoint(
+        self,
+        step: int,
+        model_tensors: dict[str, torch.Tensor],
+        config: GPT2Config,
+        moments: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        keep: int,
+    ) -> Path:
+        """Write `checkpoints/step-NNNNNN` complete (fsynced) under a temporary name, rename it, point `latest` and
+        `model.safetensors` at it, and keep the newest `keep` checkpoints."""
+        name = f"step-{step:06d}"
+        folder = self.checkpoints / name
+        previous = self.latest_checkpoint()
+        kept = f"{previous.name} is still the latest checkpoint" if previous else "no checkpoint was saved"
+        with storage_errors(f"the checkpoint of step {step} in {self.checkpoints}", kept):
+            self._write_checkpoint_folder(folder, model_tensors, config, moments, {"step": step, **state})
+            try:
+                with atomic_path(self.checkpoints / LATEST) as temporary:
+                    temporary.write_text(name + "\n")
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # complete but never current: nothing to keep
+                raise
+        with storage_errors(str(self.model_file), f"{name} is saved and current; {self.model_file} is older"):
+            _link_or_copy(folder / "model.safetensors", self.model_file)
+        self.prune(keep, newest=name)
+        return folder
+
+    def _write_checkpoint_folder(
+        self,
+        folder: Path,
+        model_tensors: dict[str, torch.Tensor],
+        config: GPT2Config,
+        moments: dict[str, torch.Tensor],
+        state: dict[str, Any],
+    ) -> None:
+        """Every file fsynced under `.step-NNNNNN.PID.tmp`, then renamed to `folder`; on any error, nothing."""
+        staging = self.checkpoints / f".{folder.name}.{os.getpid()}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True)
+            write_checkpoint(model_tensors, config, staging / "model.safetensors")
+            save_file(moments, staging / "optimizer.safetensors")
+            state = {"format": STATE_FORMAT, "version": __version__, **state}
+            (staging / "state.json").write_text(json.dumps(state, indent=1))
+            for path in staging.iterdir():
+                _fsync_file(path)
+            if folder.exists():  # left by a run that stopped before pointing `latest` at it
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def prune(self, keep: int, newest: str) -> None:
+        folders = sorted(path for path in self.checkpoints.glob("step-*") if path.is_dir())
+        for old in folders[: max(0, len(folders) - keep)]:
+            if old.name != newest:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- tensors and RNG state <-> files
+
+
+def _encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": _encode_rng(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = _encode_rng(torch.cuda.get_rng_state(device))
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(_decode_rng(state["torch"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(_decode_rng(state["cuda"]), device)
+
+
+def gather_model_state(model: GPT2, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's whole weights in the checkpoint layout. Under FSDP every rank must call this (the shards are
+    gathered one tensor at a time); ranks that do not write pass `keep=False` and get nothing back."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied to the embedding, stored once
+            continue
+        whole = full_tensor(tensor.detach())
+        if keep:
+            state[name] = whole.cpu()
+    return checkpoint_layout(state)
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """Settings as TOML: tables of scalars and lists (None values are left out)."""
+
+    def literal(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        if isinstance(value, list):
+            return "[" + ", ".join(literal(item) for item in value) + "]"
+        return json.dumps(str(value))
+
+    lines = []
+    for table, fields in values.items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{key} = {literal(value)}" for key, value in fields.items() if value is not None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    with atomic_path(destination) as temporary:
+        try:
+            os.link(source, temporary)
+        except OSError:  # no hard links on this filesystem
+            shutil.copyfile(source, temporary)
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        return os.fstat(descriptor).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())

@@ -1,0 +1,266 @@
+"""Preparing a training run: its settings (a resume reads the run's own), the model, the optimizer and the state
+to continue from, checked before anything is written; then a `Trainer` that holds them.
+
+No settings object is changed here: settings that differ (saved schedule, absolute paths) are new copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from gpt2cli.data.inputs import TokenData
+from gpt2cli.errors import DataError, UsageError
+from gpt2cli.evaluation import read_multiple_choice
+from gpt2cli.formats.checkpoint import load_model
+from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.runtime.compile import choose_compile, keep_compiled_code
+from gpt2cli.runtime.devices import Precision, keep_freed_memory
+from gpt2cli.runtime.distributed import World, is_sharded, parallelize
+from gpt2cli.settings.sections import DEFAULT_RUN, Settings, load_settings
+from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
+from gpt2cli.training.hellaswag import HellaSwag
+from gpt2cli.training.memory import check_training_memory
+from gpt2cli.training.optim import Optimizer, build_muon, build_optimizer, load_optimizer_tensors, muon_available
+from gpt2cli.training.plan import plan_run
+from gpt2cli.training.run_folder import RunFolder, restore_rng
+from gpt2cli.training.trainer import Progress, Report, Trainer
+from gpt2cli.training.training_model import TrainingModel, compile_blocks
+
+
+def resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> tuple[Settings, bool]:
+    """The run's settings, and whether it is the embedded default run (no data given anywhere).
+
+    `--resume` reads the run's own saved settings (unless --config is given); flags given now still win.
+    """
+    probe = load_settings(config, flags)
+    bundled = not probe.data.paths
+    if probe.train.resume:
+        if probe.train.out is None:
+            raise UsageError("--resume needs --out, the folder of the run to continue")
+        saved = Path(probe.train.out) / "config.toml"
+        if config is None and saved.is_file():
+            # The saved settings are the run's resolved ones: the default-run profile is not laid over them again,
+            # so a run saved before the profile changed (e.g. AdamW before Muon) resumes as it was started.
+            resumed = load_settings(saved, flags)
+            return resumed, not resumed.data.paths
+    return load_settings(config, flags, profile=DEFAULT_RUN if bundled else None), bundled
+
+
+def with_absolute_paths(settings: Settings, out: Path) -> Settings:
+    """The settings the run saves: input paths and the run folder absolute, so a resume finds them anywhere."""
+    data, train = settings.data, settings.train
+    init_from = None if train.init_from is None else os.path.abspath(train.init_from)
+    return settings.model_copy(
+        update={
+            "data": data.model_copy(update={"paths": [os.path.abspath(path) for path in data.paths]}),
+            "train": train.model_copy(
+                update={
+                    "val_data": [os.path.abspath(path) for path in train.val_data],
+                    "init_from": init_from,
+                    "hellaswag": None if train.hellaswag is None else os.path.abspath(train.hellaswag),
+                    "out": str(out),
+                }
+            ),
+        }
+    )
+
+
+def _with_saved_schedule(settings: Settings, state: dict[str, Any]) -> Settings:
+    """A resumed run keeps its learning-rate schedule even when --max-steps changes, unless told otherwise."""
+    saved, train = state["plan"]["schedule"], settings.train
+    keep = {
+        "schedule_steps": train.schedule_steps if train.schedule_steps is not None else saved["total_steps"],
+        "warmup_steps": train.warmup_steps if train.warmup_steps is not None else saved["warmup_steps"],
+    }
+    return settings.model_copy(update={"train": train.model_copy(update=keep)})
+
+
+def build_model(settings: Settings, device: torch.device, resume_from: Path | None) -> GPT2:
+    """The model to train: the checkpoint resumed, the one `--init-from` names, or a fresh one (seeded)."""
+    train = settings.train
+    torch.manual_seed(train.seed)
+    if resume_from is not None:
+        model = load_model(resume_from / "model.safetensors", device=device, dtype=torch.float32)
+        wanted = settings.model.to_config() if train.init_from is None else None
+        if wanted is not None and dataclasses.replace(wanted, dropout=model.config.dropout) != model.config:
+            raise UsageError(
+                f"{resume_from.parent.parent}: the saved model's shape ({_shape(model.config)}) differs from the "
+                f"settings' ({_shape(wanted)}); resume with the run's own settings"
+            )
+    elif train.init_from is not None:
+        model = load_model(train.init_from, device=device, dtype=torch.float32)
+    else:
+        model = GPT2(settings.model.to_config()).to(device)
+    model.set_dropout(settings.model.dropout)
+    return model.train()
+
+
+def prepare_trainer(
+    settings: Settings,
+    data: TokenData,
+    out: Path,
+    precision: Precision,
+    world: World | None = None,
+    report: Report | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Trainer:
+    """Check the run, then build (or restore) everything it trains with. A refused run leaves nothing behind."""
+    world = world or World()
+    device = precision.device
+    folder = RunFolder(out)
+    resume_from = folder.checkpoint_to_resume(settings.train.resume)
+    saved_state = RunFolder.read_state(resume_from) if resume_from is not None else None
+    if saved_state is not None:
+        settings = _with_saved_schedule(settings, saved_state)
+    train = settings.train
+    _check_optimizer(settings, world)
+
+    model = build_model(settings, device, resume_from)
+    seq_len = train.seq_len or model.config.block_size
+    plan = plan_run(train, model.config, len(Windows(data.train, seq_len)), world.world_size)
+    if data.val and len(Windows(data.val, seq_len)) == 0:
+        raise DataError(
+            f"the validation data ({data.val_tokens} tokens) is shorter than one window of {seq_len + 1} tokens; "
+            "raise --val-fraction, give --val-data, or lower --seq-len"
+        )
+    if saved_state is not None:
+        _check_resumable(saved_state, data, plan.tokens_per_step, out)
+    if device.type == "cpu" and train.memory_check:  # before the first step, not in it (the kernel's OOM killer)
+        check_training_memory(
+            model.config,
+            plan.batch_size,
+            plan.seq_len,
+            precision.compute_bytes,
+            precision.name,
+            already_resident=4 * model.num_parameters(),  # the weights just built (whole, before any sharding)
+            ddp=world.distributed and train.parallel == "ddp",
+            shards=world.world_size if world.distributed and train.parallel == "fsdp" else 1,
+        )
+    examples = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
+    steps_left = plan.total_steps - (saved_state or {}).get("step", 0)
+    flops = model.flops_per_token(plan.seq_len) * plan.tokens_per_step * steps_left / world.world_size
+    compiled = _choose_compile(train.compile, device, flops, report if world.is_main else None)
+    # What auto chose is what config.toml records: a resumed run computes as the run it continues.
+    settings = settings.model_copy(update={"train": train.model_copy(update={"compile": compiled})})
+    if world.is_main:
+        folder.open_for_writing(new=resume_from is None)  # only once everything checked out
+
+    if compiled:
+        keep_compiled_code()
+        compile_blocks(model)
+    # What the step calls: the training module, its DDP wrapper, or (FSDP) the module with its weights sharded.
+    trained = parallelize(TrainingModel(model, compiled_loss=compiled), world, train.parallel, device)
+    root = getattr(trained, "module", trained)  # what DDP wraps, or FSDP's sharded root
+    hellaswag = HellaSwag(examples, model, root, precision, world) if examples else None
+    # After sharding: the optimizer holds the shards, and its moments are sharded alike.
+    optimizer = _build_optimizer(settings, model, device)
+    sharded = is_sharded(model.transformer.wte.weight)
+    scaler = _grad_scaler(device, sharded) if precision.needs_scaler else None
+    sampler = WindowSampler(len(Windows(data.train, seq_len)), train.seed)
+    progress = Progress()
+    if saved_state is not None:
+        progress = _restore(saved_state, resume_from, model, optimizer, scaler, device)  # type: ignore[arg-type]
+        sampler.state = progress.sampler
+        if world.is_main:
+            folder.truncate_metrics(progress.step)
+    keep_freed_memory(device)
+    return Trainer(
+        settings=settings,
+        data=data,
+        plan=plan,
+        model=model,
+        trained=trained,
+        optimizer=optimizer,
+        scaler=scaler,
+        sampler=sampler,
+        progress=progress,
+        folder=folder,
+        precision=precision,
+        world=world,
+        report=report,
+        should_stop=should_stop,
+        hellaswag=hellaswag,
+    )
+
+
+def _choose_compile(
+    setting: bool | Literal["auto"], device: torch.device, training_flops: float, report: Report | None
+) -> bool:
+    """--compile, --no-compile, or auto's choice; auto staying eager says why (once, on the main process)."""
+    choice = choose_compile(setting, device, training_flops)
+    if choice.reason is not None and report is not None:
+        report("notice", {"message": f"compile: off ({choice.reason})"})
+    return choice.enabled
+
+
+def _check_optimizer(settings: Settings, world: World) -> None:
+    if settings.train.optimizer != "muon":
+        return
+    if not muon_available():
+        raise UsageError(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+    if world.distributed and settings.train.parallel == "fsdp":
+        # Muon orthogonalises whole matrices; FSDP gives each process a slice of every one.
+        raise UsageError("--optimizer muon needs whole matrices, which --parallel fsdp shards: use ddp or adamw")
+
+
+def _build_optimizer(settings: Settings, model: GPT2, device: torch.device) -> Optimizer:
+    train = settings.train
+    betas = (train.beta1, train.beta2)
+    if train.optimizer == "muon":
+        return build_muon(model, train.lr, train.muon_lr, train.muon_adjust_lr, train.weight_decay, betas, device)
+    return build_optimizer(model, train.lr, train.weight_decay, betas, device)
+
+
+def _check_resumable(state: dict[str, Any], data: TokenData, tokens_per_step: int, out: Path) -> None:
+    if state["data"] != data.fingerprint():
+        raise UsageError(
+            f"{out}: the training data differs from the run's ({state['data']['train_tokens']:,} training "
+            f"tokens from {len(state['data']['sources'])} source(s)); resume with the same data"
+        )
+    if state["plan"]["tokens_per_step"] != tokens_per_step:
+        raise UsageError(
+            f"{out}: the run used {state['plan']['tokens_per_step']} tokens per step, these settings "
+            f"{tokens_per_step}; resume with the same batch"
+        )
+
+
+def _restore(
+    state: dict[str, Any],
+    checkpoint: Path,
+    model: GPT2,
+    optimizer: Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+) -> Progress:
+    """Put the optimizer, loss scaler and RNG back as they were saved; returns the saved progress."""
+    load_optimizer_tensors(model, optimizer, RunFolder.read_optimizer(checkpoint))
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], device)
+    return Progress(
+        step=state["step"],
+        tokens=state["tokens"],
+        elapsed_s=state["elapsed_s"],
+        train_s=state.get("train_s", 0.0),  # absent from checkpoints written before it was recorded
+        sampler=SamplerState(**state["sampler"]),
+        last_val_loss=state.get("last_val_loss"),
+    )
+
+
+def _grad_scaler(device: torch.device, sharded: bool) -> torch.amp.GradScaler:
+    """fp16 loss scaling; with sharded gradients every rank must agree on overflow, which the sharded scaler does."""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
+
+def _shape(config: GPT2Config) -> str:
+    return f"{config.n_layer} layers, {config.n_head} heads, width {config.n_embd}, block {config.block_size}"

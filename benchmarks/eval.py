@@ -103,8 +103,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"eval benchmark {time.strftime('%Y-%m-%d')}: 124M random weights, {base['tokens']:,} tokens, windows of "
-          f"{CONTEXT}")  # fmt: skip
+    print(
+        f"eval benchmark {time.strftime('%Y-%m-%d')}: 124M random weights, {base['tokens']:,} tokens, windows of "
+        f"{CONTEXT}"
+    )
     print(f"{'contender':<18} {'tokens/s':>9} {'loss':>10} {'vs hf':>6} {'loss - fp32':>12}")
     for name, r in results.items():
         extra = f" {r['vs_transformers']:>5.2f}x {r['loss_difference']:>+12.2e}" if "vs_transformers" in r else ""

@@ -269,23 +269,52 @@ def part_parity(context: Context, part: Part) -> None:
     part.check("float32 logits equal the CPU's", difference <= 1e-4, difference, "<= 1e-4")
 
     def greedy(device: str) -> dict[str, Any]:
-        out = gpt2("sample", str(context.checkpoint), "--prompt", PROMPT, "--temperature", "0", "--ignore-eot",
-                   "--max-new-tokens", str(context.shapes.greedy_tokens), "--device", device, "--json",
-                   timeout=context.timeout_s)  # fmt: skip
+        out = gpt2(
+            "sample",
+            str(context.checkpoint),
+            "--prompt",
+            PROMPT,
+            "--temperature",
+            "0",
+            "--ignore-eot",
+            "--max-new-tokens",
+            str(context.shapes.greedy_tokens),
+            "--device",
+            device,
+            "--json",
+            timeout=context.timeout_s,
+        )
         return json.loads(out.splitlines()[0])
 
     on_cpu, on_device = greedy("cpu"), greedy(context.device)
     same = on_cpu["token_ids"] == on_device["token_ids"]
-    first_difference = next((i for i, (a, b) in enumerate(zip(on_cpu["token_ids"], on_device["token_ids"],
-                                                                strict=False)) if a != b), None)  # fmt: skip
-    part.numbers.update(greedy_tokens=len(on_device["token_ids"]), greedy_first_difference=first_difference,
-                        sample_tokens_per_s=on_device["tokens_per_s"])  # fmt: skip
-    part.check(f"greedy {context.shapes.greedy_tokens} tokens equal the CPU's", same and len(on_cpu["token_ids"])
-               == context.shapes.greedy_tokens, first_difference, "no difference")  # fmt: skip
+    first_difference = next(
+        (i for i, (a, b) in enumerate(zip(on_cpu["token_ids"], on_device["token_ids"], strict=False)) if a != b), None
+    )
+    part.numbers.update(
+        greedy_tokens=len(on_device["token_ids"]),
+        greedy_first_difference=first_difference,
+        sample_tokens_per_s=on_device["tokens_per_s"],
+    )
+    part.check(
+        f"greedy {context.shapes.greedy_tokens} tokens equal the CPU's",
+        same and len(on_cpu["token_ids"]) == context.shapes.greedy_tokens,
+        first_difference,
+        "no difference",
+    )
 
     def perplexity(device: str) -> float:
-        out = gpt2("eval", str(context.checkpoint), str(context.text), "--max-tokens", str(context.shapes.eval_tokens),
-                   "--device", device, "--json", timeout=context.timeout_s)  # fmt: skip
+        out = gpt2(
+            "eval",
+            str(context.checkpoint),
+            str(context.text),
+            "--max-tokens",
+            str(context.shapes.eval_tokens),
+            "--device",
+            device,
+            "--json",
+            timeout=context.timeout_s,
+        )
         return float(json.loads(out)["perplexity"])
 
     cpu_ppl, device_ppl = perplexity("cpu"), perplexity(context.device)
@@ -297,15 +326,37 @@ def part_parity(context: Context, part: Part) -> None:
 def part_train(context: Context, part: Part) -> None:
     shapes, run = context.shapes, context.work / "train"
     started = time.perf_counter()
-    gpt2("train", str(context.shard), *shapes.model_flags, *shapes.train_flags, "--device", context.device,
-         "--max-steps", str(shapes.train_steps), "--log-interval", "1", "--eval-interval", "100000",
-         "--save-interval", "100000", "--out", str(run), timeout=context.timeout_s)  # fmt: skip
+    gpt2(
+        "train",
+        str(context.shard),
+        *shapes.model_flags,
+        *shapes.train_flags,
+        "--device",
+        context.device,
+        "--max-steps",
+        str(shapes.train_steps),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100000",
+        "--save-interval",
+        "100000",
+        "--out",
+        str(run),
+        timeout=context.timeout_s,
+    )
     records = [record for record in metrics(run) if "loss" in record]
     losses = [record["loss"] for record in records]
     steady = records[len(records) // 5 :]  # past compilation and the first allocations
     tokens_per_s, mfu = median([r["tok_per_s"] for r in steady]), median([r["mfu"] for r in steady])
-    part.numbers.update(command_s=round(time.perf_counter() - started, 1), first_loss=losses[0],
-                        last_loss=losses[-1], tokens_per_s=tokens_per_s, mfu=mfu, losses=losses)  # fmt: skip
+    part.numbers.update(
+        command_s=round(time.perf_counter() - started, 1),
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        tokens_per_s=tokens_per_s,
+        mfu=mfu,
+        losses=losses,
+    )
     fall = 1.0 if not context.smoke else 0.0
     part.check("loss falls", losses[-1] < losses[0] - fall, round(losses[0] - losses[-1], 4), f"> {fall}")
     part.check("every loss finite", all(math.isfinite(loss) for loss in losses), len(losses))
@@ -315,21 +366,37 @@ def part_train(context: Context, part: Part) -> None:
 
 def part_resume(context: Context, part: Part) -> None:
     shapes, n = context.shapes, context.shapes.resume_steps
-    common = (str(context.shard), *shapes.model_flags, *shapes.resume_flags, "--device", context.device,
-              "--log-interval", "1", "--eval-interval", "100000", "--schedule-steps", str(2 * n))  # fmt: skip
+    common = (
+        str(context.shard),
+        *shapes.model_flags,
+        *shapes.resume_flags,
+        "--device",
+        context.device,
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100000",
+        "--schedule-steps",
+        str(2 * n),
+    )
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # what cuBLAS needs for deterministic results
     run = {"whole": context.work / "resume-whole", "split": context.work / "resume-split"}
     kwargs: dict[str, Any] = {"timeout": context.timeout_s, "deterministic": True, "env": env}
     gpt2("train", *common, "--max-steps", str(2 * n), "--out", str(run["whole"]), **kwargs)
     gpt2("train", *common, "--max-steps", str(n), "--out", str(run["split"]), **kwargs)
-    gpt2("train", "--resume", "--out", str(run["split"]), "--max-steps", str(2 * n), "--device", context.device,
-         **kwargs)  # fmt: skip
+    gpt2(
+        "train", "--resume", "--out", str(run["split"]), "--max-steps", str(2 * n), "--device", context.device, **kwargs
+    )
     whole = [r["loss"] for r in metrics(run["whole"]) if "loss" in r]
     split = [r["loss"] for r in metrics(run["split"]) if "loss" in r]
     part.numbers.update(whole=whole, split=split)
     worst = max((abs(a - b) for a, b in zip(whole, split, strict=False)), default=None)
-    part.check(f"{n} + {n} resumed steps give the losses of {2 * n}", whole == split and len(whole) == 2 * n, worst,
-               "exactly equal")  # fmt: skip
+    part.check(
+        f"{n} + {n} resumed steps give the losses of {2 * n}",
+        whole == split and len(whole) == 2 * n,
+        worst,
+        "exactly equal",
+    )
 
 
 def part_decode(context: Context, part: Part) -> None:
@@ -366,24 +433,45 @@ def part_decode(context: Context, part: Part) -> None:
                 recorded[0] = 0
                 result = runner.run(case, reps=3, warmup=1)
                 name = f"b{batch}-{'compiled' if compiled else 'eager'}"
-                numbers = {"tokens_per_s": result.tokens_per_s, "ms_per_token": result.ms_per_token,
-                           "warmup_s": result.warmup_s, "error": result.error}  # fmt: skip
+                numbers = {
+                    "tokens_per_s": result.tokens_per_s,
+                    "ms_per_token": result.ms_per_token,
+                    "warmup_s": result.warmup_s,
+                    "error": result.error,
+                }
                 part.check(f"{name} runs", result.error is None, result.error)
                 if compiled:
                     frames = int(counters["frames"]["ok"])
                     skips = int(counters["inductor"]["cudagraph_skips"])
-                    numbers.update(compilations=frames, unique_graphs=int(counters["stats"]["unique_graphs"]),
-                                   cuda_graphs_recorded=recorded[0], cudagraph_skips=skips)  # fmt: skip
+                    numbers.update(
+                        compilations=frames,
+                        unique_graphs=int(counters["stats"]["unique_graphs"]),
+                        cuda_graphs_recorded=recorded[0],
+                        cudagraph_skips=skips,
+                    )
                     # One graph family: a compilation (and a CUDA graph) per batch shape, not one per position.
                     least = 1 if batch == 1 else 0  # batch 8 may reuse batch 1's compilation or add one
-                    part.check(f"{name}: compiled once, not per position", least <= frames <= 2, frames,
-                               f"{least}-2 compilations for {case.seq_len} positions")  # fmt: skip
+                    part.check(
+                        f"{name}: compiled once, not per position",
+                        least <= frames <= 2,
+                        frames,
+                        f"{least}-2 compilations for {case.seq_len} positions",
+                    )
                     if context.cuda:
-                        part.check(f"{name}: CUDA graphs recorded, one family", 1 <= recorded[0] <= 2 and skips == 0,
-                                   {"recorded": recorded[0], "skips": skips}, "1-2 recorded, 0 skipped")  # fmt: skip
+                        part.check(
+                            f"{name}: CUDA graphs recorded, one family",
+                            1 <= recorded[0] <= 2 and skips == 0,
+                            {"recorded": recorded[0], "skips": skips},
+                            "1-2 recorded, 0 skipped",
+                        )
                         goal = 1000 if batch == 1 else 5000
-                        part.check(f"{name} >= {goal:,} tokens/s", (result.tokens_per_s or 0) >= goal,
-                                   result.tokens_per_s, f">= {goal}", target=True)  # fmt: skip
+                        part.check(
+                            f"{name} >= {goal:,} tokens/s",
+                            (result.tokens_per_s or 0) >= goal,
+                            result.tokens_per_s,
+                            f">= {goal}",
+                            target=True,
+                        )
                 part.numbers[name] = numbers
     finally:
         graph_class.capture_begin = original_capture  # type: ignore[method-assign]
@@ -396,16 +484,26 @@ def part_bench(context: Context, part: Part) -> None:
             part.numbers[label] = "skipped in --smoke (compiling on the CPU takes minutes)"
             continue
         flags = ["--compile"] if compiled else []
-        out = gpt2("bench", "--device", context.device, *context.shapes.bench_flags, *flags, "--json",
-                   timeout=context.timeout_s)  # fmt: skip
+        out = gpt2(
+            "bench",
+            "--device",
+            context.device,
+            *context.shapes.bench_flags,
+            *flags,
+            "--json",
+            timeout=context.timeout_s,
+        )
         rows = json.loads(out)["results"]
         part.numbers[label] = rows
         failed = [f"{r['test']} b{r['batch_size']}: {r['error']}" for r in rows if r["error"] or not r["tokens_per_s"]]
         part.check(f"{label}: every case runs", not failed, failed or len(rows), "no errors")
         # Prefill is never compiled (its shape changes with every prompt): a compiled run says so for the others only.
         expected = [compiled and not r["test"].startswith("pp") for r in rows]
-        part.check(f"{label}: results say compiled only where compiled", [r["compile"] for r in rows] == expected,
-                   [r["compile"] for r in rows])  # fmt: skip
+        part.check(
+            f"{label}: results say compiled only where compiled",
+            [r["compile"] for r in rows] == expected,
+            [r["compile"] for r in rows],
+        )
 
 
 def part_distributed(context: Context, part: Part) -> None:
@@ -414,17 +512,46 @@ def part_distributed(context: Context, part: Part) -> None:
     if not context.cuda or torch.cuda.device_count() < 2:
         part.skipped = f"needs 2+ GPUs ({torch.cuda.device_count() if context.cuda else 0} visible)"
         return
-    common = (str(context.shard), *context.shapes.model_flags, "--dtype", "float32", "--seq-len", "256",
-              "--max-steps", "5", "--log-interval", "1", "--eval-interval", "100000", "--device", "cuda")  # fmt: skip
+    common = (
+        str(context.shard),
+        *context.shapes.model_flags,
+        "--dtype",
+        "float32",
+        "--seq-len",
+        "256",
+        "--max-steps",
+        "5",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100000",
+        "--device",
+        "cuda",
+    )
     single = context.work / "single"
     gpt2("train", *common, "--batch-size", "8", "--out", str(single), timeout=context.timeout_s)
     reference = [r["loss"] for r in metrics(single) if "loss" in r]
     part.numbers["single"] = reference
     for parallel in ("ddp", "fsdp"):
         out = context.work / parallel
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                   "gpt2cli", "train", *common,
-                   "--batch-size", "4", "--parallel", parallel, "--out", str(out)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "gpt2cli",
+            "train",
+            *common,
+            "--batch-size",
+            "4",
+            "--parallel",
+            parallel,
+            "--out",
+            str(out),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=context.timeout_s)
         if result.returncode != 0:
             part.check(f"{parallel} runs", False, (result.stderr.strip().splitlines() or ["?"])[-1])
@@ -467,9 +594,14 @@ def environment(device: str) -> dict[str, Any]:
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
         properties = torch.cuda.get_device_properties(index)
-        info.update(card=properties.name, capability=f"{properties.major}.{properties.minor}",
-                    memory_gib=round(properties.total_memory / 2**30, 1), gpus=torch.cuda.device_count(),
-                    driver=_driver_version(), cudnn=torch.backends.cudnn.version())  # fmt: skip
+        info.update(
+            card=properties.name,
+            capability=f"{properties.major}.{properties.minor}",
+            memory_gib=round(properties.total_memory / 2**30, 1),
+            gpus=torch.cuda.device_count(),
+            driver=_driver_version(),
+            cudnn=torch.backends.cudnn.version(),
+        )
     else:
         from gpt2cli.runtime.devices import device_name
 
@@ -486,8 +618,12 @@ def _git(*args: str) -> str | None:
 
 def _driver_version() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0] if out.strip() else None
@@ -525,12 +661,18 @@ def main(argv: list[str] | None = None) -> int:
     global IN_PROCESS
     IN_PROCESS = args.smoke
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"gpu_check: CUDA is not available to torch {torch.__version__}; install a CUDA build of torch, "
-              "or run --device cpu --smoke", file=sys.stderr)  # fmt: skip
+        print(
+            f"gpu_check: CUDA is not available to torch {torch.__version__}; install a CUDA build of torch, "
+            "or run --device cpu --smoke",
+            file=sys.stderr,
+        )
         return 2
     env = environment(args.device)
-    print(f"gpu_check: {env.get('card') or env.get('cpu')} · torch {env['torch']} · "
-          f"{'smoke' if args.smoke else 'full'} run of {', '.join(only)}", file=sys.stderr)  # fmt: skip
+    print(
+        f"gpu_check: {env.get('card') or env.get('cpu')} · torch {env['torch']} · "
+        f"{'smoke' if args.smoke else 'full'} run of {', '.join(only)}",
+        file=sys.stderr,
+    )
     started = time.perf_counter()
     parts: list[Part] = []
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as folder:
@@ -549,9 +691,13 @@ def main(argv: list[str] | None = None) -> int:
             print(summary_line(part), file=sys.stderr, flush=True)
             parts.append(part)
     total = round(time.perf_counter() - started, 1)
-    report = {"environment": env, "smoke": args.smoke, "total_s": total,
-              "passed": all(part.status != "FAIL" for part in parts), "parts": [asdict(part) | {"status": part.status}
-                                                                               for part in parts]}  # fmt: skip
+    report = {
+        "environment": env,
+        "smoke": args.smoke,
+        "total_s": total,
+        "passed": all(part.status != "FAIL" for part in parts),
+        "parts": [asdict(part) | {"status": part.status} for part in parts],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     card = re.sub(r"[^A-Za-z0-9]+", "-", env.get("card") or "cpu").strip("-").lower()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")

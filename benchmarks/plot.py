@@ -60,8 +60,12 @@ def time_plot(folder: Path, lines: int, reps: int) -> dict[str, dict[str, float]
     metrics = folder / "metrics.jsonl"
     write_metrics(metrics, lines)
     gpt2 = [sys.executable, "-m", "gpt2cli", "plot", str(metrics)]
-    targets = {"png": ["-o", str(folder / "c.png")], "svg": ["-o", str(folder / "c.svg")],
-               "html": ["-o", str(folder / "c.html")], "terminal": ["--width", "100"]}  # fmt: skip
+    targets = {
+        "png": ["-o", str(folder / "c.png")],
+        "svg": ["-o", str(folder / "c.svg")],
+        "html": ["-o", str(folder / "c.html")],
+        "terminal": ["--width", "100"],
+    }
     results = {}
     for name, extra in targets.items():
         time_process([*gpt2, *extra])  # warm-up: the page cache, Python's bytecode cache, matplotlib's font cache
@@ -70,8 +74,10 @@ def time_plot(folder: Path, lines: int, reps: int) -> dict[str, dict[str, float]
             "wall_s": statistics.median(wall for wall, _ in runs),
             "cpu_s": statistics.median(cpu for _, cpu in runs),
         }
-        print(f"gpt2 plot ({name}): {results[name]['wall_s']:.2f} s wall, {results[name]['cpu_s']:.2f} s CPU",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"gpt2 plot ({name}): {results[name]['wall_s']:.2f} s wall, {results[name]['cpu_s']:.2f} s CPU",
+            file=sys.stderr,
+        )
     return results
 
 
@@ -130,8 +136,17 @@ def time_live_training(steps: int, folder: Path) -> dict[str, float]:
                 timings["reports"] += 1
 
     train_display.TrainingDisplay = OnATerminal
-    flags = {"train": {"max_steps": steps, "log_interval": 1, "eval_interval": 10, "eval_tokens": 4096,
-                       "save_interval": 10**6, "device": "cpu", "out": str(folder / "run")}}  # fmt: skip
+    flags = {
+        "train": {
+            "max_steps": steps,
+            "log_interval": 1,
+            "eval_interval": 10,
+            "eval_tokens": 4096,
+            "save_interval": 10**6,
+            "device": "cpu",
+            "out": str(folder / "run"),
+        }
+    }
     started = time.perf_counter()
     run_training_command(None, flags, json_output=False)
     wall = time.perf_counter() - started
@@ -160,16 +175,22 @@ def main() -> None:
     # The default run (600 steps, a log line every 10) and a long GPU run (100,000 steps, every 10).
     live = {f"{points} log lines": time_live_chart(points, 10, 250) for points in (60, 10_000)}
     for name, numbers in live.items():
-        print(f"live chart, {name}: render {numbers['render_s'] * 1e3:.3f} ms, Rich refresh "
-              f"{numbers['refresh_s'] * 1e3:.3f} ms", file=sys.stderr)  # fmt: skip
+        print(
+            f"live chart, {name}: render {numbers['render_s'] * 1e3:.3f} ms, Rich refresh "
+            f"{numbers['refresh_s'] * 1e3:.3f} ms",
+            file=sys.stderr,
+        )
     report = {"plot": plot, "live_chart": live, "cpu": os.cpu_count(), "python": sys.version.split()[0]}
     if args.train_steps:
         with tempfile.TemporaryDirectory() as folder:
             training = time_live_training(args.train_steps, Path(folder))
-        print(f"live display in a {args.train_steps}-step default-model run, a log line every step: "
-              f"{training['step_s'] * 1e3:.0f} ms per step, {training['log_call_s'] * 1e3:.3f} ms per display log "
-              f"call ({training['log_call_share_of_step']:.3%} of a step), of which the chart "
-              f"{training['chart_render_s'] * 1e3:.3f} ms", file=sys.stderr)  # fmt: skip
+        print(
+            f"live display in a {args.train_steps}-step default-model run, a log line every step: "
+            f"{training['step_s'] * 1e3:.0f} ms per step, {training['log_call_s'] * 1e3:.3f} ms per display log "
+            f"call ({training['log_call_share_of_step']:.3%} of a step), of which the chart "
+            f"{training['chart_render_s'] * 1e3:.3f} ms",
+            file=sys.stderr,
+        )
         report["live_training"] = training
     print(json.dumps(report, indent=2) if args.json else json.dumps(report))
 

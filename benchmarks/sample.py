@@ -70,8 +70,9 @@ def time_hf(folder: Path, reps: int) -> dict[str, Any]:
     def run(new_tokens: int) -> float:
         started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 pad_token_id=50256)  # fmt: skip
+            out = model.generate(
+                prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=50256
+            )
         assert out.shape[1] == len(PROMPT) + new_tokens
         return time.perf_counter() - started
 
@@ -170,8 +171,20 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_worker(name: str, folder: Path, args: argparse.Namespace, rows: int = 1) -> dict[str, Any]:
     print(f"running {name}{f' (batch {rows})' if rows > 1 else ''} ...", file=sys.stderr, flush=True)
-    command = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--reps", str(args.reps),
-               "--rows", str(rows), "--ppl-tokens", str(args.ppl_tokens)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--folder",
+        str(folder),
+        "--reps",
+        str(args.reps),
+        "--rows",
+        str(rows),
+        "--ppl-tokens",
+        str(args.ppl_tokens),
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -296,15 +309,19 @@ def section_prompt_lookup(folder: Path, args: argparse.Namespace, report: dict[s
 
 def print_prompt_lookup(report: dict[str, Any]) -> None:
     lookup = report["prompt_lookup"]
-    print(f"\nprompt lookup: {lookup['checkpoint']}, float32, batch 1, {lookup['prompt_tokens']}-token prompt "
-          f"(a passage, then its start again), {NEW_TOKENS} new tokens, greedy; plain greedy copies "
-          f"{lookup['copied_tokens']} tokens of the passage")  # fmt: skip
+    print(
+        f"\nprompt lookup: {lookup['checkpoint']}, float32, batch 1, {lookup['prompt_tokens']}-token prompt "
+        f"(a passage, then its start again), {NEW_TOKENS} new tokens, greedy; plain greedy copies "
+        f"{lookup['copied_tokens']} tokens of the passage"
+    )
     print(f"{'decoder':<16} {'tok/s':>8} {'speedup':>8} {'accepted':>8} {'tok/pass':>8} {'identical':>9}")
     print(f"{'plain greedy':<16} {lookup['plain_tokens_per_s']:>8.1f}")
     for draft, r in lookup["drafts"].items():
-        print(f"{'--prompt-lookup ' + draft:<16} {r['tokens_per_s']:>8.1f} {r['speedup_per_pair']:>7.2f}x "
-              f"{r['acceptance_rate']:>8.0%} {r['tokens_per_pass']:>8.2f} "
-              f"{'yes' if r['identical'] else 'NO':>9}")  # fmt: skip
+        print(
+            f"{'--prompt-lookup ' + draft:<16} {r['tokens_per_s']:>8.1f} {r['speedup_per_pair']:>7.2f}x "
+            f"{r['acceptance_rate']:>8.0%} {r['tokens_per_pass']:>8.2f} "
+            f"{'yes' if r['identical'] else 'NO':>9}"
+        )
 
 
 SECTIONS = [section_modes, section_perplexity, section_batch, section_prompt_lookup]
@@ -312,18 +329,26 @@ SECTIONS = [section_modes, section_perplexity, section_batch, section_prompt_loo
 
 def print_table(report: dict[str, Any]) -> None:
     hf = report["hf_fp32"]
-    print(f"sample benchmark {report['date']}: 124M random weights, batch 1, 16-token prompt, {NEW_TOKENS} new "
-          f"tokens, greedy; read bandwidth {report['read_GB_per_s']:.1f} GB/s; perplexity on "
-          f"{report['perplexity_model']}")  # fmt: skip
-    print(f"{'mode':<18} {'decode tok/s':>12} {'vs hf':>6} {'MB/token':>8} {'limit tok/s':>11} {'of limit':>8} "
-          f"{'perplexity':>10} {'change':>8}")  # fmt: skip
-    print(f"{'hf-fp32':<18} {hf['decode_tokens_per_s']:>12.1f} {'':>6} {'':>8} {'':>11} "
-          f"{hf['fraction_of_read_limit']:>8.0%}")  # fmt: skip
+    print(
+        f"sample benchmark {report['date']}: 124M random weights, batch 1, 16-token prompt, {NEW_TOKENS} new "
+        f"tokens, greedy; read bandwidth {report['read_GB_per_s']:.1f} GB/s; perplexity on "
+        f"{report['perplexity_model']}"
+    )
+    print(
+        f"{'mode':<18} {'decode tok/s':>12} {'vs hf':>6} {'MB/token':>8} {'limit tok/s':>11} {'of limit':>8} "
+        f"{'perplexity':>10} {'change':>8}"
+    )
+    print(
+        f"{'hf-fp32':<18} {hf['decode_tokens_per_s']:>12.1f} {'':>6} {'':>8} {'':>11} "
+        f"{hf['fraction_of_read_limit']:>8.0%}"
+    )
     for name, r in report["modes"].items():
-        print(f"{name:<18} {r['decode_tokens_per_s']:>12.1f} {r['vs_transformers']:>5.2f}x "
-              f"{r['bytes_per_token'] / 1e6:>8.1f} {r['read_limit_tokens_per_s']:>11.1f} "
-              f"{r['fraction_of_read_limit']:>8.0%} {r.get('perplexity', float('nan')):>10.3f} "
-              f"{r.get('perplexity_change', float('nan')):>+8.2%}")  # fmt: skip
+        print(
+            f"{name:<18} {r['decode_tokens_per_s']:>12.1f} {r['vs_transformers']:>5.2f}x "
+            f"{r['bytes_per_token'] / 1e6:>8.1f} {r['read_limit_tokens_per_s']:>11.1f} "
+            f"{r['fraction_of_read_limit']:>8.0%} {r.get('perplexity', float('nan')):>10.3f} "
+            f"{r.get('perplexity_change', float('nan')):>+8.2%}"
+        )
     for name, r in report.get("batch8", {}).items():
         print(f"batch 8, {name}: {r['decode_tokens_per_s']:.1f} generated tok/s = {r['vs_batch1']:.2f}x batch 1")
 
@@ -331,9 +356,12 @@ def print_table(report: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--checkpoint", help="A trained checkpoint: each mode's perplexity change is measured on it "
-                        "(else on the random weights) and prompt lookup runs on it (else on the default run, trained "
-                        "into runs/ if missing).")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        help="A trained checkpoint: each mode's perplexity change is measured on it "
+        "(else on the random weights) and prompt lookup runs on it (else on the default run, trained "
+        "into runs/ if missing).",
+    )
     parser.add_argument("--ppl-tokens", type=int, default=16384, help="Held-out tokens scored for perplexity.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -55,10 +55,24 @@ def sample_decode_rate(checkpoint: Path) -> float:
 
     text = get_tokenizer().decode(prompt(0))
     result = subprocess.run(
-        [sys.executable, "-m", "gpt2cli", "sample", str(checkpoint), "--prompt", text, "--temperature", "0",
-         "--max-new-tokens", str(NEW_TOKENS), "--ignore-eot"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gpt2cli",
+            "sample",
+            str(checkpoint),
+            "--prompt",
+            text,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            str(NEW_TOKENS),
+            "--ignore-eot",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     match = re.search(r"decode: (\d+) tokens in [\d.]+ s \(([\d,.]+) tok/s\)", result.stderr)
     assert match, result.stderr
     return float(match.group(2).replace(",", ""))
@@ -68,8 +82,9 @@ class Server:
     def __init__(self, checkpoint: Path, max_batch: int) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gpt2cli", "serve", str(checkpoint), "--port", "0", "--max-batch", str(max_batch)],
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         ready = threading.Event()
         self.url = ""
 
@@ -175,8 +190,10 @@ def main() -> None:
     print("| clients | generated tokens/s | TTFT p50 | TTFT p95 | wall |")
     print("| --- | --- | --- | --- | --- |")
     for row in rounds:
-        print(f"| {row['clients']} | {row['tokens_per_s']:.1f} | {row['ttft_p50_s']:.3f} s | {row['ttft_p95_s']:.3f} s "
-              f"| {row['wall_s']:.1f} s |")  # fmt: skip
+        print(
+            f"| {row['clients']} | {row['tokens_per_s']:.1f} | {row['ttft_p50_s']:.3f} s | {row['ttft_p95_s']:.3f} s "
+            f"| {row['wall_s']:.1f} s |"
+        )
     print(
         f"16 clients / 1 client: {report['scaling_16_vs_1']}x (target >= 4x); one client's decode "
         f"{one['decode_tokens_per_s']:.1f} tokens/s = {report['one_client_vs_sample']:.0%} of gpt2 sample "

@@ -39,14 +39,56 @@ RESULTS = REPO / "benchmarks" / "results"
 EVAL_INTERVAL = 25
 # The bundled default run as it was before #15, every value that the new default changes given as a flag.
 OLD_RECIPE = [
-    "--optimizer", "adamw", "--no-compile", "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size",
-    "256", "--batch-size", "8", "--lr", "1e-3", "--min-lr", "1e-4", "--weight-decay", "0.1", "--warmup-steps", "25",
-    "--schedule", "cosine", "--max-steps", "600", "--eval-tokens", "32768", "--log-interval", "10",
-    "--save-interval", "100",
-]  # fmt: skip
+    "--optimizer",
+    "adamw",
+    "--no-compile",
+    "--n-layer",
+    "4",
+    "--n-head",
+    "4",
+    "--n-embd",
+    "256",
+    "--block-size",
+    "256",
+    "--batch-size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--min-lr",
+    "1e-4",
+    "--weight-decay",
+    "0.1",
+    "--warmup-steps",
+    "25",
+    "--schedule",
+    "cosine",
+    "--max-steps",
+    "600",
+    "--eval-tokens",
+    "32768",
+    "--log-interval",
+    "10",
+    "--save-interval",
+    "100",
+]
 # --smoke: a few steps of a tiny model, to check the script itself.
-SMOKE = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-steps", "8",
-         "--eval-tokens", "512", "--eval-interval", "2", "--no-compile"]  # fmt: skip
+SMOKE = [
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "32",
+    "--max-steps",
+    "8",
+    "--eval-tokens",
+    "512",
+    "--eval-interval",
+    "2",
+    "--no-compile",
+]
 
 
 def train(name: str, args: list[str], folder: Path, warm_cache: bool) -> dict[str, Any]:
@@ -137,11 +179,15 @@ def print_table(result: dict[str, Any]) -> None:
         return "not reached" if value is None else f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
 
     print(f"target: the old recipe's final validation loss, {result['target_val_loss']:.4f}")
-    print(f"{'recipe':<6} {'tokens to target':>17} {'train_s to target':>18} {'final val':>10} {'train_s':>9} "
-          f"{'wall s':>8}")  # fmt: skip
+    print(
+        f"{'recipe':<6} {'tokens to target':>17} {'train_s to target':>18} {'final val':>10} {'train_s':>9} "
+        f"{'wall s':>8}"
+    )
     for name, row in result["recipes"].items():
-        print(f"{name:<6} {show(row['tokens_to_target']):>17} {show(row['train_s_to_target'], ' s'):>18} "
-              f"{row['final_val_loss']:>10.4f} {row['train_s']:>9.1f} {row['wall_s']:>8.1f}")  # fmt: skip
+        print(
+            f"{name:<6} {show(row['tokens_to_target']):>17} {show(row['train_s_to_target'], ' s'):>18} "
+            f"{row['final_val_loss']:>10.4f} {row['train_s']:>9.1f} {row['wall_s']:>8.1f}"
+        )
     ratio = result["train_s_ratio_new_over_old"]
     print(
         f"train_s to target, new / old: {'n/a' if ratio is None else f'{ratio:.3f}'} (target ≤ 0.5); new final "

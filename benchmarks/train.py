@@ -59,12 +59,25 @@ def prepare_tokens(folder: Path) -> Path:
 def run_ours(shard: Path, steps: int, warmup: int, compile: bool, folder: Path) -> dict[str, Any]:
     out = folder / ("run-compiled" if compile else "run")
     command = [
-        sys.executable, "-m", "gpt2cli", "train", str(shard),
+        sys.executable,
+        "-m",
+        "gpt2cli",
+        "train",
+        str(shard),
         *(f"--{key.replace('_', '-')}={value}" for key, value in SHAPE.items()),
-        f"--batch-size={BATCH}", f"--max-steps={steps}", f"--lr={RECIPE['lr']}", f"--min-lr={RECIPE['min_lr']}",
-        f"--warmup-steps={RECIPE['warmup']}", f"--seed={RECIPE['seed']}", "--val-fraction=0", "--log-interval=1",
-        f"--save-interval={steps}", "--device=cpu", f"--out={out}", "--compile" if compile else "--no-compile",
-    ]  # fmt: skip
+        f"--batch-size={BATCH}",
+        f"--max-steps={steps}",
+        f"--lr={RECIPE['lr']}",
+        f"--min-lr={RECIPE['min_lr']}",
+        f"--warmup-steps={RECIPE['warmup']}",
+        f"--seed={RECIPE['seed']}",
+        "--val-fraction=0",
+        "--log-interval=1",
+        f"--save-interval={steps}",
+        "--device=cpu",
+        f"--out={out}",
+        "--compile" if compile else "--no-compile",
+    ]
     env = {**os.environ, "GPT2_DATA__CACHE_DIR": str(folder / "cache")}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -180,8 +193,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"train benchmark, {report['date']}: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-          f"torch {report['torch']}, {args.steps} steps (first {args.warmup} untimed)")  # fmt: skip
+    print(
+        f"train benchmark, {report['date']}: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"torch {report['torch']}, {args.steps} steps (first {args.warmup} untimed)"
+    )
     print(f"{'contender':<14} {'tokens/s':>10} {'final loss':>11} {'first loss':>11}")
     for name, result in results.items():
         print(

@@ -105,8 +105,9 @@ def run_cli_process(
 
 
 @contextmanager
-def _process_like(env: dict[str, str], cwd: str | os.PathLike[str] | None, stdin: bytes, stdout: io.BytesIO,
-                  stderr: io.BytesIO) -> Iterator[None]:  # fmt: skip
+def _process_like(
+    env: dict[str, str], cwd: str | os.PathLike[str] | None, stdin: bytes, stdout: io.BytesIO, stderr: io.BytesIO
+) -> Iterator[None]:
     """What a fresh process would give one CLI call, all restored afterwards."""
     with ExitStack() as stack:
         stack.enter_context(_standard_streams(stdin, stdout, stderr))
@@ -217,8 +218,14 @@ def _printed_warnings() -> Iterator[None]:
         yield
 
 
-def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                   file: object = None, line: str | None = None) -> None:  # fmt: skip
+def _print_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 

@@ -28,13 +28,31 @@ def test_every_test_kind_reports_positive_numbers_in_documented_json():
     assert {"torch", "device_name", "cpu", "cores", "gpt2cli"} <= set(report["environment"])
     rows = report["results"]
     assert [(r["test"], r["batch_size"], r["seq_len"]) for r in rows] == [
-        ("train", 1, 16), ("train", 1, 32), ("train", 2, 16), ("train", 2, 32),
-        ("fwd", 1, 16), ("fwd", 1, 32), ("fwd", 2, 16), ("fwd", 2, 32),
-        ("pp16", 1, 16), ("pp16", 2, 16), ("tg8", 1, 8), ("tg8", 2, 8),
-    ]  # fmt: skip
+        ("train", 1, 16),
+        ("train", 1, 32),
+        ("train", 2, 16),
+        ("train", 2, 32),
+        ("fwd", 1, 16),
+        ("fwd", 1, 32),
+        ("fwd", 2, 16),
+        ("fwd", 2, 32),
+        ("pp16", 1, 16),
+        ("pp16", 2, 16),
+        ("tg8", 1, 8),
+        ("tg8", 2, 8),
+    ]
     for row in rows:
-        assert {"test", "batch_size", "seq_len", "dtype", "compile", "tokens_per_s", "tokens_per_s_std", "mfu",
-                "peak_memory_bytes"} <= set(row)  # fmt: skip
+        assert {
+            "test",
+            "batch_size",
+            "seq_len",
+            "dtype",
+            "compile",
+            "tokens_per_s",
+            "tokens_per_s_std",
+            "mfu",
+            "peak_memory_bytes",
+        } <= set(row)
         assert row["tokens_per_s"] > 0 and row["tokens_per_s_std"] >= 0 and row["peak_memory_bytes"] > 0
         assert row["mfu"] is None  # this CPU's peak is unknown: omitted, not invented
     decode = rows[-1]

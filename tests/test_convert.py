@@ -54,8 +54,14 @@ def test_hf_to_native_to_hf_is_exact_and_loads_in_transformers(hf_model_factory,
     assert tokenizer.encode(text) == ours.encode(text)
     for edge in ["  runs   of\n\n\n spaces \t\r\n", "emoji 🤖🎉 and ünïcödé", "a<|endoftext|>b", "we'll they're 123"]:
         assert tokenizer.encode(edge) == ours.encode(edge, allow_special=True), edge
-    assert {"config.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-            "special_tokens_map.json"} <= {p.name for p in (tmp_path / "back").iterdir()}  # fmt: skip
+    assert {
+        "config.json",
+        "generation_config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    } <= {p.name for p in (tmp_path / "back").iterdir()}
 
 
 def _nanogpt_checkpoint(path, model: GPT2, extra=None):

@@ -29,13 +29,23 @@ def report(folder) -> dict:
 
 @pytest.mark.slow
 def test_the_smoke_run_passes_every_part_and_writes_one_report(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--out", str(tmp_path)],
-                            capture_output=True, env=cli_env(), timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        env=cli_env(),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     data = report(tmp_path)
     statuses = {part["name"]: part["status"] for part in data["parts"]}
-    assert statuses == {"parity": "pass", "train": "pass", "resume": "pass", "decode": "pass", "bench": "pass",
-                        "distributed": "skipped"}  # fmt: skip
+    assert statuses == {
+        "parity": "pass",
+        "train": "pass",
+        "resume": "pass",
+        "decode": "pass",
+        "bench": "pass",
+        "distributed": "skipped",
+    }
     assert data["passed"] is True and data["smoke"] is True
     assert {"torch", "gpt2cli", "device", "date", "cpu"} <= set(data["environment"])
     parts = {part["name"]: part for part in data["parts"]}

@@ -35,9 +35,13 @@ from gpt2cli.training.trainer import dropout_seed
 
 @pytest.mark.parametrize(
     ("capability", "dtype", "scaled"),
-    [((7, 0), torch.float16, True), ((7, 5), torch.float16, True), ((8, 0), torch.bfloat16, False),
-     ((9, 0), torch.bfloat16, False)],
-)  # fmt: skip
+    [
+        ((7, 0), torch.float16, True),
+        ((7, 5), torch.float16, True),
+        ((8, 0), torch.bfloat16, False),
+        ((9, 0), torch.bfloat16, False),
+    ],
+)
 def test_auto_dtype_follows_the_compute_capability_of_the_device_used(monkeypatch, capability, dtype, scaled):
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or capability)
@@ -81,8 +85,16 @@ def test_nvl_parts_do_not_get_the_sxm_figures():
     assert peak_tflops_for("NVIDIA H100 PCIe", torch.bfloat16) == 756.0
 
 
-@pytest.mark.parametrize("name", ["NVIDIA A100-SXM4-40GB MIG 1g.5gb", "NVIDIA H100 80GB HBM3 MIG 3g.40gb",
-                                  "NVIDIA GH200 480GB", "NVIDIA B200", "Some Future GPU"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "NVIDIA A100-SXM4-40GB MIG 1g.5gb",
+        "NVIDIA H100 80GB HBM3 MIG 3g.40gb",
+        "NVIDIA GH200 480GB",
+        "NVIDIA B200",
+        "Some Future GPU",
+    ],
+)
 def test_unknown_and_mig_devices_get_no_peak(name):
     assert all(peak_tflops_for(name, dtype) is None for dtype in (torch.float32, torch.bfloat16, torch.float16))
 
@@ -106,8 +118,9 @@ def test_prefill_counts_the_output_head_once_per_prompt():
     assert prefill_flops_per_token(*shape, 50257, 1) == forward_flops_per_token(*shape, 1)  # one token: the same
     saved = forward_flops_per_token(*shape, 512) - prefill_flops_per_token(*shape, 50257, 512)
     assert saved == pytest.approx(2 * head * (1 - 1 / 512))  # 511 of 512 tokens skip the 50,257-way head
-    assert prefill_flops_per_token(*shape, 50257, 512) == pytest.approx(2 * (n - head) + 4 * 12 * 768 * 512
-                                                                         + 2 * head / 512)  # fmt: skip
+    assert prefill_flops_per_token(*shape, 50257, 512) == pytest.approx(
+        2 * (n - head) + 4 * 12 * 768 * 512 + 2 * head / 512
+    )
 
 
 def test_bench_prefill_mfu_uses_the_prefill_flops():

@@ -141,8 +141,24 @@ def test_bad_optimizer_and_a_torch_without_muon_exit_2_with_one_line(tmp_path, m
     result = run_cli("train", corpus, "--optimizer", "sgd", "--out", tmp_path / "bad")
     assert result.returncode == 2 and b"sgd" in result.stderr
     monkeypatch.delattr(torch.optim, "Muon")
-    result = run_cli("train", corpus, "--optimizer", "muon", "--device", "cpu", "--out", tmp_path / "old-torch",
-                     "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32")  # fmt: skip
+    result = run_cli(
+        "train",
+        corpus,
+        "--optimizer",
+        "muon",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "old-torch",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "32",
+    )
     assert result.returncode == 2
     assert result.stderr.decode().strip().splitlines() == [
         f"gpt2: error: --optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}"
@@ -153,9 +169,30 @@ def test_bad_optimizer_and_a_torch_without_muon_exit_2_with_one_line(tmp_path, m
 @pytest.mark.slow
 def test_muon_under_ddp_matches_one_process(tmp_path, exact_env):
     corpus = write_corpus(tmp_path)
-    common = ["train", corpus, "--optimizer", "muon", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
-              "--block-size", "32", "--device", "cpu", "--dtype", "float32", "--log-interval", "1",
-              "--eval-interval", "3", "--max-steps", "6"]  # fmt: skip
+    common = [
+        "train",
+        corpus,
+        "--optimizer",
+        "muon",
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "32",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "3",
+        "--max-steps",
+        "6",
+    ]
     single, double = tmp_path / "single", tmp_path / "double"
     assert run_cli(*common, "--batch-size", "4", "--out", single, env=exact_env).returncode == 0
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gpt2cli"]

@@ -103,9 +103,20 @@ def test_folders_and_globs_of_parquet_files(tmp_path, documents, reference):
 def test_val_tokens_max_tokens_and_shard_size_as_llm_c_names_them(tmp_path, parquet_file, documents, reference):
     expected = expected_stream(reference, documents)
     result = run_cli(
-        "tokenize", parquet_file, "--text-field", FIELD, "-o", tmp_path / "fw.bin",
-        "--val-tokens", "10000", "--shard-size", "40000", "--max-tokens", "100000", "--json",
-    )  # fmt: skip
+        "tokenize",
+        parquet_file,
+        "--text-field",
+        FIELD,
+        "-o",
+        tmp_path / "fw.bin",
+        "--val-tokens",
+        "10000",
+        "--shard-size",
+        "40000",
+        "--max-tokens",
+        "100000",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     names = ["fw_val_000000.bin", "fw_train_000001.bin", "fw_train_000002.bin", "fw_train_000003.bin"]
     assert json.loads(result.stdout)["shards"] == [str(tmp_path / name) for name in names]

@@ -101,9 +101,20 @@ def test_terminal_plot_renders_to_the_requested_width(runs):
 
 def test_bench_files_as_grouped_bars(tmp_path):
     result = run_cli(
-        "bench", *TINY[:8], "--device", "cpu", "--tests", "train,tg4", "--batch-size", "1,2",
-        "--reps", "1", "--warmup", "0", "--json",
-    )  # fmt: skip
+        "bench",
+        *TINY[:8],
+        "--device",
+        "cpu",
+        "--tests",
+        "train,tg4",
+        "--batch-size",
+        "1,2",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr.decode()
     before, after = tmp_path / "before.json", tmp_path / "after.json"
     before.write_bytes(result.stdout)

@@ -157,10 +157,14 @@ def test_stop_strings_and_max_new_tokens_end_where_plain_decoding_ends(model):
         SamplingOptions(max_new_tokens=7, temperature=0.0, ignore_eot=True),
     ):
         expected, streamed, timing = plain.generate([prompt], options)[0], [], Timing()
-        got = lookup.generate([prompt], options, on_text=lambda row, piece, shown=streamed: shown.append(piece),
-                              timing=timing)[0]  # fmt: skip
-        assert (got.token_ids, got.text, got.finish_reason) == (expected.token_ids, expected.text,
-                                                                expected.finish_reason)  # fmt: skip
+        got = lookup.generate(
+            [prompt], options, on_text=lambda row, piece, shown=streamed: shown.append(piece), timing=timing
+        )[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            expected.token_ids,
+            expected.text,
+            expected.finish_reason,
+        )
         assert "".join(streamed) == got.text
         assert timing.accepted <= len(got.token_ids) - 1  # every accepted draft token is in the output (not the 1st)
 
@@ -177,8 +181,11 @@ def exact_distribution(model: GPT2, prompt: list[int], new_tokens: int, options:
         with torch.inference_mode():
             logits = model(histories)[0][:, -1]
         step = torch.softmax(filtered_logits(logits, histories, options), dim=-1).double()
-        probabilities = {(*prefix, token): probabilities[prefix] * float(step[row, token])
-                         for row, prefix in enumerate(prefixes) for token in range(vocab)}  # fmt: skip
+        probabilities = {
+            (*prefix, token): probabilities[prefix] * float(step[row, token])
+            for row, prefix in enumerate(prefixes)
+            for token in range(vocab)
+        }
     return probabilities
 
 
@@ -225,8 +232,18 @@ def hf_model(shared_hf_model_factory):
 
 def test_cli_json_reports_the_acceptance_rate_and_greedy_text_is_unchanged(hf_model):
     _, folder = hf_model
-    args = ("sample", folder, "--prompt", "a b c a b c a b", "--temperature", "0", "--max-new-tokens", "30",
-            "--ignore-eot", "--json")  # fmt: skip
+    args = (
+        "sample",
+        folder,
+        "--prompt",
+        "a b c a b c a b",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "30",
+        "--ignore-eot",
+        "--json",
+    )
     plain, lookup = run_cli(*args), run_cli(*args, "--prompt-lookup", "4")
     assert lookup.returncode == 0, lookup.stderr.decode()
     record = json.loads(lookup.stdout)

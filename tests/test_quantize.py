@@ -125,8 +125,12 @@ def test_a_width_that_does_not_divide_by_the_group_size_falls_back_to_int8(hf_mo
     summary = quantize_model(model, "int4", 64)
     # c_attn, attn.c_proj, c_fc and the head read 96 features; only mlp.c_proj (384) divides by 64.
     assert summary.layers == {"int4": 1, "int8": 4}
-    assert sorted(summary.fallback) == ["lm_head", "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
-                                        "transformer.h.0.mlp.c_fc"]  # fmt: skip
+    assert sorted(summary.fallback) == [
+        "lm_head",
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc",
+    ]
     assert "int8 for 4 whose width does not divide by 64" in summary.describe()
     result = run_cli("sample", folder, "--max-new-tokens", "3", "--quantize", "int4", "--group-size", "64")
     assert result.returncode == 0, result.stderr.decode()
@@ -143,8 +147,10 @@ def test_the_fallback_keeps_float_weights_where_int8_would_be_slow(shared_hf_mod
     model = load_generation_model(str(folder), weights, on_summary=lines.append)
     assert not any(isinstance(module, Int8Linear) for module in model.modules())
     assert isinstance(model.lm_head, torch.nn.Linear)
-    assert lines == ["quantized int4 (group size 64): 1 int4, 4 float layers; float weights kept for 4 whose width "
-                     "does not divide by 64 (int8 on CUDA without --compile runs slower than float)"]  # fmt: skip
+    assert lines == [
+        "quantized int4 (group size 64): 1 int4, 4 float layers; float weights kept for 4 whose width "
+        "does not divide by 64 (int8 on CUDA without --compile runs slower than float)"
+    ]
     prompt = get_tokenizer().encode("It was")
     options = SamplingOptions(max_new_tokens=3, temperature=0.0, ignore_eot=True)
     assert len(TextGenerator(model, get_tokenizer()).generate([prompt], options)[0].token_ids) == 3
@@ -226,8 +232,25 @@ def test_eval_quantize_measures_what_quantization_costs(hf_model, tmp_path):
 @pytest.mark.slow
 def test_bench_quantize_reports_bandwidth_against_the_measured_read_bandwidth():
     shape = ("--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32")
-    result = run_cli("bench", *shape, "--device", "cpu", "--dtype", "float32", "--tests", "tg4,pp8",
-                     "--batch-size", "1", "--reps", "1", "--warmup", "1", "--quantize", "int4", "--json")  # fmt: skip
+    result = run_cli(
+        "bench",
+        *shape,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--tests",
+        "tg4,pp8",
+        "--batch-size",
+        "1",
+        "--reps",
+        "1",
+        "--warmup",
+        "1",
+        "--quantize",
+        "int4",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr.decode()
     report = json.loads(result.stdout)
     decode, prefill = report["results"]

@@ -65,8 +65,9 @@ def logged_steps(out: Path) -> int:
 @pytest.mark.slow  # a real process holds the folder, then is killed
 def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, corpus, exact_env):
     out = tmp_path / "run"
-    holder = start_training([corpus, *TINY, *EXACT, "--max-steps", "5000", "--save-interval", "2", "--out", out],
-                            exact_env)  # fmt: skip
+    holder = start_training(
+        [corpus, *TINY, *EXACT, "--max-steps", "5000", "--save-interval", "2", "--out", out], exact_env
+    )
     try:
         wait_for(lambda: (out / "checkpoints" / "latest").exists(), "the first checkpoint")
         for second in (["--resume", "--out", out], [corpus, *TINY, "--out", out]):
@@ -196,8 +197,10 @@ def test_two_processes_filling_one_entry_both_get_correct_tokens(tmp_path, corpu
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(2), context.Queue()
     cache = tmp_path / "cache"
-    children = [context.Process(target=_fill_at_the_same_time, args=(str(corpus), str(cache), barrier, results))
-                for _ in range(2)]  # fmt: skip
+    children = [
+        context.Process(target=_fill_at_the_same_time, args=(str(corpus), str(cache), barrier, results))
+        for _ in range(2)
+    ]
     for child in children:
         child.start()
     outputs = [results.get(timeout=120) for _ in children]
@@ -301,11 +304,21 @@ def test_a_cpu_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, corpus,
     monkeypatch.setattr(gpt2cli.training.memory, "memory_available", lambda: limit)
     out = tmp_path / "run"
     refused = run_cli("train", corpus, *TINY, *EXACT, "--batch-size", "64", "--out", out, env=exact_env)
-    line = assert_one_line_error(refused, 1, "needs about", "batch 64 × 32 tokens", "--batch-size", "--seq-len",
-                                 "--dtype bfloat16", "--no-memory-check", "container")  # fmt: skip
+    line = assert_one_line_error(
+        refused,
+        1,
+        "needs about",
+        "batch 64 × 32 tokens",
+        "--batch-size",
+        "--seq-len",
+        "--dtype bfloat16",
+        "--no-memory-check",
+        "container",
+    )
     assert "GiB" in line and not out.exists()
-    forced = run_cli("train", corpus, *TINY, *EXACT, "--max-steps", "1", "--no-memory-check", "--out", out,
-                     env=exact_env)  # fmt: skip
+    forced = run_cli(
+        "train", corpus, *TINY, *EXACT, "--max-steps", "1", "--no-memory-check", "--out", out, env=exact_env
+    )
     assert forced.returncode == 0, forced.stderr.decode()
 
 

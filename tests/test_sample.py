@@ -56,8 +56,9 @@ def test_greedy_matches_transformers_generate(hf_model, use_cache):
 
 def test_cli_greedy_matches_transformers(hf_model):
     reference, folder = hf_model
-    result = run_cli("sample", folder, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "40",
-                     "--ignore-eot", "--json")  # fmt: skip
+    result = run_cli(
+        "sample", folder, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "40", "--ignore-eot", "--json"
+    )
     assert result.returncode == 0, result.stderr.decode()
     record = json.loads(result.stdout)
     assert set(record) == {"prompt", "completion", "token_ids", "finish_reason", "tokens_per_s"}

@@ -22,8 +22,10 @@ openai = pytest.importorskip("openai")
 
 API_KEY = "test-key"
 PROMPTS = ["Hello world", "The quick brown fox", "Once upon a time there was", "A", "To be, or not to be"]
-EVAL_TEXT = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are " \
-            "all resolved rather to die than to famish?"  # fmt: skip
+EVAL_TEXT = (
+    "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are "
+    "all resolved rather to die than to famish?"
+)
 
 
 class Server:
@@ -32,8 +34,10 @@ class Server:
     def __init__(self, checkpoint: Path, *flags: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gpt2cli", "serve", str(checkpoint), "--port", "0", *flags],
-            stderr=subprocess.PIPE, text=True, env=cli_env(),
-        )  # fmt: skip
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -134,8 +138,9 @@ def test_seeded_choices_do_not_depend_on_their_batch(client):
 
 
 def test_logprobs_of_generated_tokens(client):
-    choice = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=3,
-                                       extra_body={"ignore_eos": True}).choices[0]  # fmt: skip
+    choice = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    ).choices[0]
     logprobs = choice.logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
     assert "".join(logprobs.tokens) == choice.text
@@ -169,8 +174,9 @@ def test_echo_scoring_equals_gpt2_eval(server, client, checkpoint, tmp_path):
 def test_greedy_equals_gpt2_sample_for_concurrent_prompts(client, checkpoint, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
-    result = run_cli("sample", checkpoint, "--prompts-file", prompts_file, "--temperature", "0",
-                     "--max-new-tokens", "24", "--json")  # fmt: skip
+    result = run_cli(
+        "sample", checkpoint, "--prompts-file", prompts_file, "--temperature", "0", "--max-new-tokens", "24", "--json"
+    )
     assert result.returncode == 0, result.stderr.decode()
     expected = {record["prompt"]: record["completion"] for record in map(json.loads, result.stdout.splitlines())}
 
@@ -282,8 +288,9 @@ def test_without_the_extra_it_says_what_to_install(tmp_path, checkpoint):
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('No module named fastapi')\n")
     env = cli_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-m", "gpt2cli", "serve", str(checkpoint)], capture_output=True,
-                            env=env, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2cli", "serve", str(checkpoint)], capture_output=True, env=env, timeout=120
+    )
     assert result.returncode == 2
     expected = "gpt2: error: gpt2 serve needs the serve extra: pip install 'gpt2cli[serve]'"
     assert result.stderr.decode().strip() == expected

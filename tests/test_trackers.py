@@ -75,8 +75,9 @@ def wandb_history(run_file: Path) -> tuple[str, list[dict]]:
             if record.WhichOneof("record_type") == "run":
                 run_id = record.run.run_id
             elif record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})  # fmt: skip
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return run_id, rows
 
 
@@ -119,6 +120,7 @@ def test_unknown_tracker_is_a_usage_error(tmp_path, corpus):
 def test_records_and_settings_as_tracker_values():
     record = {"step": 7, "loss": 3.5, "lr": 1e-3, "mfu": None, "val_loss": 3.75, "hellaswag_acc": 0.3}
     assert tracker_scalars(record) == {"train/loss": 3.5, "train/lr": 1e-3, "val/loss": 3.75, "val/hellaswag_acc": 0.3}
-    flat = hyperparameters({"model": {"n_layer": 2, "vocab_size": None}, "train": {"val_data": ["a", "b"]},
-                            "sample": {"top_k": 5}})  # fmt: skip
+    flat = hyperparameters(
+        {"model": {"n_layer": 2, "vocab_size": None}, "train": {"val_data": ["a", "b"]}, "sample": {"top_k": 5}}
+    )
     assert flat == {"model.n_layer": 2, "model.vocab_size": "none", "train.val_data": "a,b"}

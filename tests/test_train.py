@@ -89,8 +89,9 @@ def test_resume_continues_bit_for_bit(tmp_path, corpus, exact_env):
 
 
 def test_a_run_started_with_relative_paths_resumes_from_another_folder(tmp_path, corpus, env):
-    started = train(corpus.name, *TINY, *EXACT, "--max-steps", "2", "--schedule-steps", "4", "--out", "run",
-                    env=env, cwd=tmp_path)  # fmt: skip
+    started = train(
+        corpus.name, *TINY, *EXACT, "--max-steps", "2", "--schedule-steps", "4", "--out", "run", env=env, cwd=tmp_path
+    )
     assert started.returncode == 0, started.stderr.decode()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -119,8 +119,10 @@ def run_bench(settings: Any) -> None:
     env = environment(device)
     quantized = "" if options.quantize == "none" else f" · {options.quantize}"
     quantized += f" (group size {options.group_size})" if options.quantize == "int4" else ""
-    info(f"bench: {env['device_name']} · {precision.name}{quantized} · compile {options.compile} · "
-         f"{model.num_parameters() / 1e6:.1f}M parameters · {len(cases)} case(s)")  # fmt: skip
+    info(
+        f"bench: {env['device_name']} · {precision.name}{quantized} · compile {options.compile} · "
+        f"{model.num_parameters() / 1e6:.1f}M parameters · {len(cases)} case(s)"
+    )
 
     def on_rep(case: Any, phase: str, index: int, total: int) -> None:
         if sys.stderr.isatty():

@@ -142,8 +142,10 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     for text in prompts:
         ids, cut = text_generator.prepare_prompt(text)
         if cut:
-            info(f"warning: the prompt was cut from the left to the last {len(ids)} tokens (the context is "
-                 f"{model.config.block_size})")  # fmt: skip
+            info(
+                f"warning: the prompt was cut from the left to the last {len(ids)} tokens (the context is "
+                f"{model.config.block_size})"
+            )
         encoded.append(ids)
 
     streaming = not json_output and len(encoded) == 1 and settings.num_samples == 1

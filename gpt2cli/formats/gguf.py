@@ -25,9 +25,13 @@ def _gguf_tensors(model: GPT2) -> Iterator[tuple[str, np.ndarray]]:
     yield "token_embd.weight", state["transformer.wte.weight"]
     yield "position_embd.weight", state["transformer.wpe.weight"]
     names = {
-        "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-        "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
-    }  # fmt: skip
+        "ln_1": "attn_norm",
+        "attn.c_attn": "attn_qkv",
+        "attn.c_proj": "attn_output",
+        "ln_2": "ffn_norm",
+        "mlp.c_fc": "ffn_up",
+        "mlp.c_proj": "ffn_down",
+    }
     for layer in range(model.config.n_layer):
         for ours, theirs in names.items():
             for kind in ("weight", "bias"):
@@ -50,8 +54,11 @@ def write_gguf(model: GPT2, path: Path, quant: str) -> None:
     writer.add_block_count(config.n_layer)
     writer.add_head_count(config.n_head)
     writer.add_layer_norm_eps(config.layer_norm_eps)
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}  # fmt: skip
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
     writer.add_file_type(file_types[quant])
     tokens, merges = vocabulary_and_merges()
     writer.add_tokenizer_model("gpt2")

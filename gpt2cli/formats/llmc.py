@@ -26,15 +26,23 @@ def _llmc_layout(config: GPT2Config, padded_vocab: int) -> list[tuple[str, tuple
     """llm.c's parameter order and shapes (nn.Linear layout), as written by its train_gpt2.py."""
     L, C, T = config.n_layer, config.n_embd, config.block_size
     return [
-        ("wte", (padded_vocab, C)), ("wpe", (T, C)),
-        ("ln_1.weight", (L, C)), ("ln_1.bias", (L, C)),
-        ("attn.c_attn.weight", (L, 3 * C, C)), ("attn.c_attn.bias", (L, 3 * C)),
-        ("attn.c_proj.weight", (L, C, C)), ("attn.c_proj.bias", (L, C)),
-        ("ln_2.weight", (L, C)), ("ln_2.bias", (L, C)),
-        ("mlp.c_fc.weight", (L, 4 * C, C)), ("mlp.c_fc.bias", (L, 4 * C)),
-        ("mlp.c_proj.weight", (L, C, 4 * C)), ("mlp.c_proj.bias", (L, C)),
-        ("ln_f.weight", (C,)), ("ln_f.bias", (C,)),
-    ]  # fmt: skip
+        ("wte", (padded_vocab, C)),
+        ("wpe", (T, C)),
+        ("ln_1.weight", (L, C)),
+        ("ln_1.bias", (L, C)),
+        ("attn.c_attn.weight", (L, 3 * C, C)),
+        ("attn.c_attn.bias", (L, 3 * C)),
+        ("attn.c_proj.weight", (L, C, C)),
+        ("attn.c_proj.bias", (L, C)),
+        ("ln_2.weight", (L, C)),
+        ("ln_2.bias", (L, C)),
+        ("mlp.c_fc.weight", (L, 4 * C, C)),
+        ("mlp.c_fc.bias", (L, 4 * C)),
+        ("mlp.c_proj.weight", (L, C, 4 * C)),
+        ("mlp.c_proj.bias", (L, C)),
+        ("ln_f.weight", (C,)),
+        ("ln_f.bias", (C,)),
+    ]
 
 
 def read_llmc(path: Path) -> tuple[dict[str, torch.Tensor], GPT2Config]:
@@ -69,8 +77,9 @@ def read_llmc(path: Path) -> tuple[dict[str, torch.Tensor], GPT2Config]:
             arrays[name] = tensor.view(shape)
     wte = arrays.pop("wte")
     if padded > vocab and torch.count_nonzero(wte[vocab:]):
-        warnings.warn(f"{path}: the padded vocabulary rows {vocab}..{padded - 1} are not zero; they are dropped",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{path}: the padded vocabulary rows {vocab}..{padded - 1} are not zero; they are dropped", stacklevel=2
+        )
     tensors = {"transformer.wte.weight": wte[:vocab], "transformer.wpe.weight": arrays.pop("wpe")}
     tensors["transformer.ln_f.weight"] = arrays.pop("ln_f.weight")
     tensors["transformer.ln_f.bias"] = arrays.pop("ln_f.bias")
@@ -91,8 +100,16 @@ def write_llmc(model: GPT2, path: Path, dtype: torch.dtype | None) -> None:
     config = model.config
     padded = -(-config.vocab_size // LLMC_VOCAB_MULTIPLE) * LLMC_VOCAB_MULTIPLE
     header = np.zeros(LLMC_HEADER_INTS, dtype="<i4")
-    header[:8] = (LLMC_MAGIC, version, config.block_size, config.vocab_size, config.n_layer, config.n_head,
-                  config.n_embd, padded)  # fmt: skip
+    header[:8] = (
+        LLMC_MAGIC,
+        version,
+        config.block_size,
+        config.vocab_size,
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        padded,
+    )
     state = {name: tensor.to(dtype).detach() for name, tensor in model.state_dict().items()}
     with open(path, "wb") as handle:
         handle.write(header.tobytes())

@@ -91,8 +91,7 @@ def choose_with_drafts(
         # Position i scores the token after the history and draft[:i]: the penalty sees that prefix, padded to one
         # length with a token already in it (which changes nothing).
         longest = max(len(tokens) for tokens in histories) + width - 1
-        prefixes = [tokens + draft[:i] for tokens, draft in zip(histories, drafts, strict=True)
-                    for i in range(width)]  # fmt: skip
+        prefixes = [tokens + draft[:i] for tokens, draft in zip(histories, drafts, strict=True) for i in range(width)]
         history = torch.tensor([prefix + prefix[-1:] * (longest - len(prefix)) for prefix in prefixes], device=device)
     adjusted = filtered_logits(logits.flatten(0, 1), history, options).view(rows, width, -1)  # (B, N + 1, V)
     if options.temperature == 0.0:
@@ -137,8 +136,9 @@ class _Batch:
         for token in tokens:
             if not self.active[row]:
                 break
-            self.active[row] = accept_token(self.completions[row], self.trackers[row], token, self.generated[row],
-                                            self.options, on_text, row)  # fmt: skip
+            self.active[row] = accept_token(
+                self.completions[row], self.trackers[row], token, self.generated[row], self.options, on_text, row
+            )
             self.histories[row].extend([token])
             self.generated[row] += 1
             taken += 1
@@ -207,16 +207,22 @@ def _pass_inputs(
     """The verification pass's tokens `(B, N + 1)` (pending token, draft, padding), cache, positions `(B,)` and
     attended length."""
     width = generator.prompt_lookup or 1
-    idx = [[history.tokens[-1], *draft] + [history.tokens[-1]] * (width - len(draft))
-           for history, draft in zip(batch.histories, drafts, strict=True)]  # fmt: skip
-    ends = [position + len(draft) + 1 for position, draft, active in zip(batch.positions, drafts, batch.active,
-                                                                          strict=True) if active]  # fmt: skip
+    idx = [
+        [history.tokens[-1], *draft] + [history.tokens[-1]] * (width - len(draft))
+        for history, draft in zip(batch.histories, drafts, strict=True)
+    ]
+    ends = [
+        position + len(draft) + 1
+        for position, draft, active in zip(batch.positions, drafts, batch.active, strict=True)
+        if active
+    ]
     end = max(ends, default=1)  # finished rows are computed too, but nobody reads them
     cache = generator.cache_for(len(idx))
     tokens = torch.tensor(idx, device=generator.device)
     # A finished row may stand at the block size, past the position embeddings: what it computes is never read.
-    positions = torch.tensor([min(position, generator.block_size - 1) for position in batch.positions],
-                             device=generator.device)  # fmt: skip
+    positions = torch.tensor(
+        [min(position, generator.block_size - 1) for position in batch.positions], device=generator.device
+    )
     return tokens, cache, positions, generator.attend_length(cache, min(end, generator.block_size))
 
 

@@ -81,8 +81,11 @@ def quantize_model(model: GPT2, mode: str, group_size: int = 32, *, int8_fallbac
             if int8_fallback:
                 setattr(module, name, Int8Linear.from_linear(child))
             summary.fallback.append(f"{parent_name}.{name}".lstrip("."))
-    counts = {"int4": _count(model, Int4Linear), "int8": _count(model, Int8Linear),
-              "float": _count(model, torch.nn.Linear)}  # fmt: skip
+    counts = {
+        "int4": _count(model, Int4Linear),
+        "int8": _count(model, Int8Linear),
+        "float": _count(model, torch.nn.Linear),
+    }
     summary.layers = {kind: count for kind, count in counts.items() if count}  # "0 int8 layers" says nothing
     return summary
 

@@ -223,8 +223,9 @@ class GPT2(nn.Module):
         projection's matmul); the second term is attention's score and value products.
         """
         config = self.config
-        return training_flops_per_token(self.num_parameters(exclude_positions=True), config.n_layer, config.n_embd,
-                                        seq_len)  # fmt: skip
+        return training_flops_per_token(
+            self.num_parameters(exclude_positions=True), config.n_layer, config.n_embd, seq_len
+        )
 
     def set_dropout(self, probability: float) -> None:
         """Change dropout after construction (e.g. when fine-tuning a loaded checkpoint)."""
@@ -270,8 +271,9 @@ class GPT2(nn.Module):
         B, T = idx.shape
         if isinstance(positions, int):
             if positions + T > self.config.block_size:
-                raise UsageError(f"sequence of {positions + T} tokens is longer than the block size "
-                                 f"{self.config.block_size}")  # fmt: skip
+                raise UsageError(
+                    f"sequence of {positions + T} tokens is longer than the block size {self.config.block_size}"
+                )
             positions = torch.full((B,), positions, dtype=torch.long, device=idx.device)
         pos = positions[:, None] + torch.arange(T, device=idx.device)  # (B, T)
         x = self._cached_blocks(idx, cache, pos, pos, pos, length, first_row)  # (B, T, C)

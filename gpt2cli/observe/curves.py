@@ -195,8 +195,10 @@ def bench_groups(files: Sequence[BenchFile]) -> dict[str, list[BarGroup]]:
     for file in files:
         for test in dict.fromkeys(row["test"] for row in file.results):
             rows = [row for row in file.results if row["test"] == test]
-            bars = [(_case_label(row, len(seq_lens) > 1), row["tokens_per_s"], row.get("tokens_per_s_std") or 0.0)
-                    for row in rows]  # fmt: skip
+            bars = [
+                (_case_label(row, len(seq_lens) > 1), row["tokens_per_s"], row.get("tokens_per_s_std") or 0.0)
+                for row in rows
+            ]
             charts.setdefault(test, []).append(BarGroup(name=file.name, bars=bars))
     if not charts:
         raise UsageError("the bench files hold no results with tokens/s")

@@ -126,8 +126,16 @@ def curves_figure(panels: Sequence[Panel], log_y: bool = False) -> Any:
             # One run: train and validation in two colours; several: a colour per run, validation dashed.
             color = _PALETTE[(runs.index(series.run) + (series.alone and series.metric == "val_loss")) % len(_PALETTE)]
             if series.metric == "val_loss":  # few points: dashed with markers, so each evaluation shows
-                axes.plot(series.x, series.y, color=color, linestyle="--", marker="o", markersize=3,
-                          linewidth=1.3, label=series.label)  # fmt: skip
+                axes.plot(
+                    series.x,
+                    series.y,
+                    color=color,
+                    linestyle="--",
+                    marker="o",
+                    markersize=3,
+                    linewidth=1.3,
+                    label=series.label,
+                )
             else:
                 axes.plot(series.x, series.y, color=color, linewidth=1.1, alpha=0.9, label=series.label)
         _style(axes)
@@ -152,8 +160,16 @@ def bars_figure(charts: dict[str, list[BarGroup]], log_y: bool = False) -> Any:
                         xs.append(position + (index - (len(cases) - 1) / 2) * width)
                         heights.append(value)
                         errors.append(std)
-            bars = axes.bar(xs, heights, width * 0.92, yerr=errors, capsize=2, label=case,
-                            color=_PALETTE[index % len(_PALETTE)], error_kw={"linewidth": 0.8})  # fmt: skip
+            bars = axes.bar(
+                xs,
+                heights,
+                width * 0.92,
+                yerr=errors,
+                capsize=2,
+                label=case,
+                color=_PALETTE[index % len(_PALETTE)],
+                error_kw={"linewidth": 0.8},
+            )
             axes.bar_label(bars, labels=[_short_number(value) for value in heights], fontsize=7, padding=2)
         axes.set_xticks(range(len(groups)), [group.name for group in groups], fontsize=8)
         axes.set_title(test, fontsize=9, loc="left")

@@ -70,8 +70,9 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")  # fmt: skip
+            raise ApiError(
+                401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"
+            )
 
     def ready() -> Engine:
         if state.engine is None or state.limits is None:
@@ -82,8 +83,12 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
     async def health() -> dict[str, Any]:
         engine = ready()
         active, waiting = engine.load
-        return {"status": "ok", "slots_processing": active, "slots_idle": engine.max_batch - active,
-                "requests_waiting": waiting}  # fmt: skip
+        return {
+            "status": "ok",
+            "slots_processing": active,
+            "slots_idle": engine.max_batch - active,
+            "requests_waiting": waiting,
+        }
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
@@ -111,8 +116,11 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat() -> None:
-        raise ApiError(404, "GPT-2 has no chat format, so /v1/chat/completions is not served: send plain text to "
-                       "/v1/completions", code="chat_not_supported")  # fmt: skip
+        raise ApiError(
+            404,
+            "GPT-2 has no chat format, so /v1/chat/completions is not served: send plain text to /v1/completions",
+            code="chat_not_supported",
+        )
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request) -> Any:
@@ -131,14 +139,23 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
 
 
 def model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "gpt2cli",
-            "max_model_len": state.limits.context if state.limits else None}  # fmt: skip
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "gpt2cli",
+        "max_model_len": state.limits.context if state.limits else None,
+    }
 
 
 def check_model(state: ServerState, name: str) -> None:
     if name != state.model_name:
-        raise ApiError(404, f"the model '{name}' does not exist; this server has '{state.model_name}'", "model",
-                       code="model_not_found")  # fmt: skip
+        raise ApiError(
+            404,
+            f"the model '{name}' does not exist; this server has '{state.model_name}'",
+            "model",
+            code="model_not_found",
+        )
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -183,8 +200,9 @@ class Choice:
         elif isinstance(event, TokenGenerated):
             text = event.text
             self.completion_tokens += 1
-            self._add_token(delta, event.token, event.logprob, top_dict(self.tokenizer, event.top, event.token,
-                                                                         event.logprob))  # fmt: skip
+            self._add_token(
+                delta, event.token, event.logprob, top_dict(self.tokenizer, event.top, event.token, event.logprob)
+            )
         else:
             text = event.text
             self.finish_reason = "length" if event.finish_reason == "cancelled" else event.finish_reason
@@ -235,8 +253,9 @@ class CompletionRun:
                     rng.seed()
                 else:  # one generator per choice: what it samples does not depend on its batch neighbours
                     rng.manual_seed((plan.seed + index) % 2**64)
-                self.sequences.append(Sequence(index, ids, plan.options[prompt_index], rng, emit,
-                                               plan.logprobs, plan.echo))  # fmt: skip
+                self.sequences.append(
+                    Sequence(index, ids, plan.options[prompt_index], rng, emit, plan.logprobs, plan.echo)
+                )
                 self.choices.append(Choice(index, ids, tokenizer, plan.logprobs is not None))
         self.prompt_tokens = sum(len(ids) for ids in plan.prompts)
 
@@ -318,12 +337,14 @@ class RequestLog:
         finally:
             tokens = scope.get("state", {}).get("usage") or {}
             client = scope.get("client")
-            self.log({
-                "client": f"{client[0]}:{client[1]}" if client else None,
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": response["status"],
-                "prompt_tokens": tokens.get("prompt_tokens"),
-                "completion_tokens": tokens.get("completion_tokens"),
-                "duration_s": round(time.perf_counter() - started, 4),
-            })  # fmt: skip
+            self.log(
+                {
+                    "client": f"{client[0]}:{client[1]}" if client else None,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": response["status"],
+                    "prompt_tokens": tokens.get("prompt_tokens"),
+                    "completion_tokens": tokens.get("completion_tokens"),
+                    "duration_s": round(time.perf_counter() - started, 4),
+                }
+            )

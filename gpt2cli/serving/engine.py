@@ -185,9 +185,12 @@ class Engine:
             return
         row, length = len(self.active), ids.size(1)
         logits = self.model.next_token_logits(
-            ids, self.cache, self.positions[row : row + 1].zero_(), self.generator.attend_length(self.cache, length),
+            ids,
+            self.cache,
+            self.positions[row : row + 1].zero_(),
+            self.generator.attend_length(self.cache, length),
             first_row=row,
-        )  # fmt: skip
+        )
         self.positions[row] = length
         token = choose_next(logits, self._history(sequence), sequence.options, sequence.rng)
         self.active.append(sequence)
@@ -231,9 +234,14 @@ class Engine:
         completion, pieces = sequence.completion, []
         before = len(completion.token_ids)
         alive = accept_token(
-            completion, sequence.tracker, token, sequence.steps, sequence.options,
-            lambda _row, piece: pieces.append(piece), 0,
-        )  # fmt: skip
+            completion,
+            sequence.tracker,
+            token,
+            sequence.steps,
+            sequence.options,
+            lambda _row, piece: pieces.append(piece),
+            0,
+        )
         sequence.steps += 1
         sequence.last_token = token
         text = "".join(pieces)

@@ -161,8 +161,9 @@ def plan_completion(request: CompletionRequest, tokenizer: Tokenizer, limits: Li
             )
         )
     include_usage = request.stream_options is not None and request.stream_options.include_usage
-    return Plan(prompts, options, request.n, request.seed, request.logprobs, request.echo, request.stream,
-                include_usage)  # fmt: skip
+    return Plan(
+        prompts, options, request.n, request.seed, request.logprobs, request.echo, request.stream, include_usage
+    )
 
 
 def _check_unsupported(request: CompletionRequest) -> None:
@@ -226,8 +227,9 @@ class Logprobs:
         }
 
 
-def top_dict(tokenizer: Tokenizer, pairs: list[tuple[int, float]] | None, chosen: int, logprob: float | None
-             ) -> dict[str, float] | None:  # fmt: skip
+def top_dict(
+    tokenizer: Tokenizer, pairs: list[tuple[int, float]] | None, chosen: int, logprob: float | None
+) -> dict[str, float] | None:
     """Alternatives as {token text: log-probability}, the chosen token included (as OpenAI returns them)."""
     if pairs is None:
         return None
@@ -237,8 +239,12 @@ def top_dict(tokenizer: Tokenizer, pairs: list[tuple[int, float]] | None, chosen
     return top
 
 
-def completion_object(plan: Plan, model: str, choices: list[dict[str, Any]], usage: dict[str, int] | None,
-                      ) -> dict[str, Any]:  # fmt: skip
+def completion_object(
+    plan: Plan,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage: dict[str, int] | None,
+) -> dict[str, Any]:
     document: dict[str, Any] = {
         "id": plan.id,
         "object": "text_completion",

@@ -37,8 +37,10 @@ def request_logger(json_logs: bool) -> Any:
             tokens = ""
             if record["prompt_tokens"] is not None:
                 tokens = f" prompt={record['prompt_tokens']} completion={record['completion_tokens']}"
-            line = (f"gpt2 serve: {record['client']} {record['method']} {record['path']} {record['status']}{tokens} "
-                    f"{record['duration_s']:.3f}s")  # fmt: skip
+            line = (
+                f"gpt2 serve: {record['client']} {record['method']} {record['path']} {record['status']}{tokens} "
+                f"{record['duration_s']:.3f}s"
+            )
         print(line, file=sys.stderr, flush=True)
 
     return log
@@ -66,8 +68,15 @@ def run_server(checkpoint: str, settings: ServeSettings) -> None:
 
     state = ServerState(settings, settings.model_name or default_model_name(checkpoint), get_tokenizer())
     app = create_app(state, request_logger(settings.json_logs))
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="off")  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        lifespan="off",
+    )
 
     interrupted: list[int] = []
 
@@ -92,8 +101,12 @@ def run_server(checkpoint: str, settings: ServeSettings) -> None:
             time.sleep(0.05)
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1]
-            print(f"gpt2 serve: {state.model_name} on http://{settings.host}:{port} (max batch {settings.max_batch}, "
-                  "Ctrl-C to stop)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"gpt2 serve: {state.model_name} on http://{settings.host}:{port} (max batch {settings.max_batch}, "
+                "Ctrl-C to stop)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     loader = threading.Thread(target=load, name="gpt2-serve-loader", daemon=True)
     loader.start()

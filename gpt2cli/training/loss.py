@@ -233,8 +233,9 @@ def fused_linear_cross_entropy(
         # else, out-of-memory first of all, is the caller's to see (`gpt2 bench` reports it as OOM).
         if kernel is cross_entropy_block or not is_compiler_error(error):
             raise
-        warnings.warn(f"compiled loss kernel unavailable ({_compiler_failure(error)}); using the eager one",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"compiled loss kernel unavailable ({_compiler_failure(error)}); using the eager one", stacklevel=2
+        )
         global _compiled_kernel, compiled_kernel_failure
         _compiled_kernel, compiled_kernel_failure = cross_entropy_block, _compiler_failure(error)
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, cross_entropy_block, tied)
@@ -250,9 +251,13 @@ def _compiler_error_types() -> tuple[type[BaseException], ...]:
     import torch._dynamo.exc as dynamo_exc
     import torch._inductor.exc as inductor_exc
 
-    names = [(dynamo_exc, "BackendCompilerFailed"), (inductor_exc, "InvalidCxxCompiler"),
-             (inductor_exc, "CppCompileError"), (inductor_exc, "TritonMissing"),
-             (inductor_exc, "GPUTooOldForTriton")]  # fmt: skip
+    names = [
+        (dynamo_exc, "BackendCompilerFailed"),
+        (inductor_exc, "InvalidCxxCompiler"),
+        (inductor_exc, "CppCompileError"),
+        (inductor_exc, "TritonMissing"),
+        (inductor_exc, "GPUTooOldForTriton"),
+    ]
     return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
 
 

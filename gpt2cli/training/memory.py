@@ -87,8 +87,9 @@ def _meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> tuple[int, str]
     return None
 
 
-def _cgroup_free(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> (
-        tuple[int, str] | None):  # fmt: skip
+def _cgroup_free(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> tuple[int, str] | None:
     """The tightest `limit - usage` over this process's cgroup and its ancestors (cgroup v2, else v1)."""
     try:
         lines = proc_cgroup.read_text().splitlines()
@@ -169,9 +170,16 @@ def _gib(value: int | float) -> str:
 
 
 def out_of_memory_message(
-    config: GPT2Config, batch_size: int, seq_len: int, compute_bytes: int, dtype_name: str, device: str,
-    device_bytes: int | None, ddp: bool = False, shards: int = 1,
-) -> str:  # fmt: skip
+    config: GPT2Config,
+    batch_size: int,
+    seq_len: int,
+    compute_bytes: int,
+    dtype_name: str,
+    device: str,
+    device_bytes: int | None,
+    ddp: bool = False,
+    shards: int = 1,
+) -> str:
     """The one line for an out-of-memory error in a run's first step: the estimate, the device's memory, what
     to change."""
     estimate = training_memory(config, batch_size, seq_len, compute_bytes, ddp, shards)

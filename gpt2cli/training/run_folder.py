@@ -221,8 +221,11 @@ class RunFolder:
         """Drop log lines written after the checkpoint being resumed (they will be written again), and a last line
         cut short by a killed process."""
         if self.metrics.is_file():
-            kept = [line for line in self.metrics.read_text().splitlines() if (record := _json_or_none(line))
-                    and record["step"] <= step]  # fmt: skip
+            kept = [
+                line
+                for line in self.metrics.read_text().splitlines()
+                if (record := _json_or_none(line)) and record["step"] <= step
+            ]
             with storage_errors(str(self.metrics)):
                 atomic_write_bytes(self.metrics, "".join(line + "\n" for line in kept).encode())
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import DATA, assert_one_line_error, biased_model, run_cli, shakespeare_text
+from conftest import FIXTURES, assert_one_line_error, biased_model, run_cli, shakespeare_text
 from gpt2cli import get_tokenizer
 from gpt2cli.evaluation import sliding_windows
 
@@ -96,7 +96,7 @@ def test_multiple_choice_losses_equal_a_direct_computation(hf_model):
 
     reference, folder = hf_model
     tokenizer = get_tokenizer()
-    example = read_multiple_choice(str(DATA / "hellaswag_tiny.jsonl"))[0]
+    example = read_multiple_choice(str(FIXTURES / "hellaswag_tiny.jsonl"))[0]
     ours = ending_losses(load_model(folder), tokenizer, example, Precision(torch.device("cpu"), None))
     context = tokenizer.encode(example.context)
     for (total, count), ending in zip(ours, example.endings, strict=True):
@@ -110,14 +110,14 @@ def test_multiple_choice_losses_equal_a_direct_computation(hf_model):
 
 
 def test_a_model_built_to_prefer_the_right_endings_scores_100_percent(tmp_path):
-    examples = [json.loads(line) for line in (DATA / "hellaswag_tiny.jsonl").read_text().splitlines()]
+    examples = [json.loads(line) for line in (FIXTURES / "hellaswag_tiny.jsonl").read_text().splitlines()]
     right_words = " ".join(example["endings"][example["label"]] for example in examples)
     checkpoint = biased_model(tmp_path / "biased.safetensors", set(get_tokenizer().encode(" " + right_words)))
-    result = run_cli("eval", checkpoint, DATA / "hellaswag_tiny.jsonl", "--task", "hellaswag", "--json")
+    result = run_cli("eval", checkpoint, FIXTURES / "hellaswag_tiny.jsonl", "--task", "hellaswag", "--json")
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout) == {"acc": 1.0, "acc_norm": 1.0, "n": 3}
     limited = run_cli(
-        "eval", checkpoint, DATA / "hellaswag_tiny.jsonl", "--task", "hellaswag", "--limit", "1", "--json"
+        "eval", checkpoint, FIXTURES / "hellaswag_tiny.jsonl", "--task", "hellaswag", "--limit", "1", "--json"
     )
     assert json.loads(limited.stdout)["n"] == 1
 

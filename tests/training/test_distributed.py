@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import DATA, exact_environment, run_cli, write_corpus
+from conftest import FIXTURES, exact_environment, run_cli, write_corpus
 from gpt2cli import load_model
 
 COMMON = [
@@ -35,7 +35,7 @@ COMMON = [
     "--val-fraction",
     "0.05",
     "--hellaswag",
-    str(DATA / "hellaswag_tiny.jsonl"),
+    str(FIXTURES / "hellaswag_tiny.jsonl"),
 ]
 PARALLEL = pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 pytestmark = pytest.mark.slow  # every test launches torchrun jobs of 2 processes

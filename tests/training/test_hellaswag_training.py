@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import DATA, assert_one_line_error, cli_env, run_cli
+from conftest import FIXTURES, assert_one_line_error, cli_env, run_cli
 
-HELLASWAG = DATA / "hellaswag_tiny.jsonl"
+HELLASWAG = FIXTURES / "hellaswag_tiny.jsonl"
 TINY = [
     "--n-layer",
     "2",

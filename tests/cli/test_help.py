@@ -68,7 +68,7 @@ SPELLED = {
     "ignore_eot": "--ignore-eot",
     "token_limit": "--max-tokens",  # tokenize's; train and eval have their own max_tokens
 }
-NOT_FLAGS = {"paths", "vocab_size", "cache_dir"}  # DATA arguments, or settings only a file or the environment sets
+NOT_FLAGS = {"paths", "vocab_size", "cache_dir"}  # FIXTURES arguments, or settings only a file or the environment sets
 
 
 @pytest.mark.parametrize("command", SECTIONS)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import DATA, assert_one_line_error, cli_env, run_cli
+from conftest import FIXTURES, assert_one_line_error, cli_env, run_cli
 from gpt2cli.errors import UsageError
 from gpt2cli.settings.sections import SettingsError, load_settings
 
@@ -65,7 +65,7 @@ def test_preset_with_explicit_overrides():
 
 
 def test_seed_yaml_maps_onto_the_same_models():
-    settings = load_settings(DATA / "default_config.yaml")
+    settings = load_settings(FIXTURES / "default_config.yaml")
     config = settings.model.to_config()
     assert (config.n_layer, config.n_head, config.n_embd, config.block_size) == (4, 4, 256, 128)
     train = settings.train
@@ -160,4 +160,4 @@ def test_missing_and_broken_config_files(tmp_path):
 
 def test_seed_yaml_through_the_cli(tmp_path):
     docs = _jsonl(tmp_path)
-    assert run_cli("tokenize", docs, "--text-field", "a", "--config", DATA / "default_config.yaml").returncode == 0
+    assert run_cli("tokenize", docs, "--text-field", "a", "--config", FIXTURES / "default_config.yaml").returncode == 0

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.runtime.compile import block_compile_options, compile_blocks
+from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.optim import build_optimizer, clip_gradients
-from gpt2cli.training.training_model import TrainingModel, block_compile_options, compile_blocks
 
 B, T = 8, 256
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256)
@@ -73,7 +74,7 @@ def ours_step_factory(variant: str) -> tuple[Step, dict[str, float]]:
     model = GPT2(GPT2Config(**SHAPE)).train()
     whole = "whole" in variant
     if not whole:
-        compile_blocks(model)
+        compile_blocks(model.transformer.h)
     trained = TrainingModel(model, compiled_loss=not whole)
     if whole:
         trained.compile(options=block_compile_options(), fullgraph="full" in variant)

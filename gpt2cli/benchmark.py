@@ -28,10 +28,11 @@ import torch
 from gpt2cli.errors import UsageError
 from gpt2cli.model.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
+from gpt2cli.runtime.compile import compile_blocks
 from gpt2cli.runtime.devices import Precision, fast_matmul, peak_bandwidth_gbps, peak_tflops
 from gpt2cli.training import loss as losses
+from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.optim import build_optimizer
-from gpt2cli.training.training_model import TrainingModel, compile_blocks
 
 _TEST = re.compile(r"^(train|fwd|pp(\d+)|tg(\d+))$")
 
@@ -246,7 +247,7 @@ class Runner:
         if case.kind == "train":
             model.train()
             if self.compile and not getattr(model, "_bench_blocks_compiled", False):
-                compile_blocks(model)
+                compile_blocks(model.transformer.h)
                 model._bench_blocks_compiled = True  # type: ignore[attr-defined]
             optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), self.device)
             inputs, targets = self._tokens(case.batch_size, case.seq_len), self._tokens(case.batch_size, case.seq_len)

@@ -23,8 +23,8 @@ CacheDirOption = Annotated[str | None, setting(DataSettings, "cache_dir", "--cac
 
 
 def _cache(config: Path | None, cache_dir: str | None) -> Any:
-    from gpt2cli.data.inputs import default_cache_dir
     from gpt2cli.data.token_cache import TokenCache
+    from gpt2cli.runtime.files import default_cache_dir
     from gpt2cli.settings.sections import load_settings
 
     settings = load_settings(config, overrides({"cache_dir": cache_dir}, data=DataSettings)).data

@@ -146,8 +146,9 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
     from gpt2cli.cli.app import warn
     from gpt2cli.cli.train_display import TrainingDisplay, print_summary
     from gpt2cli.data.encoding import EncodeOptions
-    from gpt2cli.data.inputs import bundled_corpus, default_cache_dir, load_token_data
+    from gpt2cli.data.inputs import bundled_corpus, load_token_data
     from gpt2cli.runtime.devices import resolve_precision
+    from gpt2cli.runtime.files import default_cache_dir
     from gpt2cli.training.run_folder import RunFolder
     from gpt2cli.training.setup import prepare_trainer, with_absolute_paths
     from gpt2cli.training.trainer import Interrupted

@@ -6,7 +6,6 @@ import glob
 import hashlib
 import importlib.resources
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,6 @@ def bundled_corpus() -> Path:
     """The Shakespeare corpus shipped in the package (gzip)."""
     path = importlib.resources.files("gpt2cli.assets").joinpath(BUNDLED_CORPUS)
     return Path(str(path))
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpt2cli"
 
 
 def resolve_inputs(

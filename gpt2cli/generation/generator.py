@@ -13,7 +13,7 @@ import codecs
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +26,7 @@ from gpt2cli.generation.logit_filters import top_k_filter as top_k_filter
 from gpt2cli.generation.logit_filters import top_p_filter as top_p_filter
 from gpt2cli.generation.quantize import use_matvec_for_decode
 from gpt2cli.model.gpt2 import GPT2, KVCache
+from gpt2cli.runtime.compile import decode_compile_arguments
 
 if TYPE_CHECKING:
     from gpt2cli.settings.sections import GenerationWeights
@@ -198,16 +199,6 @@ def load_generation_model(
 DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]
 
 
-# Guards a compiled decode step may skip: that no module has gained hooks or new attributes since it was compiled.
-# Generation adds neither; checking the 124M model's ~220 of them cost ~0.1 ms per token (of ~0.6). The guards
-# on module types, tensors and constants stay, so a step is never reused for another model or quantization.
-_SKIPPED_GUARDS = {"EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT"}
-
-
-def _skip_hook_guards(entries: list[Any]) -> list[bool]:
-    return [entry.guard_type not in _SKIPPED_GUARDS for entry in entries]
-
-
 def compile_decode_step(model: GPT2, compile: bool, step: DecodeStep | None = None) -> tuple[DecodeStep, bool]:
     """The decode step `(tokens (B, 1), cache, positions (B,), length) -> logits (B, V)` (or `step`, another
     method of the model with that signature), and whether it must attend to the whole cache.
@@ -219,11 +210,10 @@ def compile_decode_step(model: GPT2, compile: bool, step: DecodeStep | None = No
     step = step or model.next_token_logits
     if not compile:
         return step, False
-    options = {"guard_filter_fn": _skip_hook_guards}
-    if next(model.parameters()).device.type == "cuda":
-        return torch.compile(step, mode="reduce-overhead", dynamic=False, options=options), True
-    use_matvec_for_decode(model)  # one-row products as streaming reductions (`quantize.compiled_matvec`)
-    return torch.compile(step, dynamic=True, options=options), False
+    device_type = next(model.parameters()).device.type
+    if device_type != "cuda":
+        use_matvec_for_decode(model)  # one-row products as streaming reductions (`quantize.compiled_matvec`)
+    return torch.compile(step, **decode_compile_arguments(device_type)), device_type == "cuda"
 
 
 class TextGenerator:

@@ -23,7 +23,8 @@ from gpt2cli.errors import ConfigError, UsageError
 from gpt2cli.model.attention import attention
 from gpt2cli.model.flops import training_flops_per_token
 from gpt2cli.model.presets import PRESETS
-from gpt2cli.training.loss import IGNORE_INDEX
+
+IGNORE_INDEX = -1  # a target that counts for nothing in the loss
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ class GPT2(nn.Module):
     def hidden_states(self, idx: torch.Tensor, tok_emb: torch.Tensor | None = None) -> torch.Tensor:
         """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection.
 
-        `tok_emb` `(B, T, C)` replaces the token-embedding lookup (training passes its own: `training_model.py`).
+        `tok_emb` `(B, T, C)` replaces the token-embedding lookup (training passes its own: `training/loss.py`).
         """
         if idx.dim() != 2:
             raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
@@ -321,7 +322,7 @@ class GPT2(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits `(B, T, vocab)` for token ids `idx` `(B, T)`; with `targets` `(B, T)`, also the mean cross-entropy
-        (targets equal to -1 are ignored). Training computes its loss without the logits: `training_model.py`."""
+        (targets equal to -1 are ignored). Training computes its loss without the logits: `training/loss.py`."""
         x = self.hidden_states(idx)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:

@@ -12,11 +12,13 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from gpt2cli.errors import UsageError
+from gpt2cli.runtime.files import default_cache_dir
 
 # Auto's estimate of what compiling repays (benchmarks/README.md, "compile = auto"): the run's remaining training
 # FLOPs (per process) at the eager rate give its eager time; compiling saves SAVED_FRACTION of that, and must save
@@ -104,8 +106,6 @@ def find_cpp_compiler() -> str | None:
 def inductor_cache_dir() -> Path:
     """Where Inductor keeps compiled kernels and graphs between runs: $TORCHINDUCTOR_CACHE_DIR where set, else
     gpt2cli's cache folder (torch's own default is under /tmp, which a reboot empties)."""
-    from gpt2cli.data.inputs import default_cache_dir
-
     return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir() / "inductor")
 
 
@@ -114,3 +114,82 @@ def keep_compiled_code() -> None:
     survives reboots, so the next run loads what this one compiles. Before the first compilation: Inductor reads
     the variable when it first needs the folder."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
+
+
+# ---------------------------------------------------------------- training
+
+
+def block_compile_options() -> dict[str, Any]:
+    """torch.compile options for the blocks. On the CPU, Inductor then computes GELU's tanh from one exp instead of
+    a vectorised tanh: 2.3x faster forward (1.9 → 0.8 ms for 2048 × 1024 values on a 2-core Xeon), 1.3x backward.
+    torch leaves it off because the decomposition loses relative precision for tanh near 0, but GELU adds tanh's
+    output to 1: against float64, GELU's largest error is 5.2e-7 with it and 4.3e-7 without. GPUs ignore it, and
+    torch releases before the option (2.7) would refuse it, so it is only passed where it exists."""
+    import torch._inductor.config as inductor_config
+
+    return {"cpp.use_decompose_tanh": True} if hasattr(inductor_config.cpp, "use_decompose_tanh") else {}
+
+
+def compile_blocks(blocks: nn.ModuleList) -> None:
+    """torch.compile every block in place (one compilation serves them all: the code is the same)."""
+    options = block_compile_options()
+    for block in blocks:
+        block.compile(options=options)
+
+
+def _compiler_error_types() -> tuple[type[BaseException], ...]:
+    """torch.compile's "could not compile" errors, as far as this torch release defines them."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    names = [
+        (dynamo_exc, "BackendCompilerFailed"),
+        (inductor_exc, "InvalidCxxCompiler"),
+        (inductor_exc, "CppCompileError"),
+        (inductor_exc, "TritonMissing"),
+        (inductor_exc, "GPUTooOldForTriton"),
+    ]
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+
+
+def is_compiler_error(error: BaseException) -> bool:
+    """True for a failure to compile (not one that happened while compiling for another reason, such as memory)."""
+    if not isinstance(error, _compiler_error_types()):
+        return False
+    inner = getattr(error, "inner_exception", None)  # BackendCompilerFailed wraps what the backend raised
+    return not _is_out_of_memory(error) and not (inner is not None and _is_out_of_memory(inner))
+
+
+def compiler_failure(error: BaseException) -> str:
+    """The name of what failed to compile, for a one-line report."""
+    inner = getattr(error, "inner_exception", None)
+    return type(inner if inner is not None else error).__name__
+
+
+# ---------------------------------------------------------------- decoding
+
+
+# Guards a compiled decode step may skip: that no module has gained hooks or new attributes since it was compiled.
+# Generation adds neither; checking the 124M model's ~220 of them cost ~0.1 ms per token (of ~0.6). The guards
+# on module types, tensors and constants stay, so a step is never reused for another model or quantization.
+_SKIPPED_GUARDS = {"EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT"}
+
+
+def skip_hook_guards(entries: list[Any]) -> list[bool]:
+    return [entry.guard_type not in _SKIPPED_GUARDS for entry in entries]
+
+
+def decode_compile_arguments(device_type: str) -> dict[str, Any]:
+    """torch.compile's arguments for a decode step on `device_type`.
+
+    CUDA: one static shape, recorded as a CUDA graph: `reduce-overhead`'s one option (`triton.cudagraphs`) given in
+    `options`, since torch refuses `mode` and `options` together. Elsewhere: a dynamic cache length, so the
+    power-of-two buckets the step attends to share one compilation."""
+    options: dict[str, Any] = {"guard_filter_fn": skip_hook_guards}
+    if device_type == "cuda":
+        return {"dynamic": False, "options": {**options, "triton.cudagraphs": True}}
+    return {"dynamic": True, "options": options}

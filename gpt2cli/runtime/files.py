@@ -87,3 +87,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+
+
+def default_cache_dir() -> Path:
+    """gpt2cli's cache folder (token cache, compiled code): $XDG_CACHE_HOME/gpt2cli, else ~/.cache/gpt2cli."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpt2cli"

@@ -73,5 +73,5 @@ def _compile_mode(value: Any) -> Any:
 
 _BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True}
 _BOOLEAN_WORDS |= {"false": False, "0": False, "no": False, "off": False}
-# `--compile`/`--no-compile`, or neither: auto (compile where it works and repays; see compile_policy.py).
+# `--compile`/`--no-compile`, or neither: auto (compile where it works and repays; see runtime/compile.py).
 CompileMode = Annotated[bool | Literal["auto"], BeforeValidator(_compile_mode)]

@@ -19,9 +19,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
-IGNORE_INDEX = -1
+from gpt2cli.model.gpt2 import GPT2, IGNORE_INDEX
+from gpt2cli.runtime.compile import compiler_failure, is_compiler_error
+
 BLOCK_ELEMENTS = 1 << 25  # most logits per block: 32 Mi (64 MiB in bf16), 667 rows of a 50,257-word vocabulary
 
 BlockKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -234,10 +237,10 @@ def fused_linear_cross_entropy(
         if kernel is cross_entropy_block or not is_compiler_error(error):
             raise
         warnings.warn(
-            f"compiled loss kernel unavailable ({_compiler_failure(error)}); using the eager one", stacklevel=2
+            f"compiled loss kernel unavailable ({compiler_failure(error)}); using the eager one", stacklevel=2
         )
         global _compiled_kernel, compiled_kernel_failure
-        _compiled_kernel, compiled_kernel_failure = cross_entropy_block, _compiler_failure(error)
+        _compiled_kernel, compiled_kernel_failure = cross_entropy_block, compiler_failure(error)
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, cross_entropy_block, tied)
 
 
@@ -246,33 +249,32 @@ def fused_linear_cross_entropy(
 compiled_kernel_failure: str | None = None
 
 
-def _compiler_error_types() -> tuple[type[BaseException], ...]:
-    """torch.compile's "could not compile" errors, as far as this torch release defines them."""
-    import torch._dynamo.exc as dynamo_exc
-    import torch._inductor.exc as inductor_exc
-
-    names = [
-        (dynamo_exc, "BackendCompilerFailed"),
-        (inductor_exc, "InvalidCxxCompiler"),
-        (inductor_exc, "CppCompileError"),
-        (inductor_exc, "TritonMissing"),
-        (inductor_exc, "GPUTooOldForTriton"),
-    ]
-    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+# ---------------------------------------------------------------- the module the training step calls
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+class TrainingModel(nn.Module):
+    """GPT-2's hidden states and the fused output-projection loss in one `forward`.
 
+    `GPT2.forward` stays plain (logits, then the loss). Training never needs the (B, T, 50257) logits, so this module
+    computes the loss block by block without storing them (`losses.fused_linear_cross_entropy`), and hands the tied
+    embedding's gradient to the loss's (`losses.TiedGradient`). DDP and FSDP2 wrap this module, not the GPT2 inside it:
+    their forward hooks (gradient sync, unsharding the root's weights) run only when training goes through this
+    module's `forward`. The GPT2 inside keeps its own parameter names: checkpoints are saved from it, without prefix.
+    """
 
-def is_compiler_error(error: BaseException) -> bool:
-    """True for a failure to compile (not one that happened while compiling for another reason, such as memory)."""
-    if not isinstance(error, _compiler_error_types()):
-        return False
-    inner = getattr(error, "inner_exception", None)  # BackendCompilerFailed wraps what the backend raised
-    return not _is_out_of_memory(error) and not (inner is not None and _is_out_of_memory(inner))
+    def __init__(self, model: GPT2, compiled_loss: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.compiled_loss = compiled_loss  # the loss kernel compiled by torch.compile (with --compile)
 
-
-def _compiler_failure(error: BaseException) -> str:
-    inner = getattr(error, "inner_exception", None)
-    return type(inner if inner is not None else error).__name__
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of the next tokens `targets` `(B, T)` (-1 ignored) after `idx` `(B, T)`."""
+        model = self.model
+        wte = model.transformer.wte
+        tied = TiedGradient() if model.lm_head.weight is wte.weight else None
+        tok_emb = wte(idx) if tied is None else tied_embedding(idx, wte.weight, tied)  # (B, T, C)
+        x = model.hidden_states(idx, tok_emb=tok_emb)  # (B, T, C)
+        flat = x.view(-1, x.size(-1))  # (B*T, C)
+        # Evaluation (no gradient) keeps the eager kernel: no second compilation for a few calls.
+        compiled = self.compiled_loss and torch.is_grad_enabled()
+        return fused_linear_cross_entropy(flat, model.lm_head.weight, targets.reshape(-1), compiled=compiled, tied=tied)

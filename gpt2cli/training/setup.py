@@ -19,18 +19,18 @@ from gpt2cli.errors import DataError, UsageError
 from gpt2cli.evaluation import read_multiple_choice
 from gpt2cli.formats.checkpoint import load_model
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
-from gpt2cli.runtime.compile import choose_compile, keep_compiled_code
+from gpt2cli.runtime.compile import choose_compile, compile_blocks, keep_compiled_code
 from gpt2cli.runtime.devices import Precision, keep_freed_memory
 from gpt2cli.runtime.distributed import World, is_sharded, parallelize
 from gpt2cli.settings.sections import DEFAULT_RUN, Settings, load_settings
 from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.training.hellaswag import HellaSwag
+from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.memory import check_training_memory
 from gpt2cli.training.optim import Optimizer, build_muon, build_optimizer, load_optimizer_tensors, muon_available
 from gpt2cli.training.plan import plan_run
 from gpt2cli.training.run_folder import RunFolder, restore_rng
 from gpt2cli.training.trainer import Progress, Report, Trainer
-from gpt2cli.training.training_model import TrainingModel, compile_blocks
 
 
 def resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> tuple[Settings, bool]:
@@ -153,7 +153,7 @@ def prepare_trainer(
 
     if compiled:
         keep_compiled_code()
-        compile_blocks(model)
+        compile_blocks(model.transformer.h)
     # What the step calls: the training module, its DDP wrapper, or (FSDP) the module with its weights sharded.
     trained = parallelize(TrainingModel(model, compiled_loss=compiled), world, train.parallel, device)
     root = getattr(trained, "module", trained)  # what DDP wraps, or FSDP's sharded root

@@ -35,11 +35,11 @@ from gpt2cli.runtime.distributed import (
 from gpt2cli.settings.sections import Settings
 from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.training.hellaswag import HellaSwag
+from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.memory import NotEnoughMemory, out_of_memory_message
 from gpt2cli.training.optim import Optimizer, clip_gradients, clip_gradients_on_device, optimizer_tensors
 from gpt2cli.training.plan import RunPlan
 from gpt2cli.training.run_folder import RunFolder, gather_model_state, rng_state
-from gpt2cli.training.training_model import TrainingModel
 
 Report = Callable[[str, dict[str, Any]], None]
 
@@ -218,7 +218,7 @@ class Trainer:
             # Gradients are exchanged once per step, on the last micro-step; earlier ones accumulate locally.
             with gradient_sync(self.trained, enabled=micro == plan.grad_accum - 1):
                 with self.precision.autocast():
-                    loss = self.trained(inputs, targets)  # hidden states and the fused loss (training_model.py)
+                    loss = self.trained(inputs, targets)  # hidden states and the fused loss (training/loss.py)
                 scaled = loss / plan.grad_accum  # the step's loss is the mean over its micro-batches
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()

@@ -13,8 +13,16 @@ from conftest import assert_one_line_error, run_cli, shakespeare_text
 from gpt2cli import get_tokenizer, load_model
 from gpt2cli.errors import UsageError
 from gpt2cli.generation.generator import SamplingOptions, TextGenerator, load_generation_model
-from gpt2cli.generation.quantize import Int8Linear, check_quantize_runs, decode_bytes_per_token, quantize_model
-from gpt2cli.generation.quantize_int4 import Int4Linear, dequantize, group_quantize, int4_kernel_missing
+from gpt2cli.generation.quantize import (
+    Int4Linear,
+    Int8Linear,
+    check_quantize_runs,
+    decode_bytes_per_token,
+    dequantize,
+    group_quantize,
+    int4_kernel_missing,
+    quantize_model,
+)
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
 from gpt2cli.runtime.bandwidth import read_bandwidth
 from gpt2cli.settings.sections import GenerationWeights
@@ -199,7 +207,7 @@ def test_group_size_48_exits_2(tmp_path, command):
 
 
 def test_int4_on_a_device_without_a_kernel_is_refused_before_loading(monkeypatch, tmp_path):
-    monkeypatch.setattr("gpt2cli.generation.quantize_int4.int4_kernel_missing", lambda device: "no kernel here")
+    monkeypatch.setattr("gpt2cli.generation.quantize.int4_kernel_missing", lambda device: "no kernel here")
     result = run_cli("sample", tmp_path / "absent.safetensors", "--quantize", "int4", "--device", "cpu")
     assert_one_line_error(result, 2, "--quantize int4 cannot run on cpu: no kernel here")
     assert int4_kernel_missing(torch.device("mps")) == "torch has no int4 matmul kernel for mps"

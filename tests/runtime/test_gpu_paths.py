@@ -17,6 +17,7 @@ from gpt2cli.data.inputs import TokenData
 from gpt2cli.errors import UsageError
 from gpt2cli.model.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.runtime.compile import is_compiler_error
 from gpt2cli.runtime.devices import (
     check_int8_runs_fast,
     peak_tflops_for,
@@ -179,9 +180,9 @@ def test_out_of_memory_while_compiling_is_not_a_compiler_error():
     from torch._dynamo.exc import BackendCompilerFailed
 
     wrapped = BackendCompilerFailed(lambda: None, torch.OutOfMemoryError("CUDA out of memory."), None)
-    assert not losses.is_compiler_error(wrapped)
-    assert not losses.is_compiler_error(RuntimeError("some bug"))
-    assert losses.is_compiler_error(BackendCompilerFailed(lambda: None, RuntimeError("no triton"), None))
+    assert not is_compiler_error(wrapped)
+    assert not is_compiler_error(RuntimeError("some bug"))
+    assert is_compiler_error(BackendCompilerFailed(lambda: None, RuntimeError("no triton"), None))
 
 
 def test_a_compiler_error_falls_back_to_the_eager_kernel_and_says_so(monkeypatch):
@@ -196,7 +197,7 @@ def test_a_compiler_error_falls_back_to_the_eager_kernel_and_says_so(monkeypatch
 
 
 def _train_runner(monkeypatch) -> Runner:
-    monkeypatch.setattr(benchmark, "compile_blocks", lambda model: None)  # only the (patched) loss is "compiled"
+    monkeypatch.setattr(benchmark, "compile_blocks", lambda blocks: None)  # only the (patched) loss is "compiled"
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=32))
     return Runner(model, resolve_precision("float32", torch.device("cpu")), compile=True)
 

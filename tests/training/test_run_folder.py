@@ -11,6 +11,7 @@ import torch
 from gpt2cli import load_model
 from gpt2cli.errors import UsageError
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.optim import build_optimizer, load_optimizer_tensors, optimizer_tensors
 from gpt2cli.training.run_folder import (
     RunFolder,
@@ -19,7 +20,6 @@ from gpt2cli.training.run_folder import (
     rng_state,
     to_toml,
 )
-from gpt2cli.training.training_model import TrainingModel
 
 CONFIG = GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=8)
 

@@ -11,9 +11,13 @@ import torch
 from gpt2cli.data.inputs import hold_out_tail
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
 from gpt2cli.training.batches import Windows, WindowSampler
-from gpt2cli.training.loss import cross_entropy_block, cross_entropy_block_for_compile, fused_linear_cross_entropy
+from gpt2cli.training.loss import (
+    TrainingModel,
+    cross_entropy_block,
+    cross_entropy_block_for_compile,
+    fused_linear_cross_entropy,
+)
 from gpt2cli.training.optim import Schedule, parameter_groups
-from gpt2cli.training.training_model import TrainingModel
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():

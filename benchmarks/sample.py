@@ -103,8 +103,9 @@ def time_ours(folder: Path, reps: int, mode: str, rows: int) -> dict[str, Any]:
     import torch
 
     from gpt2cli import get_tokenizer
-    from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing
+    from gpt2cli.generation.generator import TextGenerator
     from gpt2cli.generation.quantize import decode_bytes_per_token
+    from gpt2cli.generation.records import SamplingOptions, Timing
     from gpt2cli.runtime.bandwidth import read_bandwidth
     from gpt2cli.runtime.devices import keep_freed_memory
 
@@ -265,7 +266,9 @@ def section_prompt_lookup(folder: Path, args: argparse.Namespace, report: dict[s
     import torch
 
     from gpt2cli import get_tokenizer, load_model
-    from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing
+    from gpt2cli.generation.drafting import PromptLookup
+    from gpt2cli.generation.generator import TextGenerator
+    from gpt2cli.generation.records import SamplingOptions, Timing
 
     checkpoint = trained_checkpoint(getattr(args, "checkpoint", None))
     print(f"running prompt lookup on {checkpoint} ...", file=sys.stderr, flush=True)
@@ -273,7 +276,7 @@ def section_prompt_lookup(folder: Path, args: argparse.Namespace, report: dict[s
     prompt, passage = lookup_prompt(tokenizer)
     options = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eot=True)
     generators = {0: TextGenerator(model, tokenizer)}
-    generators.update({draft: TextGenerator(model, tokenizer, prompt_lookup=draft) for draft in LOOKUP_DRAFTS})
+    generators.update({draft: TextGenerator(model, tokenizer, drafting=PromptLookup(draft)) for draft in LOOKUP_DRAFTS})
     for generator in generators.values():  # warm-up
         generator.generate([prompt], SamplingOptions(max_new_tokens=8, temperature=0.0, ignore_eot=True))
     rates: dict[int, list[float]] = {draft: [] for draft in generators}

@@ -120,11 +120,16 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     import torch
 
     from gpt2cli.data.tokenizer import get_tokenizer
-    from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing, load_generation_model
+    from gpt2cli.generation.drafting import PromptLookup
+    from gpt2cli.generation.generator import TextGenerator, load_generation_model
+    from gpt2cli.generation.records import SamplingOptions, Timing
 
     model = load_generation_model(checkpoint, settings, info)
     text_generator = TextGenerator(
-        model, get_tokenizer(), compile=settings.compile, prompt_lookup=settings.prompt_lookup
+        model,
+        get_tokenizer(),
+        compile=settings.compile,
+        drafting=None if settings.prompt_lookup is None else PromptLookup(settings.prompt_lookup),
     )
     options = SamplingOptions(
         max_new_tokens=settings.max_new_tokens,

@@ -3,101 +3,29 @@ streaming.
 
 The prompt is encoded once (prefill), then each step feeds one token per sequence. GPT-2's positions are learned
 and absolute, so a cache cannot simply slide: when a sequence reaches the block size, the last half block is
-encoded again as a new prompt and generation continues from there. Prompt-lookup decoding (several tokens per
-step) is in `prompt_lookup.py`.
+encoded again as a new prompt and generation continues from there. With a drafting strategy (`drafting.py`:
+prompt lookup) each step verifies a row's drafted tokens in one pass and gains one or more tokens.
 """
 
 from __future__ import annotations
 
-import codecs
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from gpt2cli.data.tokenizer import EOT_ID, Tokenizer
-from gpt2cli.generation.logit_filters import apply_repetition_penalty as apply_repetition_penalty
-from gpt2cli.generation.logit_filters import choose_next as choose_next
-from gpt2cli.generation.logit_filters import filtered_logits as filtered_logits
-from gpt2cli.generation.logit_filters import min_p_filter as min_p_filter
-from gpt2cli.generation.logit_filters import top_k_filter as top_k_filter
-from gpt2cli.generation.logit_filters import top_p_filter as top_p_filter
+from gpt2cli.generation.drafting import Draft, Drafter, DraftingStrategy, choose_with_drafts, count_draft
+from gpt2cli.generation.logit_filters import choose_next
 from gpt2cli.generation.quantize import use_matvec_for_decode
+from gpt2cli.generation.records import Completion, SamplingOptions, Timing
+from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
 from gpt2cli.runtime.compile import decode_compile_arguments
 
 if TYPE_CHECKING:
     from gpt2cli.settings.sections import GenerationWeights
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    ignore_eot: bool = False
-
-
-# ---------------------------------------------------------------- generation
-
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "length", "eot" or "stop"
-
-
-@dataclass
-class Timing:
-    prefill_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_tokens: int = 0
-    decode_s: float = 0.0
-    # Prompt lookup: draft tokens proposed and accepted (not those past where a row finished:
-    # `prompt_lookup.count_draft`), (row, forward pass) pairs of the decode, and how many drafts kept 0, 1, 2, ...
-    # of their tokens.
-    drafted: int = 0
-    accepted: int = 0
-    row_passes: int = 0
-    accepted_lengths: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted draft tokens / drafted."""
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_pass(self) -> float:
-        """Tokens each sequence gained per decode forward pass (1 without prompt lookup)."""
-        return self.decode_tokens / self.row_passes if self.row_passes else 0.0
-
-    def add(self, other: Timing) -> None:
-        """Accumulate another run's counts and times (several batches make one report)."""
-        self.prefill_tokens += other.prefill_tokens
-        self.prefill_s += other.prefill_s
-        self.decode_tokens += other.decode_tokens
-        self.decode_s += other.decode_s
-        self.drafted += other.drafted
-        self.accepted += other.accepted
-        self.row_passes += other.row_passes
-        for length, count in other.accepted_lengths.items():
-            self.accepted_lengths[length] = self.accepted_lengths.get(length, 0) + count
 
 
 def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]]:
@@ -109,67 +37,6 @@ def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]
     for index, prompt in enumerate(prompts):
         groups.setdefault(len(prompt), []).extend([index] * copies)
     return list(groups.values())
-
-
-class TextTracker:
-    """Incremental text of one sequence: UTF-8 across token boundaries, stop strings, held-back streaming."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.hold = max((len(stop) for stop in stops), default=1) - 1  # chars that may start a stop string
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""
-        self.emitted = 0
-
-    def add(self, token: int) -> bool:
-        """Append a token; True when a stop string appeared (the text is then cut just before it)."""
-        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-        for stop in self.stops:
-            found = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if found >= 0:
-                self.text = self.text[:found]
-                return True
-        return False
-
-    def finish(self) -> None:
-        self.text += self.decoder.decode(b"", final=True)
-
-    def ready(self, final: bool) -> str:
-        """Text that can be shown now: everything but a tail that could still become a stop string."""
-        limit = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
-        piece = self.text[self.emitted : limit]
-        self.emitted = limit
-        return piece
-
-
-def accept_token(
-    completion: Completion,
-    tracker: TextTracker,
-    token: int,
-    generated: int,
-    options: SamplingOptions,
-    on_text: Callable[[int, str], None] | None,
-    row: int,
-) -> bool:
-    """Record one new token of a sequence (the `generated`-th, from 0); False once the sequence is finished."""
-    if token == EOT_ID and not options.ignore_eot:
-        completion.finish_reason = "eot"
-    elif tracker.add(token):
-        completion.token_ids.append(token)
-        completion.finish_reason = "stop"
-    else:
-        completion.token_ids.append(token)
-        if generated + 1 == options.max_new_tokens:
-            completion.finish_reason = "length"
-    finished = completion.finish_reason is not None
-    if finished:
-        tracker.finish()
-    if on_text is not None:
-        piece = tracker.ready(final=finished)
-        if piece:
-            on_text(row, piece)
-    return not finished
 
 
 def load_generation_model(
@@ -219,8 +86,7 @@ def compile_decode_step(model: GPT2, compile: bool, step: DecodeStep | None = No
 class TextGenerator:
     """Generates from one model; reuse it for many prompts (the decode step is compiled once, the cache reused).
 
-    `prompt_lookup` N: draft up to N tokens per step from earlier text and verify them in one pass
-    (`prompt_lookup.py`)."""
+    `drafting`: a strategy that drafts tokens each row's next pass verifies (`drafting.PromptLookup(N)`)."""
 
     def __init__(
         self,
@@ -228,12 +94,12 @@ class TextGenerator:
         tokenizer: Tokenizer,
         compile: bool = False,
         use_cache: bool = True,
-        prompt_lookup: int | None = None,
+        drafting: DraftingStrategy | None = None,
     ) -> None:
-        if prompt_lookup is not None and (prompt_lookup < 1 or not use_cache):
-            raise ValueError("prompt lookup needs a draft length of at least 1 and the KV cache")
+        if drafting is not None and not use_cache:
+            raise ValueError("drafting needs the KV cache")
         self.model = model.eval()
-        self.prompt_lookup = prompt_lookup
+        self.drafting = drafting
         self.use_cache = use_cache
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -279,8 +145,8 @@ class TextGenerator:
             self.step(tokens, cache, positions, self.attend_length(cache, end))
         self._warm_batch_sizes.add(tokens.size(0))
 
-    def warm_up_verify(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, length: int) -> None:
-        """The same for prompt lookup: its verification pass `(B, N + 1)`, and the one-token step it takes when
+    def _warm_up_verify(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, length: int) -> None:
+        """The same for drafting: its verification pass `(B, N + 1)`, and the one-token step it takes when
         nothing was drafted (writes past the rows' positions are masked)."""
         if tokens.size(0) in self._warm_verify_sizes or 0 in self._warm_batch_sizes:
             return
@@ -302,10 +168,8 @@ class TextGenerator:
         if len({len(prompt) for prompt in prompts}) != 1:
             raise ValueError("prompts generated together must have the same number of tokens")
         timing = timing if timing is not None else Timing()
-        if self.prompt_lookup is not None:
-            from gpt2cli.generation.drafting import generate_with_lookup
-
-            return generate_with_lookup(self, prompts, options, rng, on_text, timing)
+        if self.drafting is not None:
+            return self._generate_drafted(self.drafting, prompts, options, rng, on_text, timing)
         rows = len(prompts)
         completions = [Completion(prompt_ids=list(prompt)) for prompt in prompts]
         trackers = [TextTracker(self.tokenizer, options.stop) for _ in range(rows)]
@@ -358,6 +222,110 @@ class TextGenerator:
             completion.text = tracker.text
         return completions
 
+    # ------------------------------------------------------------ drafting
+
+    def _generate_drafted(
+        self,
+        drafting: DraftingStrategy,
+        prompts: list[list[int]],
+        options: SamplingOptions,
+        rng: torch.Generator | None,
+        on_text: Callable[[int, str], None] | None,
+        timing: Timing,
+    ) -> list[Completion]:
+        """`generate` with a drafting strategy: each pass verifies every row's draft (at most `drafting.width`
+        tokens) and gains each row one or more tokens."""
+        rows, batch = len(prompts), _DraftedBatch(prompts, options, self.tokenizer, drafting.begin(prompts))
+        cache = self.cache_for(rows)
+
+        started = time.perf_counter()
+        history = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        logits = self.model.next_token_logits(history, cache, 0, self.attend_length(cache, history.size(1)))
+        first = choose_next(logits, history, options, rng).tolist()
+        timing.prefill_tokens += history.numel()
+        timing.prefill_s += time.perf_counter() - started
+        for row in range(rows):
+            batch.accept(row, [first[row]], on_text)
+        if any(batch.active):
+            self._warm_up_verify(*self._pass_inputs(batch, [Draft([]) for _ in range(rows)], drafting.width))
+
+        decode_started = time.perf_counter()
+        while any(batch.active):
+            full = [row for row in range(rows) if batch.active[row] and batch.positions[row] >= self.block_size]
+            if full:
+                for row in full:
+                    timing.decode_tokens += batch.accept(row, [self._reencode(batch, row, rng)], on_text)
+                    timing.row_passes += 1
+                continue
+            self._verify_step(batch, drafting.width, rng, on_text, timing)
+        timing.decode_s += time.perf_counter() - decode_started
+        return batch.finish()
+
+    def _reencode(self, batch: _DraftedBatch, row: int, rng: torch.Generator | None) -> int:
+        """The window of a row is full: encode its second half again as a new prompt, as plain decoding does."""
+        half = self.block_size // 2
+        cache = self.cache_for(len(batch.positions))
+        tokens = batch.tokens[row]
+        window = torch.tensor([tokens[-half:]], device=self.device)
+        logits = self.model.next_token_logits(window, cache, 0, self.attend_length(cache, half), first_row=row)
+        batch.positions[row] = half
+        batch.drafter.restart(row, tokens[-half:])
+        return int(choose_next(logits, torch.tensor([tokens], device=self.device), batch.options, rng))
+
+    def _pass_inputs(
+        self, batch: _DraftedBatch, drafts: list[Draft], width: int
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor, int]:
+        """The verification pass's tokens `(B, N + 1)` (pending token, draft, padding), cache, positions `(B,)` and
+        attended length."""
+        idx = [
+            [tokens[-1], *draft.tokens] + [tokens[-1]] * (width - len(draft.tokens))
+            for tokens, draft in zip(batch.tokens, drafts, strict=True)
+        ]
+        ends = [
+            position + len(draft.tokens) + 1
+            for position, draft, active in zip(batch.positions, drafts, batch.active, strict=True)
+            if active
+        ]
+        end = max(ends, default=1)  # finished rows are computed too, but nobody reads them
+        cache = self.cache_for(len(idx))
+        tokens = torch.tensor(idx, device=self.device)
+        # A finished row may stand at the block size, past the position embeddings: what it computes is never read.
+        positions = torch.tensor(
+            [min(position, self.block_size - 1) for position in batch.positions], device=self.device
+        )
+        return tokens, cache, positions, self.attend_length(cache, min(end, self.block_size))
+
+    def _verify_step(
+        self,
+        batch: _DraftedBatch,
+        width: int,
+        rng: torch.Generator | None,
+        on_text: Callable[[int, str], None] | None,
+        timing: Timing,
+    ) -> None:
+        """One forward pass over every row's pending token and draft (always N + 1 tokens a row: one shape)."""
+        options = batch.options
+        limits = [
+            min(width, self.block_size - 1 - position, options.max_new_tokens - generated - 1) if active else 0
+            for position, generated, active in zip(batch.positions, batch.generated, batch.active, strict=True)
+        ]
+        drafts = batch.drafter.propose(limits)
+        tokens, cache, positions, length = self._pass_inputs(batch, drafts, width)
+        if any(draft.tokens for draft in drafts):
+            logits = self.verify(tokens, cache, positions, length)  # (B, N + 1, V)
+        else:  # nothing to verify: the plain one-token step is cheaper than a pass of N + 1
+            logits = self.step(tokens[:, :1], cache, positions, length)[:, None]  # (B, 1, V)
+
+        gains = choose_with_drafts(logits, batch.tokens, drafts, options, rng)
+        for row, (draft, gained) in enumerate(zip(drafts, gains, strict=True)):
+            if not batch.active[row]:
+                continue
+            batch.positions[row] += len(gained)
+            taken = batch.accept(row, gained, on_text)
+            timing.decode_tokens += taken
+            timing.row_passes += 1
+            count_draft(timing, len(draft.tokens), len(gained) - 1, taken)
+
     def generate_grouped(
         self,
         prompts: list[list[int]],
@@ -376,3 +344,41 @@ class TextGenerator:
                 timing.add(group_timing)
             for index, completion in zip(group, completions, strict=True):
                 yield index, completion, group_timing
+
+
+class _DraftedBatch:
+    """The per-row state of one batch generated with drafts."""
+
+    def __init__(
+        self, prompts: list[list[int]], options: SamplingOptions, tokenizer: Tokenizer, drafter: Drafter
+    ) -> None:
+        self.options = options
+        self.drafter = drafter
+        self.tokens = [list(prompt) for prompt in prompts]  # each row's whole text: prompt and generated
+        self.completions = [Completion(prompt_ids=list(prompt)) for prompt in prompts]
+        self.trackers = [TextTracker(tokenizer, options.stop) for _ in prompts]
+        self.positions = [len(prompt) for prompt in prompts]  # of each row's pending token (its last one)
+        self.generated = [0] * len(prompts)
+        self.active = [True] * len(prompts)
+
+    def accept(self, row: int, tokens: list[int], on_text: Callable[[int, str], None] | None) -> int:
+        """Append a row's new tokens until it finishes; how many it took."""
+        taken = 0
+        for token in tokens:
+            if not self.active[row]:
+                break
+            completion, tracker = self.completions[row], self.trackers[row]
+            self.active[row] = accept_token(completion, tracker, token, self.generated[row], self.options, on_text, row)
+            self.generated[row] += 1
+            taken += 1
+        self.tokens[row].extend(tokens[:taken])
+        self.drafter.accept(row, tokens[:taken])
+        return taken
+
+    def finish(self) -> list[Completion]:
+        for completion, tracker in zip(self.completions, self.trackers, strict=True):
+            if completion.finish_reason is None:
+                completion.finish_reason = "length"
+                tracker.finish()
+            completion.text = tracker.text
+        return self.completions

@@ -3,12 +3,9 @@ and the choice of the next token through them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from gpt2cli.generation.generator import SamplingOptions
+from gpt2cli.generation.records import SamplingOptions
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

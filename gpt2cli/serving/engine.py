@@ -20,14 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2cli.data.tokenizer import Tokenizer
-from gpt2cli.generation.generator import (
-    Completion,
-    SamplingOptions,
-    TextGenerator,
-    TextTracker,
-    accept_token,
-    choose_next,
-)
+from gpt2cli.generation.generator import TextGenerator
+from gpt2cli.generation.logit_filters import choose_next
+from gpt2cli.generation.records import Completion, SamplingOptions
+from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), likeliest first

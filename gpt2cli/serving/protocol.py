@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from gpt2cli.data.tokenizer import EOT_ID, Tokenizer
-from gpt2cli.generation.generator import SamplingOptions
+from gpt2cli.generation.records import SamplingOptions
 
 MAX_LOGPROBS = 5  # OpenAI's cap on alternatives per token
 MAX_STOPS = 4  # OpenAI's cap on stop sequences

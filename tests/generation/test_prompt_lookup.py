@@ -12,9 +12,17 @@ import torch
 
 from conftest import assert_one_line_error, run_cli
 from gpt2cli import get_tokenizer
-from gpt2cli.generation.drafting import LookupHistory, agreeing_prefix, count_draft
-from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing
+from gpt2cli.generation.drafting import (
+    Draft,
+    LookupHistory,
+    PromptLookup,
+    agreeing_prefix,
+    choose_with_drafts,
+    count_draft,
+)
+from gpt2cli.generation.generator import TextGenerator
 from gpt2cli.generation.logit_filters import filtered_logits
+from gpt2cli.generation.records import SamplingOptions, Timing
 from gpt2cli.model.gpt2 import GPT2, GPT2Config, KVCache
 
 BLOCK, VOCAB = 48, 512  # a small vocabulary (of GPT-2's first tokens) keeps the output head cheap
@@ -119,7 +127,7 @@ def test_a_verify_pass_past_the_context_writes_its_padding_nowhere_attended(mode
 )
 def test_greedy_equals_plain_greedy_over_many_prompts(model, penalty):
     tokenizer = get_tokenizer()
-    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, prompt_lookup=4)
+    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, drafting=PromptLookup(4))
     options = SamplingOptions(max_new_tokens=50, temperature=0.0, repetition_penalty=penalty, ignore_eot=True)
     timing = Timing()
     for prompt in varied_prompts():  # 50 new tokens: every prompt crosses the context limit at least once
@@ -132,7 +140,7 @@ def test_greedy_equals_plain_greedy_over_many_prompts(model, penalty):
 
 def test_rows_of_a_batch_accept_different_counts_and_match_their_single_runs(model):
     tokenizer = get_tokenizer()
-    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, prompt_lookup=3)
+    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, drafting=PromptLookup(3))
     random = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = [([5, 6, 7] * 5)[:12], random, ([9, 9, 8, 1] * 3)]
     options = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True)
@@ -148,7 +156,7 @@ def test_rows_of_a_batch_accept_different_counts_and_match_their_single_runs(mod
 
 def test_stop_strings_and_max_new_tokens_end_where_plain_decoding_ends(model):
     tokenizer = get_tokenizer()
-    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, prompt_lookup=5)
+    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, drafting=PromptLookup(5))
     prompt = varied_prompts()[2]
     free = plain.generate([prompt], SamplingOptions(max_new_tokens=30, temperature=0.0, ignore_eot=True))[0]
     stop = free.text[len(free.text) // 2 :][:3]
@@ -203,7 +211,7 @@ def test_sampling_with_drafts_keeps_the_plain_distribution():
     options = SamplingOptions(max_new_tokens=new_tokens, temperature=0.9, top_k=3, repetition_penalty=1.2)
     expected = exact_distribution(model, prompt, new_tokens, options)
 
-    lookup = TextGenerator(model, get_tokenizer(), prompt_lookup=2)
+    lookup = TextGenerator(model, get_tokenizer(), drafting=PromptLookup(2))
     rng, timing, counts = torch.Generator().manual_seed(0), Timing(), dict.fromkeys(expected, 0)
     samples = 2000
     for _ in range(samples // 500):
@@ -268,10 +276,10 @@ def test_compiled_verify_pass_compiles_once_and_matches_eager(model):
 
     options = SamplingOptions(max_new_tokens=80, temperature=0.0, ignore_eot=True)  # past the context limit
     prompts = [varied_prompts()[3]]
-    eager = TextGenerator(model, get_tokenizer(), prompt_lookup=4).generate(prompts, options)[0].token_ids
+    eager = TextGenerator(model, get_tokenizer(), drafting=PromptLookup(4)).generate(prompts, options)[0].token_ids
     torch._dynamo.reset()
     counters.clear()
-    compiled = TextGenerator(model, get_tokenizer(), compile=True, prompt_lookup=4)
+    compiled = TextGenerator(model, get_tokenizer(), compile=True, drafting=PromptLookup(4))
     assert compiled.generate(prompts, options)[0].token_ids == eager
     # Each compiled once: the verification pass and the one-token step taken when nothing was drafted.
     assert counters["frames"]["total"] == counters["stats"]["unique_graphs"] == 2
@@ -280,10 +288,37 @@ def test_compiled_verify_pass_compiles_once_and_matches_eager(model):
 def test_rows_that_finish_at_different_passes_near_the_context_limit(model):
     # Row 0 repeats itself (long accepted drafts) and ends first, near or at the block size; row 1 goes on.
     tokenizer = get_tokenizer()
-    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, prompt_lookup=6)
+    plain, lookup = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, drafting=PromptLookup(6))
     prompts = [[3, 4] * 5, torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(5)).tolist()]
     for new_tokens in range(BLOCK - 12, BLOCK + 2, 3):
         options = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0, ignore_eot=True)
         batched = lookup.generate(prompts, options)
         for prompt, completion in zip(prompts, batched, strict=True):
             assert completion.token_ids == plain.generate([prompt], options)[0].token_ids
+
+
+def test_a_drafter_with_probabilities_uses_the_general_rule() -> None:
+    """A draft model returns its proposal's probabilities q. With q one-hot on the drafted tokens the general rule
+    (accept with p/q, resample from max(0, p - q)) must draw exactly what the deterministic rule draws; with a
+    spread-out q it accepts more often where q undershoots p."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 50, generator=generator)
+    histories = [[1, 2], [3], [4, 5, 6]]
+    drafts = [[7, 8, 9], [10], []]
+    options = SamplingOptions(temperature=1.0)
+    one_hot = [torch.nn.functional.one_hot(torch.tensor(d), 50).float() if d else None for d in drafts]
+    for seed in range(20):
+        plain = choose_with_drafts(logits, histories, [Draft(d) for d in drafts], options, torch.manual_seed(seed))
+        general = [Draft(d, q) for d, q in zip(drafts, one_hot, strict=True)]
+        assert choose_with_drafts(logits, histories, general, options, torch.manual_seed(seed)) == plain
+
+    probabilities = torch.softmax(logits[0, :1], dim=-1)  # q = p at the first drafted position: always accepted
+    accepted = choose_with_drafts(
+        logits[:1, :2], histories[:1], [Draft([7], probabilities)], options, torch.manual_seed(1)
+    )
+    assert accepted[0][0] == 7 and len(accepted[0]) == 2
+
+
+def test_prompt_lookup_refuses_an_empty_draft_length() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        PromptLookup(0)

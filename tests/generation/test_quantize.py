@@ -12,7 +12,7 @@ import torch
 from conftest import assert_one_line_error, run_cli, shakespeare_text
 from gpt2cli import get_tokenizer, load_model
 from gpt2cli.errors import UsageError
-from gpt2cli.generation.generator import SamplingOptions, TextGenerator, load_generation_model
+from gpt2cli.generation.generator import TextGenerator, load_generation_model
 from gpt2cli.generation.quantize import (
     Int4Linear,
     Int8Linear,
@@ -23,6 +23,7 @@ from gpt2cli.generation.quantize import (
     int4_kernel_missing,
     quantize_model,
 )
+from gpt2cli.generation.records import SamplingOptions
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
 from gpt2cli.runtime.bandwidth import read_bandwidth
 from gpt2cli.settings.sections import GenerationWeights

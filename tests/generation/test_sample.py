@@ -11,17 +11,10 @@ import torch
 
 from conftest import assert_one_line_error, biased_model, cli_env, run_cli
 from gpt2cli import get_tokenizer, load_model
-from gpt2cli.generation.generator import (
-    SamplingOptions,
-    TextGenerator,
-    Timing,
-    apply_repetition_penalty,
-    group_by_length,
-    min_p_filter,
-    top_k_filter,
-    top_p_filter,
-)
+from gpt2cli.generation.generator import TextGenerator, group_by_length
+from gpt2cli.generation.logit_filters import apply_repetition_penalty, min_p_filter, top_k_filter, top_p_filter
 from gpt2cli.generation.quantize import quantize_int8
+from gpt2cli.generation.records import SamplingOptions, Timing
 from gpt2cli.model.gpt2 import GPT2, GPT2Config, KVCache
 
 PROMPT = "The quick brown fox jumps over the lazy dog."

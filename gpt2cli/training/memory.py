@@ -7,7 +7,7 @@ The estimate, in bytes (float32 weights, as training keeps them):
                            in the compute dtype's size, plus one block of the fused loss's logits
     RUNTIME_BYTES          what the first step adds whatever the shape (thread pools, kernel scratch buffers)
 Measured against the peak resident memory of real CPU steps in `benchmarks/memory_estimate.py`: within -11% and
-+19% over six shapes from 7M to 124M parameters, float32 and bf16 (README "Reliability").
++19% over six shapes from 7M to 124M parameters, float32 and bf16 (docs/reliability.md).
 """
 
 from __future__ import annotations

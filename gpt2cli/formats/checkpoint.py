@@ -349,8 +349,12 @@ def write_checkpoint(
     return path
 
 
-def write_hf_config(config: GPT2Config, folder: str | Path) -> Path:
-    """Write `config.json` so transformers' `from_pretrained(folder)` can read our weights file."""
+def write_hf_config(config: GPT2Config, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write `config.json` (atomically) so transformers' `from_pretrained(folder)` can read our weights file;
+    `dtype`: the weights' dtype, recorded as `torch_dtype` where it is known."""
+    values = hf_config_dict(config)
+    if dtype is not None:
+        values["torch_dtype"] = str(dtype).removeprefix("torch.")
     path = Path(folder) / "config.json"
-    atomic_write_bytes(path, (json.dumps(hf_config_dict(config), indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(values, indent=2) + "\n").encode())
     return path

@@ -23,9 +23,9 @@ from gpt2cli.formats.checkpoint import (
     CONV1D_WEIGHTS,
     WEIGHTS_NAME,
     from_checkpoint_tensors,
-    hf_config_dict,
     read_checkpoint,
     save_model,
+    write_hf_config,
 )
 from gpt2cli.formats.gguf import GGUF_TYPES, write_gguf
 from gpt2cli.formats.llmc import LLMC_MAGIC, read_llmc, write_llmc
@@ -137,9 +137,7 @@ def _read_nanogpt(path: Path) -> tuple[dict[str, torch.Tensor], GPT2Config]:
 def _write_hf(model: GPT2, folder: Path, dtype: torch.dtype | None) -> None:
     folder.mkdir()
     save_model(model, folder / WEIGHTS_NAME, dtype=dtype)
-    config = hf_config_dict(model.config)
-    config["torch_dtype"] = str(dtype or model.transformer.wte.weight.dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_hf_config(model.config, folder, dtype or model.transformer.wte.weight.dtype)
     generation = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     write_tokenizer_files(folder, model.config.block_size)

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2cli import __version__
 from gpt2cli.errors import CheckpointError, Gpt2Error, UsageError
-from gpt2cli.formats.checkpoint import checkpoint_layout, hf_config_dict, write_checkpoint
+from gpt2cli.formats.checkpoint import checkpoint_layout, write_checkpoint, write_hf_config
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
 from gpt2cli.observe.trackers import Trackers, open_trackers
 from gpt2cli.runtime.distributed import full_tensor
@@ -192,8 +192,7 @@ class RunFolder:
         with storage_errors(f"the run's settings in {self.path}"):
             atomic_write_bytes(self.path / "config.toml", to_toml(settings).encode())
             if config.bias:
-                config_json = json.dumps(hf_config_dict(config), indent=2) + "\n"
-                atomic_write_bytes(self.path / "config.json", config_json.encode())
+                write_hf_config(config, self.path)
 
     def start_trackers(self, names: list[str], settings: dict[str, Any], resumed_step: int | None) -> None:
         """TensorBoard / W&B, fed every metrics record from now on (`resumed_step`: None for a new run)."""

@@ -13,14 +13,11 @@ from typing import BinaryIO
 
 import numpy as np
 
+from gpt2cli.data.shard_format import HEADER_INTS, MAX_SHARD_TOKENS, SHARD_MAGIC, SHARD_VERSION
 from gpt2cli.data.tokenizer import VOCAB_SIZE
 from gpt2cli.errors import DataError
 from gpt2cli.runtime.files import commit, flush_to_disk, temporary_sibling
-from gpt2cli.settings.types import MAX_SHARD_TOKENS
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 SHARD_MAGIC_BYTES = np.array([SHARD_MAGIC], dtype="<i4").tobytes()

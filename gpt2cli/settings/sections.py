@@ -20,12 +20,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gpt2cli.data.shard_format import MAX_SHARD_TOKENS
 from gpt2cli.errors import UsageError
 from gpt2cli.model.presets import PRESETS, PresetName
 from gpt2cli.settings.sources import read_config_file
 from gpt2cli.settings.types import (
     CONFIG_ENV_VAR,
-    MAX_SHARD_TOKENS,
     CompileMode,
     Device,
     Dtype,

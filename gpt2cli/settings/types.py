@@ -12,7 +12,6 @@ from pydantic import AfterValidator, BeforeValidator, Field
 
 CONFIG_ENV_VAR = "GPT2_CONFIG"
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
-MAX_SHARD_TOKENS = 2**31 - 1  # the shard header stores the token count as an int32
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 StorageDtype = Literal["float32", "bfloat16", "float16"]  # a dtype to hold weights in: no "auto"

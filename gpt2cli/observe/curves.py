@@ -215,19 +215,6 @@ def _case_label(row: dict[str, Any], show_seq: bool) -> str:
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: Sequence[float], width: int, low: float | None = None, high: float | None = None) -> str:
-    """Values as one line of block characters, `width` wide at most (buckets averaged).
-
-    `low`/`high` fix the scale, so that several lines can share it."""
-    if not values or width < 1:
-        return ""
-    data = np.asarray(values, dtype=np.float64)
-    if len(data) > width:
-        edges = np.linspace(0, len(data), width + 1).astype(int)
-        data = np.add.reduceat(data, edges[:-1]) / np.diff(edges)
-    return _blocks(data, low, high)
-
-
 def step_sparkline(
     steps: Sequence[int], values: Sequence[float], first: int, last: int, width: int, low: float, high: float
 ) -> str:

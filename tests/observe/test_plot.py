@@ -14,7 +14,7 @@ import pytest
 
 from conftest import cli_env, run_cli, write_corpus
 from gpt2cli.cli.loss_chart import LossChart
-from gpt2cli.observe.curves import METRICS, downsample, moving_average, sparkline, step_sparkline
+from gpt2cli.observe.curves import METRICS, downsample, moving_average, step_sparkline
 from gpt2cli.observe.metrics import read_metrics
 from gpt2cli.settings.sections import load_settings
 from gpt2cli.settings.types import PlotMetric
@@ -221,14 +221,11 @@ def test_plot_settings_from_environment(monkeypatch):
     assert settings.plot.metrics == ["loss", "lr"] and settings.train.log_to == ["tensorboard", "wandb"]
 
 
-def test_sparkline_scales_to_the_given_range_and_width():
-    assert sparkline([1, 2, 3, 4, 5, 6, 7, 8], 8) == "▁▂▃▄▅▆▇█"
-    assert sparkline(list(range(100)), 10) == "▁▂▃▃▄▅▆▆▇█"  # bucket means, first to last
-    assert sparkline([5.0, 5.0], 4, low=0, high=10) == "▅▅"
-    assert sparkline([], 10) == ""
-
-
 def test_step_sparklines_line_up_train_and_validation():
+    assert step_sparkline(list(range(8)), [1, 2, 3, 4, 5, 6, 7, 8], 0, 7, 8, 1.0, 8.0) == "▁▂▃▄▅▆▇█"
+    assert step_sparkline(list(range(100)), list(range(100)), 0, 99, 10, 4.5, 94.5) == "▁▂▃▃▄▅▆▆▇█"  # column means
+    assert step_sparkline([0, 1], [5.0, 5.0], 0, 1, 4, 0.0, 10.0) == "▅▅"
+    assert step_sparkline([], [], 0, 10, 10, 0.0, 1.0) == ""
     assert step_sparkline([50, 100], [8.0, 6.0], 10, 100, 10, 5.0, 10.0) == "    ▅    ▂"
     chart = LossChart(width=10)
     for step in range(10, 110, 10):

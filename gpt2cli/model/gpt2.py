@@ -254,6 +254,19 @@ class GPT2(nn.Module):
             x = block(x)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
 
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits `(B, T, vocab)` for token ids `idx` `(B, T)`; with `targets` `(B, T)`, also the mean cross-entropy
+        (targets equal to -1 are ignored). Training computes its loss without the logits: `training/loss.py`."""
+        x = self.hidden_states(idx)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        flat_logits = logits.view(-1, logits.size(-1)).float()  # (B*T, vocab)
+        loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
     def next_token_logits(
         self,
         idx: torch.Tensor,
@@ -317,16 +330,3 @@ class GPT2(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cached, layer)
         return x
-
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits `(B, T, vocab)` for token ids `idx` `(B, T)`; with `targets` `(B, T)`, also the mean cross-entropy
-        (targets equal to -1 are ignored). Training computes its loss without the logits: `training/loss.py`."""
-        x = self.hidden_states(idx)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        if targets is None:
-            return logits, None
-        flat_logits = logits.view(-1, logits.size(-1)).float()  # (B*T, vocab)
-        loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return logits, loss

@@ -131,16 +131,7 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
         compile=settings.compile,
         drafting=None if settings.prompt_lookup is None else PromptLookup(settings.prompt_lookup),
     )
-    options = SamplingOptions(
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        min_p=settings.min_p,
-        repetition_penalty=settings.repetition_penalty,
-        stop=tuple(settings.stop),
-        ignore_eot=settings.ignore_eot,
-    )
+    options = SamplingOptions.from_settings(settings)
     rng = None if settings.seed is None else torch.Generator(text_generator.device).manual_seed(settings.seed)
 
     encoded = []

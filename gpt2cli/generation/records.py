@@ -1,21 +1,35 @@
 """The records generation passes around: the sampling options, a completion, and the timing and draft counts
-of a run. A leaf module: the generator, the logit filters, drafting and the server all read these."""
+of a run. The generator, the logit filters, drafting and the server all read these."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from gpt2cli.settings.sections import SampleSettings
+
+_SAMPLE = SampleSettings.model_construct()  # the settings' defaults, unvalidated: the one place they are written
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    ignore_eot: bool = False
+    """How the next token is chosen and when a sequence stops. The fields are `gpt2 sample`'s settings of the same
+    names, with their defaults; unvalidated here, since each caller checks them its own way (the settings for the
+    command line, the request schema for the server, which allows `max_tokens` 0)."""
+
+    max_new_tokens: int = _SAMPLE.max_new_tokens
+    temperature: float = _SAMPLE.temperature  # 0: greedy
+    top_k: int | None = _SAMPLE.top_k
+    top_p: float = _SAMPLE.top_p
+    min_p: float = _SAMPLE.min_p
+    repetition_penalty: float = _SAMPLE.repetition_penalty
+    stop: tuple[str, ...] = tuple(_SAMPLE.stop)
+    ignore_eot: bool = _SAMPLE.ignore_eot
+
+    @classmethod
+    def from_settings(cls, settings: SampleSettings) -> SamplingOptions:
+        """The options `gpt2 sample`'s validated settings ask for."""
+        values = {field.name: getattr(settings, field.name) for field in fields(cls)}
+        return cls(**{**values, "stop": tuple(settings.stop)})
 
 
 @dataclass

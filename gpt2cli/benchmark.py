@@ -6,12 +6,12 @@ reported separately), then `reps` timed runs: mean ± standard deviation of toke
 
 FLOPs per token (nanoGPT's estimate): training 6·N + 12·L·C·T, with N the parameters without the position
 embeddings, L layers, C the width and T the sequence length; a forward pass is a third of that, 2·N + 4·L·C·T;
-prefill projects only the last position onto the vocabulary (`flops.py`). MFU = achieved FLOP/s ÷ the device's
+prefill projects only the last position onto the vocabulary (`model/flops.py`). MFU = achieved FLOP/s ÷ the device's
 dense peak for the dtype (from a table of known GPUs, or --peak-tflops).
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: achieved bandwidth = the bytes a step
 reads (weights as stored, int8/int4 included; see `quantize.decode_bytes_per_token`) × steps/s, reported against
-the read bandwidth measured on this machine (`bandwidth.py`) and, for known GPUs, the table's peak."""
+the read bandwidth measured on this machine (`runtime/bandwidth.py`) and, for known GPUs, the table's peak."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def plan_cases(tests: list[str], batch_sizes: list[int], seq_lens: list[int], bl
 
 
 def case_flops_per_token(model: GPT2, case: Case) -> float:
-    """FLOPs per token of a train, fwd or pp case (see `flops.py`): prefill projects only its last position."""
+    """FLOPs per token of a train, fwd or pp case (see `model/flops.py`): prefill projects only its last position."""
     config, parameters = model.config, model.num_parameters(exclude_positions=True)
     if case.kind == "train":
         return training_flops_per_token(parameters, config.n_layer, config.n_embd, case.seq_len)

@@ -2,7 +2,7 @@
 
 Module and parameter names follow Hugging Face's `GPT2LMHeadModel` so that checkpoints map
 one-to-one; the projections are `nn.Linear` (weight `[out, in]`), transposed to transformers'
-Conv1D layout only when a checkpoint is written (see `checkpoint.py`).
+Conv1D layout only when a checkpoint is written (see `formats/checkpoint.py`).
 
 Shapes in comments: B batch, T time (positions), C channels (n_embd), nh heads, hs head size (C // nh),
 V vocabulary.

@@ -5,7 +5,8 @@ the next decode step. A sequence that finishes (or whose client went away) leave
 into its place, so the active rows are always the first `n` and an eager step reads only them. Each sequence keeps
 its own options and random generator, so what it samples does not depend on what shares the batch.
 
-The sampler, the cache and the decode step are those of `gpt2 sample` (`generation/generator.py`): greedy output is the same.
+The sampler, the cache and the decode step are those of `gpt2 sample` (`generation/generator.py`): greedy output
+is the same.
 No FastAPI here; events go to whoever submitted the sequence through its `emit` callback (called from this thread).
 """
 

@@ -120,7 +120,8 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
     import torch
 
     from gpt2cli.data.tokenizer import get_tokenizer
-    from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing, load_generation_model
+    from gpt2cli.generation.generator import SamplingOptions, TextGenerator, Timing
+    from gpt2cli.generation.loading import load_generation_model
 
     model = load_generation_model(checkpoint, settings, info)
     text_generator = TextGenerator(

@@ -13,7 +13,6 @@ import codecs
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,9 +26,6 @@ from gpt2cli.generation.logit_filters import top_p_filter as top_p_filter
 from gpt2cli.generation.quantize import use_matvec_for_decode
 from gpt2cli.model.gpt2 import GPT2, KVCache
 from gpt2cli.runtime.compile import decode_compile_arguments
-
-if TYPE_CHECKING:
-    from gpt2cli.settings.sections import GenerationWeights
 
 
 @dataclass(frozen=True)
@@ -170,30 +166,6 @@ def accept_token(
         if piece:
             on_text(row, piece)
     return not finished
-
-
-def load_generation_model(
-    checkpoint: str, weights: GenerationWeights, on_summary: Callable[[str], None] | None = None
-) -> GPT2:
-    """A checkpoint ready to generate from (`gpt2 sample` and `gpt2 serve`): on its device, in its dtype, quantized
-    (`on_summary` gets a line saying how). Settings that cannot run (or not fast) are refused before the checkpoint
-    is read."""
-    from gpt2cli.errors import UsageError
-    from gpt2cli.formats.checkpoint import load_model
-    from gpt2cli.generation.quantize import check_quantize_runs, quantize_model
-    from gpt2cli.runtime.devices import DTYPES, int8_runs_fast, keep_freed_memory, resolve_device
-
-    device = resolve_device(weights.device)
-    if weights.dtype == "float16" and device.type == "cpu":
-        raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    check_quantize_runs(weights.quantize, device, weights.compile, weights.group_size, decode=True)
-    keep_freed_memory(device)
-    model = load_model(checkpoint, device=device, dtype=DTYPES[weights.dtype])
-    fallback = int8_runs_fast(device, weights.compile)
-    summary = quantize_model(model, weights.quantize, weights.group_size, int8_fallback=fallback)
-    if on_summary is not None and weights.quantize != "none":
-        on_summary(f"quantized {summary.describe()}")
-    return model
 
 
 DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]

@@ -89,7 +89,7 @@ def _check_writable(output: Path) -> None:
 
 
 def _plot_runs(paths: list[Path], settings: Any, output: Path | None) -> None:
-    from gpt2cli.cli.app import warn
+    from gpt2cli.cli.output import warn
     from gpt2cli.observe.curves import DEFAULT_POINTS, build_panels
     from gpt2cli.observe.metrics import read_metrics
 

@@ -23,8 +23,8 @@ from gpt2cli.cli.options import (
     NHeadOption,
     NLayerOption,
     PresetOption,
+    SectionSetting,
     overrides,
-    setting,
 )
 from gpt2cli.cli.output import info, write_stdout
 from gpt2cli.settings.sections import BenchSettings, ModelSettings
@@ -36,9 +36,7 @@ COLUMNS = [
     *("group_size", "weight_bytes_per_token", "measured_read_gbps", "measured_read_fraction", "error"),
 ]
 
-
-def _b(field: str, panel: str = RUN, *declarations: str, **extra: Any) -> Any:
-    return setting(BenchSettings, field, *declarations, panel=panel, **extra)
+_b = SectionSetting(BenchSettings, RUN)
 
 
 def _ints(text: str | None) -> list[int] | None:

@@ -16,17 +16,15 @@ from gpt2cli.cli.options import (
     DeviceOption,
     DtypeOption,
     JsonOption,
+    SectionSetting,
     TextFieldOption,
     overrides,
-    setting,
 )
 from gpt2cli.cli.output import print_json, progress_bar
 from gpt2cli.settings.sections import DataSettings, EvalSettings
 from gpt2cli.settings.types import Quantize, Task
 
-
-def _e(field: str, panel: str = DATA) -> Any:
-    return setting(EvalSettings, field, panel=panel)
+_e = SectionSetting(EvalSettings, DATA)
 
 
 def command(

@@ -202,8 +202,8 @@ class Runner:
             if dtype is None and self.quantize == "none":
                 self._inference_model = self.model
             else:
-                from gpt2cli.generation.quantize import quantize_model, use_matvec_for_decode
-                from gpt2cli.runtime.devices import int8_runs_fast
+                from gpt2cli.generation.loading import quantize_for_inference
+                from gpt2cli.generation.quantize import use_matvec_for_decode
 
                 with torch.device("meta"):
                     copy = GPT2(self.model.config)
@@ -215,8 +215,9 @@ class Runner:
                 copy.load_state_dict(cast, strict=False, assign=True)
                 copy.tie_weights()
                 self._inference_model = copy.eval().requires_grad_(False)
-                fallback = int8_runs_fast(self.device, self.compile)  # the decode cases run this copy
-                quantize_model(self._inference_model, self.quantize, self.group_size, int8_fallback=fallback)
+                quantize_for_inference(  # the decode cases run this copy
+                    self._inference_model, self.quantize, self.group_size, compile=self.compile, decode=True
+                )
                 if self.device.type == "cpu" and dtype == torch.bfloat16:
                     use_matvec_for_decode(self._inference_model)
         return self._inference_model

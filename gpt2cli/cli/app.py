@@ -17,11 +17,10 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from gpt2cli import __version__
-from gpt2cli.cli.output import OutputClosed
+from gpt2cli.cli.output import PROG, OutputClosed, warn
 from gpt2cli.errors import Gpt2Error
 
 PLUGIN_GROUP = "gpt2cli.commands"
-PROG = "gpt2"
 EXIT_INTERRUPTED = 130
 
 
@@ -45,10 +44,6 @@ ROOT_HELP = (
     "Data goes to stdout; progress, logs and warnings to stderr. Exit codes: 0 success, 1 failure, "
     "2 invalid usage or settings, 130 interrupted. Set GPT2_DEBUG=1 for full tracebacks."
 )
-
-
-def warn(message: str) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 # The metavars click users know (`--lr FLOAT`), instead of Typer's `<float>`; flags that take no value show none.

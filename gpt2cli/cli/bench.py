@@ -23,8 +23,8 @@ from gpt2cli.cli.options import (
     NHeadOption,
     NLayerOption,
     PresetOption,
+    SectionSetting,
     overrides,
-    setting,
 )
 from gpt2cli.cli.output import info, write_stdout
 from gpt2cli.settings.sections import BenchSettings, ModelSettings
@@ -36,9 +36,7 @@ COLUMNS = [
     *("group_size", "weight_bytes_per_token", "measured_read_gbps", "measured_read_fraction", "error"),
 ]
 
-
-def _b(field: str, panel: str = RUN, *declarations: str, **extra: Any) -> Any:
-    return setting(BenchSettings, field, *declarations, panel=panel, **extra)
+_b = SectionSetting(BenchSettings, RUN)
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -101,16 +99,15 @@ def run_bench(settings: Any) -> None:
     import torch
 
     from gpt2cli.benchmark import Runner, environment, parse_tests, plan_cases
-    from gpt2cli.generation.quantize import check_quantize_runs
+    from gpt2cli.generation.loading import prepare_inference
     from gpt2cli.model.gpt2 import GPT2
-    from gpt2cli.runtime.devices import keep_freed_memory, resolve_device, resolve_precision
+    from gpt2cli.runtime.devices import resolve_device, resolve_precision
 
     options = settings.bench
     tests = parse_tests(options.tests)
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
-    check_quantize_runs(options.quantize, device, options.compile, options.group_size, decode=True)
-    keep_freed_memory(device)
+    prepare_inference(device, options.quantize, options.group_size, compile=options.compile, decode=True)
     config = settings.model.to_config()
     cases = plan_cases(tests, options.batch_sizes, options.seq_lens or [config.block_size], config.block_size)
     torch.manual_seed(0)

@@ -67,7 +67,7 @@ def verify_command(
     """Check every entry against its checksum; a damaged one is removed (the next run tokenizes it again).
 
     Exits 1 when an entry was damaged."""
-    from gpt2cli.cli.app import warn
+    from gpt2cli.cli.output import warn
 
     reports = _show(_cache(config, cache_dir), verify=True, json_output=json_output)
     damaged = [report for report in reports if report.status.startswith("damaged")]

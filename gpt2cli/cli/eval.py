@@ -16,17 +16,15 @@ from gpt2cli.cli.options import (
     DeviceOption,
     DtypeOption,
     JsonOption,
+    SectionSetting,
     TextFieldOption,
     overrides,
-    setting,
 )
 from gpt2cli.cli.output import print_json, progress_bar
 from gpt2cli.settings.sections import DataSettings, EvalSettings
 from gpt2cli.settings.types import Quantize, Task
 
-
-def _e(field: str, panel: str = DATA) -> Any:
-    return setting(EvalSettings, field, panel=panel)
+_e = SectionSetting(EvalSettings, DATA)
 
 
 def command(
@@ -74,19 +72,16 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     from gpt2cli.data.tokenizer import get_tokenizer
     from gpt2cli.errors import UsageError
     from gpt2cli.evaluation import evaluate_lm, evaluate_multiple_choice, load_eval_tokens, read_multiple_choice
-    from gpt2cli.formats.checkpoint import load_model
-    from gpt2cli.generation.quantize import check_quantize_runs, quantize_model
-    from gpt2cli.runtime.devices import keep_freed_memory, resolve_device, resolve_precision
+    from gpt2cli.generation.loading import load_inference_model
+    from gpt2cli.runtime.devices import resolve_device, resolve_precision
 
     options = settings.eval
     device = resolve_device(options.device)
     precision = resolve_precision(options.dtype, device)
-    check_quantize_runs(options.quantize, device, False, options.group_size, decode=False)  # scoring passes only
-    keep_freed_memory(device)
-    model = load_model(checkpoint, device=device)
-    summary = quantize_model(model, options.quantize, options.group_size)
-    if options.quantize != "none":
-        info(f"quantized {summary.describe()}")
+    # The weights as stored, computed under autocast in `precision`; scoring passes only, no decode loop.
+    model, summary = load_inference_model(
+        checkpoint, device, None, options.quantize, options.group_size, decode=False, on_summary=info
+    )
     block = model.config.block_size
     context = options.context or block
     if context > block:

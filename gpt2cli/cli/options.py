@@ -8,6 +8,7 @@ parameters by the sections' field names, so no command restates its flags in a d
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,6 +65,19 @@ def setting(section: type[BaseModel], field: str, *declarations: str, panel: str
         rich_help_panel=panel,
         **extra,
     )
+
+
+@dataclass(frozen=True)
+class SectionSetting:
+    """`setting` bound to one command's settings section and the panel most of its flags go in. A command module
+    names one, `_s = SectionSetting(SampleSettings, DECODING)`, and declares each flag with it: `_s("top_k")`,
+    `_s("quantize", SPEED)`, `_s("ignore_eot", DECODING, "--ignore-eot/--stop-at-eot")`."""
+
+    section: type[BaseModel]
+    panel: str
+
+    def __call__(self, field: str, panel: str | None = None, *declarations: str, **extra: Any) -> Any:
+        return setting(self.section, field, *declarations, panel=panel or self.panel, **extra)
 
 
 def given(values: Mapping[str, Any], section: type[BaseModel]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # Rich is imported on first use: a command that prints only data never pays for it
     from rich.console import Console
 
+PROG = "gpt2"  # the program's name: `gpt2: warning: ...`, `gpt2: error: ...`
+
 
 @lru_cache(maxsize=1)
 def stderr_console() -> Console:
@@ -23,6 +25,11 @@ def stderr_console() -> Console:
 def info(message: str) -> None:
     """A human-readable message on stderr (never on stdout, which carries data)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """`gpt2: warning: MESSAGE` on stderr: something the user should know about, that does not stop the command."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 class OutputClosed(Exception):

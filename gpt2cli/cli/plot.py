@@ -10,13 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
-from gpt2cli.cli.options import OUTPUT, ConfigOption, overrides, setting
+from gpt2cli.cli.options import OUTPUT, ConfigOption, SectionSetting, overrides
 from gpt2cli.settings.sections import PlotSettings
 from gpt2cli.settings.types import PlotX
 
-
-def _p(field: str, *declarations: str, panel: str = OUTPUT, **extra: Any) -> Any:
-    return setting(PlotSettings, field, *declarations, panel=panel, **extra)
+_p = SectionSetting(PlotSettings, OUTPUT)
 
 
 def command(
@@ -38,10 +36,10 @@ def command(
             rich_help_panel=OUTPUT,
         ),
     ] = None,
-    metrics: Annotated[str | None, _p("metrics", "--metric")] = None,
-    x: Annotated[PlotX | None, _p("x", "--x")] = None,
+    metrics: Annotated[str | None, _p("metrics", OUTPUT, "--metric")] = None,
+    x: Annotated[PlotX | None, _p("x", OUTPUT, "--x")] = None,
     smooth: Annotated[int | None, _p("smooth")] = None,
-    log_y: Annotated[bool | None, _p("log_y", "--log-y/--no-log-y")] = None,
+    log_y: Annotated[bool | None, _p("log_y", OUTPUT, "--log-y/--no-log-y")] = None,
     width: Annotated[int | None, _p("width")] = None,
     height: Annotated[int | None, _p("height")] = None,
     config: ConfigOption = None,
@@ -89,7 +87,7 @@ def _check_writable(output: Path) -> None:
 
 
 def _plot_runs(paths: list[Path], settings: Any, output: Path | None) -> None:
-    from gpt2cli.cli.app import warn
+    from gpt2cli.cli.output import warn
     from gpt2cli.observe.curves import DEFAULT_POINTS, build_panels
     from gpt2cli.observe.metrics import read_metrics
 

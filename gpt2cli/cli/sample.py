@@ -18,19 +18,16 @@ from gpt2cli.cli.options import (
     ConfigOption,
     DeviceOption,
     DtypeOption,
+    SectionSetting,
     SeedOption,
     overrides,
-    setting,
 )
 from gpt2cli.cli.output import info, write_stdout
 from gpt2cli.settings.sections import SampleSettings
 from gpt2cli.settings.types import Quantize
 
 DECODING = "Decoding"
-
-
-def _s(field: str, panel: str = DECODING, *declarations: str) -> Any:
-    return setting(SampleSettings, field, *declarations, panel=panel)
+_s = SectionSetting(SampleSettings, DECODING)
 
 
 def command(
@@ -62,9 +59,7 @@ def command(
     num_samples: Annotated[int | None, _s("num_samples")] = None,
     stop: Annotated[list[str] | None, _s("stop")] = None,
     ignore_eot: Annotated[bool | None, _s("ignore_eot", DECODING, "--ignore-eot/--stop-at-eot")] = None,
-    prompt_lookup: Annotated[
-        int | None, setting(SampleSettings, "prompt_lookup", "--prompt-lookup", panel=SPEED, metavar="N")
-    ] = None,
+    prompt_lookup: Annotated[int | None, _s("prompt_lookup", SPEED, "--prompt-lookup", metavar="N")] = None,
     device: DeviceOption[SampleSettings] = None,
     dtype: DtypeOption[SampleSettings] = None,
     quantize: Annotated[Quantize | None, _s("quantize", SPEED)] = None,
@@ -121,7 +116,8 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
 
     from gpt2cli.data.tokenizer import get_tokenizer
     from gpt2cli.generation.drafting import PromptLookup
-    from gpt2cli.generation.generator import TextGenerator, load_generation_model
+    from gpt2cli.generation.generator import TextGenerator
+    from gpt2cli.generation.loading import load_generation_model
     from gpt2cli.generation.records import SamplingOptions, Timing
 
     model = load_generation_model(checkpoint, settings, info)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from gpt2cli.cli.options import (
     OUTPUT,
@@ -12,17 +12,14 @@ from gpt2cli.cli.options import (
     ConfigOption,
     DeviceOption,
     DtypeOption,
+    SectionSetting,
     overrides,
-    setting,
 )
 from gpt2cli.settings.sections import ServeSettings
 from gpt2cli.settings.types import Quantize
 
 SERVER, LIMITS = "Server", "Limits"
-
-
-def _s(field: str, panel: str = SERVER, *declarations: str) -> Any:
-    return setting(ServeSettings, field, *declarations, panel=panel)
+_s = SectionSetting(ServeSettings, SERVER)
 
 
 def command(

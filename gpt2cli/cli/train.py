@@ -143,7 +143,7 @@ def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], 
 
 
 def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, json_output: bool) -> None:
-    from gpt2cli.cli.app import warn
+    from gpt2cli.cli.output import warn
     from gpt2cli.cli.train_display import TrainingDisplay, print_summary
     from gpt2cli.data.encoding import EncodeOptions
     from gpt2cli.data.inputs import bundled_corpus, load_token_data

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,9 +23,6 @@ from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
 from gpt2cli.runtime.compile import decode_compile_arguments
 
-if TYPE_CHECKING:
-    from gpt2cli.settings.sections import GenerationWeights
-
 
 def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]]:
     """Indices of the prompts, each repeated `copies` times, grouped by token length in order of first appearance.
@@ -37,30 +33,6 @@ def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]
     for index, prompt in enumerate(prompts):
         groups.setdefault(len(prompt), []).extend([index] * copies)
     return list(groups.values())
-
-
-def load_generation_model(
-    checkpoint: str, weights: GenerationWeights, on_summary: Callable[[str], None] | None = None
-) -> GPT2:
-    """A checkpoint ready to generate from (`gpt2 sample` and `gpt2 serve`): on its device, in its dtype, quantized
-    (`on_summary` gets a line saying how). Settings that cannot run (or not fast) are refused before the checkpoint
-    is read."""
-    from gpt2cli.errors import UsageError
-    from gpt2cli.formats.checkpoint import load_model
-    from gpt2cli.generation.quantize import check_quantize_runs, quantize_model
-    from gpt2cli.runtime.devices import DTYPES, int8_runs_fast, keep_freed_memory, resolve_device
-
-    device = resolve_device(weights.device)
-    if weights.dtype == "float16" and device.type == "cpu":
-        raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
-    check_quantize_runs(weights.quantize, device, weights.compile, weights.group_size, decode=True)
-    keep_freed_memory(device)
-    model = load_model(checkpoint, device=device, dtype=DTYPES[weights.dtype])
-    fallback = int8_runs_fast(device, weights.compile)
-    summary = quantize_model(model, weights.quantize, weights.group_size, int8_fallback=fallback)
-    if on_summary is not None and weights.quantize != "none":
-        on_summary(f"quantized {summary.describe()}")
-    return model
 
 
 DecodeStep = Callable[[torch.Tensor, KVCache, torch.Tensor, int], torch.Tensor]

@@ -48,7 +48,7 @@ def request_logger(json_logs: bool) -> Any:
 
 def load_engine(checkpoint: str, settings: ServeSettings, state: ServerState) -> None:
     """Load the model and start the engine (on the loader thread); the server answers 503 until this ends."""
-    from gpt2cli.generation.generator import load_generation_model
+    from gpt2cli.generation.loading import load_generation_model
     from gpt2cli.serving.engine import Engine
     from gpt2cli.serving.protocol import Limits
 

@@ -12,7 +12,8 @@ import torch
 from conftest import assert_one_line_error, run_cli, shakespeare_text
 from gpt2cli import get_tokenizer, load_model
 from gpt2cli.errors import UsageError
-from gpt2cli.generation.generator import TextGenerator, load_generation_model
+from gpt2cli.generation.generator import TextGenerator
+from gpt2cli.generation.loading import load_generation_model
 from gpt2cli.generation.quantize import (
     Int4Linear,
     Int8Linear,

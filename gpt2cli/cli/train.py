@@ -175,7 +175,7 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
     # One writer per run folder: rank 0 holds its lock from before the first file is touched until the process ends.
     # Taken after tokenizing, so the forked tokenizer workers never inherit it.
     writer = RunFolder(out).writer_lock() if world.is_main else contextlib.nullcontext()
-    with writer, _graceful_interrupt(announce=world.is_main) as stop:
+    with writer, GracefulInterrupt(announce=world.is_main) as stop:
         trainer = prepare_trainer(
             settings, data, out, precision, world=world, report=display.report, should_stop=stop.requested
         )
@@ -194,7 +194,7 @@ def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, jso
             print_json(summary)
 
 
-class _graceful_interrupt:
+class GracefulInterrupt:
     """First Ctrl-C or SIGTERM (what Slurm and Kubernetes send before killing a job): finish the step, save, exit
     128 + the signal (130, 143). A second one: stop at once (the last checkpoint is intact)."""
 
@@ -216,7 +216,7 @@ class _graceful_interrupt:
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             info(f"{name}: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
 
-    def __enter__(self) -> _graceful_interrupt:
+    def __enter__(self) -> GracefulInterrupt:
         self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         return self
 

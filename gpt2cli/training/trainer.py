@@ -1,8 +1,8 @@
-"""Training: the plan (numbers derived from the settings), the step, the loop and evaluation.
+"""Training: the step, the loop and evaluation.
 
-The pieces a run needs (model, optimizer, data windows, restored state) are prepared by `training_setup.py`; every
-file of the run folder is written by `run_folder.py`. Read `Trainer.run` and `Trainer._loop`, then
-`Trainer._train_step`, top to bottom.
+The run's numbers come from `plan.py`; the pieces a run needs (model, optimizer, data windows, restored state) are
+prepared by `setup.py`; every file of the run folder is written by `run_folder.py`. Read `Trainer.run` and
+`Trainer._loop`, then `Trainer._train_step`, top to bottom.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Progress:
 class Trainer:
     """One training run: `run()` trains until the planned step, saving and evaluating on the way.
 
-    It receives its pieces prepared (see `training_setup.prepare_trainer`) and changes no settings object."""
+    It receives its pieces prepared (see `setup.prepare_trainer`) and changes no settings object."""
 
     def __init__(
         self,

@@ -123,8 +123,10 @@ def prepare_trainer(
 
     model = build_model(settings, device, resume_from)
     seq_len = train.seq_len or model.config.block_size
-    plan = plan_run(train, model.config, len(Windows(data.train, seq_len)), world.world_size)
-    if data.val and len(Windows(data.val, seq_len)) == 0:
+    # Built once here and handed to the Trainer: the plan, the sampler and the loop read the same windows.
+    train_windows, val_windows = Windows(data.train, seq_len), Windows(data.val, seq_len)
+    plan = plan_run(train, model.config, len(train_windows), world.world_size)
+    if data.val and len(val_windows) == 0:
         raise DataError(
             f"the validation data ({data.val_tokens} tokens) is shorter than one window of {seq_len + 1} tokens; "
             "raise --val-fraction, give --val-data, or lower --seq-len"
@@ -162,7 +164,7 @@ def prepare_trainer(
     optimizer = _build_optimizer(settings, model, device)
     sharded = is_sharded(model.transformer.wte.weight)
     scaler = _grad_scaler(device, sharded) if precision.needs_scaler else None
-    sampler = WindowSampler(len(Windows(data.train, seq_len)), train.seed)
+    sampler = WindowSampler(len(train_windows), train.seed)
     progress = Progress()
     if saved_state is not None:
         progress = _restore(saved_state, resume_from, model, optimizer, scaler, device)  # type: ignore[arg-type]
@@ -173,6 +175,8 @@ def prepare_trainer(
     return Trainer(
         settings=settings,
         data=data,
+        train_windows=train_windows,
+        val_windows=val_windows,
         plan=plan,
         model=model,
         trained=trained,

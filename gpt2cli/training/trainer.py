@@ -79,6 +79,8 @@ class Trainer:
         *,
         settings: Settings,
         data: TokenData,
+        train_windows: Windows,
+        val_windows: Windows,
         plan: RunPlan,
         model: GPT2,
         trained: torch.nn.Module,
@@ -96,8 +98,8 @@ class Trainer:
         self.settings = settings
         self.train_settings = settings.train
         self.data = data
-        self.train_windows = Windows(data.train, plan.seq_len)
-        self.val_windows = Windows(data.val, plan.seq_len)
+        self.train_windows = train_windows  # over data.train and data.val, windows of plan.seq_len tokens
+        self.val_windows = val_windows
         self.plan = plan
         self.model = model  # the GPT2 itself: its parameter names are the checkpoint's
         self.trained = trained  # what the step calls: a TrainingModel, DDP around one, or one sharded by FSDP

@@ -103,3 +103,20 @@ def test_a_refused_run_writes_nothing_and_settings_are_not_changed(tmp_path, tok
     trainer = prepare_trainer(settings, tokens, out, resolve_precision("float32", torch.device("cpu")))
     assert settings.model_dump() == before  # the saved schedule is kept in a copy
     assert trainer.plan.schedule.total_steps == 2 and trainer.settings.train.schedule_steps == 2
+
+
+def test_the_windows_are_built_once_and_shared(tmp_path, tokens, monkeypatch):
+    import gpt2cli.training.setup as setup
+    from gpt2cli.training.batches import Windows
+
+    built = []
+
+    class CountedWindows(Windows):
+        def __init__(self, segments, seq_len):
+            super().__init__(segments, seq_len)
+            built.append(self)
+
+    monkeypatch.setattr(setup, "Windows", CountedWindows)
+    trainer = make_trainer(tokens, tmp_path / "run", max_steps=1)
+    assert built == [trainer.train_windows, trainer.val_windows]  # one over the training data, one over validation
+    assert trainer.sampler.count == len(trainer.train_windows)

@@ -61,7 +61,7 @@ def test_a_trainer_built_in_process_learns(tmp_path, tokens):
     summary = trainer.run()
     losses = [record["loss"] for record in metrics(out)]
     assert len(losses) == 12 and losses[0] > 10.5 and losses[-1] < losses[0] - 1.5
-    assert summary["steps"] == 12 and summary["val_loss"] < 10.0
+    assert summary.steps == 12 and summary.val_loss < 10.0
     assert trainer.folder.latest_checkpoint() == out / "checkpoints" / "step-000012"
 
 

@@ -123,8 +123,8 @@ def time_live_training(steps: int, folder: Path) -> dict[str, float]:
     shown: list[Any] = []
 
     class OnATerminal(train_display.TrainingDisplay):
-        def __init__(self, data_line: str) -> None:
-            super().__init__(data_line)
+        def __init__(self) -> None:
+            super().__init__()
             self.interactive = True
             shown.append(self)
 

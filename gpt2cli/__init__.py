@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT2", "GPT2Config", "__version__", "get_tokenizer", "load_model", "save_model"]
+__all__ = ["GPT2", "GPT2Config", "__version__", "get_tokenizer", "load_model", "save_model", "train"]
 
 _LAZY = {
     "GPT2": "gpt2cli.model.gpt2",
@@ -18,12 +18,14 @@ _LAZY = {
     "load_model": "gpt2cli.formats.checkpoint",
     "save_model": "gpt2cli.formats.checkpoint",
     "get_tokenizer": "gpt2cli.data.tokenizer",
+    "train": "gpt2cli.training.run",
 }
 
 if TYPE_CHECKING:
     from gpt2cli.data.tokenizer import get_tokenizer
     from gpt2cli.formats.checkpoint import load_model, save_model
     from gpt2cli.model.gpt2 import GPT2, GPT2Config
+    from gpt2cli.training.run import train
 
 
 def __getattr__(name: str) -> Any:

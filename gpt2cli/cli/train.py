@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import signal
-import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,19 +27,18 @@ from gpt2cli.cli.options import (
     NHeadOption,
     NLayerOption,
     PresetOption,
+    SectionSetting,
     SeedOption,
     TextFieldOption,
     overrides,
     profile_help,
     setting,
 )
-from gpt2cli.cli.output import info, print_json
+from gpt2cli.cli.output import print_json
 from gpt2cli.settings.sections import DEFAULT_RUN, DataSettings, ModelSettings, TrainSettings
 from gpt2cli.settings.types import MuonAdjustLr, OptimizerName, Parallel, Schedule
 
-
-def _t(field: str, panel: str, *declarations: str) -> Any:
-    return setting(TrainSettings, field, *declarations, panel=panel)
+_t = SectionSetting(TrainSettings, RUN)  # every flag names its panel
 
 
 def command(
@@ -116,110 +113,26 @@ def command(
 command.__doc__ = f"{inspect.cleandoc(command.__doc__ or '')}\n\n{profile_help(DEFAULT_RUN)}"
 
 
-def run_training_command(config: Path | None, flags: dict[str, dict[str, Any]], json_output: bool) -> None:
-    from gpt2cli.observe.trackers import check_trackers
-    from gpt2cli.runtime.devices import resolve_device
-    from gpt2cli.runtime.distributed import barrier, from_environment, start, stop
-    from gpt2cli.training.run_folder import new_run_folder
+def run_training_command(config: Path | None, flags: Mapping[str, Mapping[str, Any]], json_output: bool) -> None:
+    """Resolve the settings, train (`training.run`) with the live display, then print the summary (rank 0 only)."""
+    from gpt2cli.cli.train_display import TrainingDisplay, print_summary
+    from gpt2cli.runtime.distributed import from_environment
+    from gpt2cli.training.run import run_training
     from gpt2cli.training.setup import resolve_settings
     from gpt2cli.training.trainer import Interrupted
 
-    settings, bundled = resolve_settings(config, flags)
-    check_trackers(settings.train.log_to)  # a missing tracker package stops here, before any training starts
-    world = from_environment()
-    out = Path(settings.train.out) if settings.train.out else new_run_folder(world.distributed)
-
-    device = start(world, resolve_device(settings.train.device))
+    settings = resolve_settings(config, flags)
+    main = from_environment().is_main
+    display = TrainingDisplay()
     try:
-        _train(settings, bundled, out, world, device, json_output)
-        # Leave together: a rank tearing the group down while rank 0 still writes could abort in gloo's threads.
-        barrier(world)
+        summary = run_training(settings, report=display.report)
     except Interrupted as interrupted:
-        if world.is_main:
+        if main:
             raise
         raise SystemExit(interrupted.exit_code) from None  # every rank stops together; rank 0 tells the user
     finally:
-        stop()
-
-
-def _train(settings: Any, bundled: bool, out: Path, world: Any, device: Any, json_output: bool) -> None:
-    from gpt2cli.cli.output import warn
-    from gpt2cli.cli.train_display import TrainingDisplay, print_summary
-    from gpt2cli.data.encoding import EncodeOptions
-    from gpt2cli.data.inputs import bundled_corpus, load_token_data
-    from gpt2cli.runtime.devices import resolve_precision
-    from gpt2cli.runtime.files import default_cache_dir
-    from gpt2cli.training.run_folder import RunFolder
-    from gpt2cli.training.setup import prepare_trainer, with_absolute_paths
-    from gpt2cli.training.trainer import Interrupted
-
-    precision = resolve_precision(settings.train.dtype, device)
-    options = EncodeOptions.from_settings(settings.data)
-    started = time.perf_counter()
-    data = load_token_data(
-        [str(bundled_corpus())] if bundled else settings.data.paths,
-        settings.train.val_data,
-        settings.train.val_fraction,
-        options,
-        Path(settings.data.cache_dir) if settings.data.cache_dir else default_cache_dir(),
-        settings.data.workers,
-        warn=warn,
-    )
-    settings = with_absolute_paths(settings, out)  # once found: errors name the paths as given
-    source = "the bundled Shakespeare corpus" if bundled else f"{len(data.sources)} source(s)"
-    processes = f", {world.world_size} processes" if world.distributed else ""
-    display = TrainingDisplay(
-        f"tokens: {data.train_tokens:,} for training, {data.val_tokens:,} for validation, from {source} "
-        f"({time.perf_counter() - started:.1f} s){processes}"
-    )
-    # One writer per run folder: rank 0 holds its lock from before the first file is touched until the process ends.
-    # Taken after tokenizing, so the forked tokenizer workers never inherit it.
-    writer = RunFolder(out).writer_lock() if world.is_main else contextlib.nullcontext()
-    with writer, _graceful_interrupt(announce=world.is_main) as stop:
-        trainer = prepare_trainer(
-            settings, data, out, precision, world=world, report=display.report, should_stop=stop.requested
-        )
-        try:
-            summary = trainer.run()
-        except Interrupted as interrupted:
-            # The shell's convention, 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM. Under torchrun a rank may stop
-            # because another one was signalled.
-            interrupted.exit_code = 128 + (stop.signal or signal.SIGINT)
-            raise
-        finally:
-            display.close()
-    if world.is_main:
+        display.close()
+    if main:
         print_summary(summary)
         if json_output:
-            print_json(summary)
-
-
-class _graceful_interrupt:
-    """First Ctrl-C or SIGTERM (what Slurm and Kubernetes send before killing a job): finish the step, save, exit
-    128 + the signal (130, 143). A second one: stop at once (the last checkpoint is intact)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, announce: bool = True) -> None:
-        self.signal = 0
-        self.announce = announce  # under torchrun every rank gets the signal; rank 0 alone says so
-        self.previous: dict[int, Any] = {}
-
-    def requested(self) -> bool:
-        return self.signal != 0
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signal:
-            raise KeyboardInterrupt
-        self.signal = signum
-        if self.announce:
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            info(f"{name}: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
-
-    def __enter__(self) -> _graceful_interrupt:
-        self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
+            print_json(summary.to_dict())

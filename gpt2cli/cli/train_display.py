@@ -4,10 +4,13 @@ and the summary table at the end."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpt2cli.cli.loss_chart import LossChart
 from gpt2cli.cli.output import info
+
+if TYPE_CHECKING:
+    from gpt2cli.training.trainer import TrainingSummary
 
 SAMPLE_PROMPT = "ROMEO:"
 
@@ -32,17 +35,24 @@ def _format_duration(seconds: float) -> str:
 
 
 class TrainingDisplay:
-    """A live line and loss chart on a terminal (Rich), plain log lines otherwise; both on stderr."""
+    """A live line and loss chart on a terminal (Rich), plain log lines otherwise; both on stderr. `report` is the
+    run's callback (`training.run`): it receives the events and payloads the core sends."""
 
-    def __init__(self, data_line: str) -> None:
-        self.data_line = data_line  # shown with the settings once the run is under way (errors come alone)
+    def __init__(self) -> None:
+        self.data_line = ""  # shown with the settings once the run is under way (errors come alone)
         self.interactive = sys.stderr.isatty()
         self.live: Any = None
         self.chart: LossChart | None = None
         self.started_step = 0
 
     def report(self, event: str, payload: dict[str, Any]) -> None:
-        if event == "start":
+        if event == "data":
+            self.data_line = _data_line(payload)
+        elif event == "warning":
+            from gpt2cli.cli.app import warn
+
+            warn(payload["message"])
+        elif event == "start":
             _print_settings(payload["settings"])
             info(self.data_line)
             self.started_step = payload["resumed_at"]
@@ -103,27 +113,36 @@ class TrainingDisplay:
             self.live = None
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def _data_line(payload: dict[str, Any]) -> str:
+    source = "the bundled Shakespeare corpus" if payload["bundled"] else f"{payload['sources']} source(s)"
+    processes = f", {payload['processes']} processes" if payload["processes"] > 1 else ""
+    return (
+        f"tokens: {payload['train_tokens']:,} for training, {payload['val_tokens']:,} for validation, from {source} "
+        f"({payload['load_s']:.1f} s){processes}"
+    )
+
+
+def print_summary(summary: TrainingSummary) -> None:
     from rich.table import Table
 
     from gpt2cli.cli.output import stderr_console
 
     table = Table(title="training finished", show_header=False, title_justify="left")
     rows = [
-        ("steps", f"{summary['steps']:,}"),
-        ("tokens", f"{summary['tokens']:,}"),
-        ("wall time", _format_duration(summary["elapsed_s"])),
-        ("final train loss", f"{summary['train_loss']:.4f}" if summary["train_loss"] is not None else "-"),
-        ("final val loss", f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "-"),
+        ("steps", f"{summary.steps:,}"),
+        ("tokens", f"{summary.tokens:,}"),
+        ("wall time", _format_duration(summary.elapsed_s)),
+        ("final train loss", f"{summary.train_loss:.4f}" if summary.train_loss is not None else "-"),
+        ("final val loss", f"{summary.val_loss:.4f}" if summary.val_loss is not None else "-"),
         *(
-            [("final HellaSwag acc_norm", f"{summary['hellaswag_acc_norm']:.4f}")]
-            if "hellaswag_acc_norm" in summary
+            [("final HellaSwag acc_norm", f"{summary.hellaswag_acc_norm:.4f}")]
+            if summary.hellaswag_acc_norm is not None
             else []
         ),
-        ("mean tokens/s", f"{summary['tokens_per_s']:,.0f}"),
-        ("weights", summary["model"]),
+        ("mean tokens/s", f"{summary.tokens_per_s:,.0f}"),
+        ("weights", str(summary.model)),
     ]
     for name, value in rows:
         table.add_row(name, value)
     stderr_console().print(table)
-    info(f'sample from it: gpt2 sample {summary["model"]} --prompt "{SAMPLE_PROMPT}"')
+    info(f'sample from it: gpt2 sample {summary.model} --prompt "{SAMPLE_PROMPT}"')

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,13 +33,13 @@ from gpt2cli.training.run_folder import RunFolder, restore_rng
 from gpt2cli.training.trainer import Progress, Report, Trainer
 
 
-def resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> tuple[Settings, bool]:
-    """The run's settings, and whether it is the embedded default run (no data given anywhere).
+def resolve_settings(config: str | os.PathLike[str] | None, flags: Mapping[str, Mapping[str, Any]]) -> Settings:
+    """The run's settings from the config file, the environment and the flags given, as `gpt2 train` resolves them.
 
-    `--resume` reads the run's own saved settings (unless --config is given); flags given now still win.
+    No data given anywhere is the embedded default run (its profile under the other sources); `--resume` reads the
+    run's own saved settings (unless --config is given), with the flags given now still winning.
     """
     probe = load_settings(config, flags)
-    bundled = not probe.data.paths
     if probe.train.resume:
         if probe.train.out is None:
             raise UsageError("--resume needs --out, the folder of the run to continue")
@@ -47,9 +47,8 @@ def resolve_settings(config: Path | None, flags: dict[str, dict[str, Any]]) -> t
         if config is None and saved.is_file():
             # The saved settings are the run's resolved ones: the default-run profile is not laid over them again,
             # so a run saved before the profile changed (e.g. AdamW before Muon) resumes as it was started.
-            resumed = load_settings(saved, flags)
-            return resumed, not resumed.data.paths
-    return load_settings(config, flags, profile=DEFAULT_RUN if bundled else None), bundled
+            return load_settings(saved, flags)
+    return load_settings(config, flags, profile=None if probe.data.paths else DEFAULT_RUN)
 
 
 def with_absolute_paths(settings: Settings, out: Path) -> Settings:
@@ -123,8 +122,10 @@ def prepare_trainer(
 
     model = build_model(settings, device, resume_from)
     seq_len = train.seq_len or model.config.block_size
-    plan = plan_run(train, model.config, len(Windows(data.train, seq_len)), world.world_size)
-    if data.val and len(Windows(data.val, seq_len)) == 0:
+    # Built once here and handed to the Trainer: the plan, the sampler and the loop read the same windows.
+    train_windows, val_windows = Windows(data.train, seq_len), Windows(data.val, seq_len)
+    plan = plan_run(train, model.config, len(train_windows), world.world_size)
+    if data.val and len(val_windows) == 0:
         raise DataError(
             f"the validation data ({data.val_tokens} tokens) is shorter than one window of {seq_len + 1} tokens; "
             "raise --val-fraction, give --val-data, or lower --seq-len"
@@ -162,7 +163,7 @@ def prepare_trainer(
     optimizer = _build_optimizer(settings, model, device)
     sharded = is_sharded(model.transformer.wte.weight)
     scaler = _grad_scaler(device, sharded) if precision.needs_scaler else None
-    sampler = WindowSampler(len(Windows(data.train, seq_len)), train.seed)
+    sampler = WindowSampler(len(train_windows), train.seed)
     progress = Progress()
     if saved_state is not None:
         progress = _restore(saved_state, resume_from, model, optimizer, scaler, device)  # type: ignore[arg-type]
@@ -173,6 +174,8 @@ def prepare_trainer(
     return Trainer(
         settings=settings,
         data=data,
+        train_windows=train_windows,
+        val_windows=val_windows,
         plan=plan,
         model=model,
         trained=trained,

@@ -1,8 +1,8 @@
-"""Training: the plan (numbers derived from the settings), the step, the loop and evaluation.
+"""Training: the step, the loop and evaluation.
 
-The pieces a run needs (model, optimizer, data windows, restored state) are prepared by `training_setup.py`; every
-file of the run folder is written by `run_folder.py`. Read `Trainer.run` and `Trainer._loop`, then
-`Trainer._train_step`, top to bottom.
+The run's numbers come from `plan.py`; the pieces a run needs (model, optimizer, data windows, restored state) are
+prepared by `setup.py`; every file of the run folder is written by `run_folder.py`. Read `Trainer.run` and
+`Trainer._loop`, then `Trainer._train_step`, top to bottom.
 """
 
 from __future__ import annotations
@@ -66,19 +66,47 @@ class Progress:
     last_val_loss: float | None = None
 
 
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What a finished run reports; `to_dict()` is the document `gpt2 train --json` prints."""
+
+    out: Path  # the run folder
+    model: Path  # its final weights (out/model.safetensors)
+    steps: int
+    tokens: int
+    elapsed_s: float
+    train_s: float  # time in training steps only
+    train_loss: float | None  # the mean step loss over the last log interval
+    val_loss: float | None  # the last evaluation's; None without validation data
+    hellaswag_acc: float | None  # the last HellaSwag score; None unless the run scored it
+    hellaswag_acc_norm: float | None
+    tokens_per_s: float
+    device: str
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: paths as strings, the HellaSwag keys only where HellaSwag was scored."""
+        document = {**dataclasses.asdict(self), "out": str(self.out), "model": str(self.model)}
+        if self.hellaswag_acc is None:
+            del document["hellaswag_acc"], document["hellaswag_acc_norm"]
+        return document
+
+
 # ---------------------------------------------------------------- the trainer
 
 
 class Trainer:
     """One training run: `run()` trains until the planned step, saving and evaluating on the way.
 
-    It receives its pieces prepared (see `training_setup.prepare_trainer`) and changes no settings object."""
+    It receives its pieces prepared (see `setup.prepare_trainer`) and changes no settings object."""
 
     def __init__(
         self,
         *,
         settings: Settings,
         data: TokenData,
+        train_windows: Windows,
+        val_windows: Windows,
         plan: RunPlan,
         model: GPT2,
         trained: torch.nn.Module,
@@ -96,8 +124,8 @@ class Trainer:
         self.settings = settings
         self.train_settings = settings.train
         self.data = data
-        self.train_windows = Windows(data.train, plan.seq_len)
-        self.val_windows = Windows(data.val, plan.seq_len)
+        self.train_windows = train_windows  # over data.train and data.val, windows of plan.seq_len tokens
+        self.val_windows = val_windows
         self.plan = plan
         self.model = model  # the GPT2 itself: its parameter names are the checkpoint's
         self.trained = trained  # what the step calls: a TrainingModel, DDP around one, or one sharded by FSDP
@@ -124,7 +152,7 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> TrainingSummary:
         """Train to the planned step; returns the summary. Raises `Interrupted` after saving on a stop request."""
         plan, progress = self.plan, self.progress
         if self.world.is_main:
@@ -136,7 +164,7 @@ class Trainer:
         finally:
             self.folder.close_trackers()  # flushed whatever ends the run: done, Ctrl-C, divergence
 
-    def _loop(self, plan: RunPlan, progress: Progress) -> dict[str, Any]:
+    def _loop(self, plan: RunPlan, progress: Progress) -> TrainingSummary:
         """Step, evaluate, log, save until the planned step (or a stop request)."""
         self.report("start", self._start_payload())
         window_seconds, window_tokens = 0.0, 0  # training time only: evaluation and saving excluded
@@ -327,23 +355,25 @@ class Trainer:
             "settings": self.settings.model_dump(mode="json"),
         }
 
-    def _summary(self, losses: list[float]) -> dict[str, Any]:
+    def _summary(self, losses: list[float]) -> TrainingSummary:
         progress = self.progress
         tail = losses[-max(1, min(len(losses), self.train_settings.log_interval)) :] if losses else []
-        return {
-            "out": str(self.out),
-            "model": str(self.out / "model.safetensors"),
-            "steps": progress.step,
-            "tokens": progress.tokens,
-            "elapsed_s": round(progress.elapsed_s, 3),
-            "train_s": round(progress.train_s, 3),
-            "train_loss": round(sum(tail) / len(tail), 6) if tail else None,
-            "val_loss": None if progress.last_val_loss is None else round(progress.last_val_loss, 6),
-            **(self.hellaswag.metrics() if self.hellaswag else {}),
-            "tokens_per_s": round(progress.tokens / max(progress.elapsed_s, 1e-9), 1),
-            "device": str(self.device),
-            "dtype": self.precision.name,
-        }
+        hellaswag = self.hellaswag.metrics() if self.hellaswag else {}
+        return TrainingSummary(
+            out=self.out,
+            model=self.folder.model_file,
+            steps=progress.step,
+            tokens=progress.tokens,
+            elapsed_s=round(progress.elapsed_s, 3),
+            train_s=round(progress.train_s, 3),
+            train_loss=round(sum(tail) / len(tail), 6) if tail else None,
+            val_loss=None if progress.last_val_loss is None else round(progress.last_val_loss, 6),
+            hellaswag_acc=hellaswag.get("hellaswag_acc"),
+            hellaswag_acc_norm=hellaswag.get("hellaswag_acc_norm"),
+            tokens_per_s=round(progress.tokens / max(progress.elapsed_s, 1e-9), 1),
+            device=str(self.device),
+            dtype=self.precision.name,
+        )
 
     # ------------------------------------------------------------ checkpoints
 

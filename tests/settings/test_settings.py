@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 
-from conftest import FIXTURES, assert_one_line_error, cli_env, run_cli
+from conftest import FIXTURES, assert_one_line_error, cli_env, run_cli, shakespeare_text
+from gpt2cli import load_model
 from gpt2cli.errors import UsageError
 from gpt2cli.settings.sections import SettingsError, load_settings
 
@@ -159,5 +161,31 @@ def test_missing_and_broken_config_files(tmp_path):
 
 
 def test_seed_yaml_through_the_cli(tmp_path):
-    docs = _jsonl(tmp_path)
+    """The seed YAML's values reach a `gpt2 train` run: its resolved config.toml, its model and its first step.
+
+    Flags still win over the file: a batch of 1 for a twentieth of an epoch keeps the YAML's 16M-parameter model to
+    one step. Its relative paths are the working folder's, as the seed project used them."""
+    docs = _jsonl(tmp_path)  # a command that ignores the training sections accepts the file too
     assert run_cli("tokenize", docs, "--text-field", "a", "--config", FIXTURES / "default_config.yaml").returncode == 0
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "input.txt").write_text(shakespeare_text()[:9_000])  # ~2,600 tokens: 19 windows of 129
+    env = cli_env(GPT2_DATA__CACHE_DIR=str(tmp_path / "cache"))
+    flags = ["--batch-size", "1", "--epochs", "0.05"]
+    result = run_cli("train", "--config", FIXTURES / "default_config.yaml", *flags, "--json", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)
+    out = (tmp_path / "checkpoints" / "gpt2_model").resolve()  # model_save_path's file name becomes the run folder
+    assert (tmp_path / summary["out"]).resolve() == out and summary["steps"] == 1 and summary["device"] == "cpu"
+    resolved = tomllib.loads((out / "config.toml").read_text())
+    model, train = resolved["model"], resolved["train"]
+    shape = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    assert [model[key] for key in shape] == [4, 4, 256, 128, 50257]
+    assert (train["seq_len"], train["lr"], train["device"]) == (128, 3e-4, "cpu")
+    assert (train["log_interval"], train["save_interval"]) == (50, 500) and (tmp_path / train["out"]).resolve() == out
+    assert resolved["data"]["paths"] == [str(tmp_path / "data" / "input.txt")]
+    assert (train["batch_size"], train["epochs"]) == (1, 0.05)  # the flags, over the file's 16 and 3
+    config = load_model(out).config
+    assert (config.n_layer, config.n_embd, config.block_size) == (4, 256, 128)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["tokens"] == 128 and first["lr"] == pytest.approx(3e-4)  # one window of sequence_length, no warmup

@@ -64,10 +64,10 @@ def test_a_short_muon_run_learns_and_logs_its_training_time(tmp_path, tokens):
     records = metrics(out)
     losses = [record["loss"] for record in records]
     assert len(losses) == 12 and losses[-1] < losses[0] - 1.5
-    assert summary["val_loss"] < 10.0
+    assert summary.val_loss < 10.0
     train_s = [record["train_s"] for record in records]
     assert all(later > earlier for earlier, later in itertools.pairwise(train_s))
-    assert summary["train_s"] == train_s[-1] <= summary["elapsed_s"]
+    assert summary.train_s == train_s[-1] <= summary.elapsed_s
 
 
 def test_train_s_leaves_out_evaluation_time(tmp_path, tokens, monkeypatch):
@@ -116,11 +116,11 @@ def test_a_default_run_saved_before_muon_resumes_with_adamw(tmp_path):
     (tmp_path / "config.toml").write_text(
         '[data]\npaths = []\n\n[train]\nlr = 0.001\nschedule = "cosine"\nmax_steps = 600\nweight_decay = 0.1\n'
     )
-    settings, bundled = resolve_settings(None, {"train": {"resume": True, "out": str(tmp_path)}})
-    assert bundled
+    settings = resolve_settings(None, {"train": {"resume": True, "out": str(tmp_path)}})
+    assert settings.data.paths == []  # the bundled corpus
     assert (settings.train.optimizer, settings.train.schedule, settings.train.lr) == ("adamw", "cosine", 0.001)
     assert (settings.train.weight_decay, settings.train.decay_fraction) == (0.1, 0.2)
-    fresh, _ = resolve_settings(None, {"train": {"out": str(tmp_path / "new")}})
+    fresh = resolve_settings(None, {"train": {"out": str(tmp_path / "new")}})
     assert (fresh.train.optimizer, fresh.train.schedule) == ("muon", "wsd")  # a new default run takes the profile
 
 

@@ -1,77 +1,20 @@
-"""Core training pieces with hand-checkable numbers: schedules, batches, parameter groups, the fused loss."""
+"""The fused training loss (training/loss.py) against plain cross-entropy: the per-block kernels, values and
+gradients in float32, bfloat16 and float16, ignored targets, the training forward, and the tied embedding's gradient."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from gpt2cli.data.inputs import hold_out_tail
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
-from gpt2cli.training.batches import Windows, WindowSampler
 from gpt2cli.training.loss import (
     TrainingModel,
     cross_entropy_block,
     cross_entropy_block_for_compile,
     fused_linear_cross_entropy,
 )
-from gpt2cli.training.optim import Schedule, parameter_groups
-
-
-def test_cosine_schedule_warms_up_then_decays_to_min_lr():
-    schedule = Schedule("cosine", lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
-    assert schedule.lr_at(0) == pytest.approx(0.1)
-    assert schedule.lr_at(9) == pytest.approx(1.0)
-    assert schedule.lr_at(10) == pytest.approx(1.0)
-    assert schedule.lr_at(60) == pytest.approx(0.55)  # half-way: the mean of lr and min_lr
-    assert schedule.lr_at(110) == pytest.approx(0.1)
-    assert schedule.lr_at(500) == pytest.approx(0.1)
-
-
-def test_linear_constant_and_wsd_schedules():
-    linear = Schedule("linear", lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=100)
-    assert [linear.lr_at(s) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
-    constant = Schedule("constant", lr=0.3, min_lr=0.0, warmup_steps=2, total_steps=100)
-    assert [constant.lr_at(s) for s in (0, 1, 2, 99)] == pytest.approx([0.15, 0.3, 0.3, 0.3])
-    wsd = Schedule("wsd", lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=100)
-    assert [wsd.lr_at(s) for s in (0, 79, 80, 90, 100)] == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.0])
-
-
-def test_weight_decay_only_on_two_dimensional_weights():
-    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=16, block_size=8))
-    decay, no_decay = parameter_groups(model, 0.1)
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert sum(p.numel() for group in (decay, no_decay) for p in group["params"]) == model.num_parameters()
-    assert any(p is model.transformer.wte.weight for p in decay["params"])  # the tied embedding, once
-
-
-def test_sampler_draws_every_window_once_per_epoch_and_is_reproducible():
-    sampler = WindowSampler(10, seed=7)
-    first = np.concatenate([sampler.take(3) for _ in range(3)] + [sampler.take(1)])
-    assert sorted(first.tolist()) == list(range(10))
-    second = sampler.take(10)
-    assert sorted(second.tolist()) == list(range(10)) and not np.array_equal(first, second)
-    again = WindowSampler(10, seed=7)
-    assert np.array_equal(again.take(10), first)
-    assert sampler.state.epoch == 2 and sampler.state.cursor == 0
-
-
-def test_windows_never_cross_segments_and_targets_are_shifted():
-    segments = [np.arange(0, 10, dtype=np.uint16), np.arange(100, 107, dtype=np.uint16)]
-    windows = Windows(segments, seq_len=3)
-    assert len(windows) == 3 + 2  # (10 - 1) // 3 and (7 - 1) // 3
-    inputs, targets = windows.batch(np.array([2, 3, 4]), torch.device("cpu"))
-    assert inputs.tolist() == [[6, 7, 8], [100, 101, 102], [103, 104, 105]]
-    assert targets.tolist() == [[7, 8, 9], [101, 102, 103], [104, 105, 106]]
-
-
-def test_validation_is_held_out_from_the_end():
-    train, val = hold_out_tail([np.arange(10), np.arange(10, 14)], 0.5)
-    assert np.concatenate(train).tolist() == list(range(7))
-    assert np.concatenate(val).tolist() == list(range(7, 14))
 
 
 @pytest.mark.parametrize("kernel", [cross_entropy_block, cross_entropy_block_for_compile])

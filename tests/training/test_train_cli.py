@@ -1,4 +1,5 @@
-"""`gpt2 train` through the real CLI: learning, checkpoints, exact resume, interrupts and bad input."""
+"""`gpt2 train` through the real CLI: learning, the run folder and --json, checkpoints, exact resume, interrupts, inputs
+and bad input. The Trainer in-process is tested in test_trainer.py, the fused loss in test_loss.py."""
 
 from __future__ import annotations
 
@@ -18,6 +19,20 @@ from gpt2cli import get_tokenizer, load_model
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
 EXACT = ["--device", "cpu", "--dtype", "float32", "--log-interval", "1"]
+# What `--json` prints, in this order (HellaSwag's two scores follow val_loss where --hellaswag is given).
+SUMMARY_KEYS = [
+    "out",
+    "model",
+    "steps",
+    "tokens",
+    "elapsed_s",
+    "train_s",
+    "train_loss",
+    "val_loss",
+    "tokens_per_s",
+    "device",
+    "dtype",
+]
 
 
 @pytest.fixture
@@ -52,7 +67,8 @@ def test_loss_falls_and_the_run_folder_is_complete(tmp_path, corpus, env):
     summary = json.loads(result.stdout)
     curve = losses(out)
     assert curve[1] > 10.5 and summary["train_loss"] < curve[1] - 2.0  # from ~ln(50257) towards text statistics
-    assert summary["steps"] == 40 and summary["val_loss"] is not None
+    assert summary["steps"] == 40 and summary["val_loss"] < 10.0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000040"  # the last step is saved
     assert {"model.safetensors", "config.json", "config.toml", "metrics.jsonl", "checkpoints"} <= {
         p.name for p in out.iterdir()
     }
@@ -208,14 +224,26 @@ def test_text_is_tokenized_once_and_cached(tmp_path, corpus, env):
     assert entry.endswith(".bin") and checksum == f"{entry}.sha256"  # one entry, its SHA-256 beside it
 
 
-def test_bin_shards_folder_and_glob_inputs(tmp_path, corpus, env):
+def test_bin_shards_folder_and_glob_inputs_and_the_json_summary(tmp_path, corpus, env):
     shards = tmp_path / "shards"
     shards.mkdir()
     assert run_cli("tokenize", corpus, "-o", shards / "part.bin", "--shard-size", "12000").returncode == 0
-    for data in (shards, str(shards / "part_*.bin")):
-        out = tmp_path / f"run{len(str(data))}"
+    curves = []
+    for name, data in (("folder", shards), ("glob", str(shards / "part_*.bin"))):
+        out = tmp_path / name
         result = train(data, *TINY, *EXACT, "--max-steps", "2", "--out", out, "--json", env=env)
         assert result.returncode == 0, result.stderr.decode()
+        summary = json.loads(result.stdout)  # one JSON document, nothing else on stdout
+        assert list(summary) == SUMMARY_KEYS
+        assert (summary["out"], summary["model"]) == (str(out), str(out / "model.safetensors"))
+        assert (summary["steps"], summary["tokens"]) == (2, 2 * 4 * 32)
+        assert (summary["device"], summary["dtype"]) == ("cpu", "float32")
+        curve = losses(out)
+        assert summary["train_loss"] == curve[2]  # the mean over the last log interval: step 2 alone
+        assert isinstance(summary["val_loss"], float) and summary["tokens_per_s"] > 0
+        assert 0 < summary["train_s"] <= summary["elapsed_s"]
+        curves.append(curve)
+    assert curves[0] == curves[1]  # the folder and the glob read the same shards
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, env):

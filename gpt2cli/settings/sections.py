@@ -11,7 +11,15 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -234,6 +242,13 @@ class SampleSettings(GenerationWeights):
         "float32 output is unchanged (in bf16 or quantized a near-tie can flip); sampling keeps its distribution, "
         "but a seed gives other text.",
     )
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_are_text(cls, stops: list[str]) -> list[str]:
+        if any(not stop for stop in stops):  # "" would stop before the first token (the server refuses it too)
+            raise ValueError("a stop string cannot be empty")
+        return stops
 
 
 class EvalSettings(Section):

@@ -303,6 +303,7 @@ def test_missing_and_broken_checkpoints(tmp_path):
         ("--max-new-tokens", "0", "sample.max_new_tokens"),
         ("--top-k", "50258", "sample.top_k"),
         ("--quantize", "int2", "--quantize"),  # a closed choice: the command line names the flag
+        ("--stop", "", "sample.stop"),  # would stop before the first token; the server refuses it too
     ],
 )
 def test_invalid_settings_exit_2(tmp_path, flag, value, field):

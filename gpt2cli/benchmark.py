@@ -16,7 +16,6 @@ the read bandwidth measured on this machine (`runtime/bandwidth.py`) and, for kn
 from __future__ import annotations
 
 import re
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -137,9 +136,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_memory(device: torch.device) -> int:
+def _peak_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource  # POSIX only
+    except ImportError:  # Windows: no getrusage; the memory column stays empty
+        return None
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # the process's peak resident memory
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 
 import pytest
 import torch
@@ -112,6 +113,15 @@ def test_other_errors_are_not_mistaken_for_oom(monkeypatch):
     monkeypatch.setattr(runner, "work", lambda case: broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         runner.run(Case("fwd", 1, 16), reps=1, warmup=0)
+
+
+def test_without_getrusage_the_cpu_run_reports_no_peak_memory(monkeypatch):
+    """Windows has no `resource` module (imported by the CPU branch only): the case still runs and reports."""
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` now raises ImportError
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    runner = Runner(model, resolve_precision("float32", torch.device("cpu")), compile=False)
+    result = runner.run(Case("fwd", 1, 16), reps=1, warmup=0)
+    assert result.tokens_per_s > 0 and result.peak_memory_bytes is None
 
 
 @pytest.mark.parametrize("output_format", ["csv", "jsonl", "md", "table"])

@@ -89,18 +89,33 @@ def inductor_problem(device: torch.device) -> str | None:
 
 def _remedy(device: torch.device) -> str:
     if device.type == "cpu":
-        return "install g++ (or set CXX)"
+        return cpp_compiler_remedy()
     if device.type == "cuda":
         return "install triton"
     return "pass --compile to try it"
 
 
 def find_cpp_compiler() -> str | None:
-    """The C++ compiler Inductor would call on the CPU (`torch._inductor.config.cpp.cxx`: $CXX, else g++, or
-    clang++ on macOS), as a path; None where it is not installed. Found on PATH rather than through Inductor,
-    whose import takes seconds."""
+    """The C++ compiler Inductor would call on the CPU, as a path; None where it is not installed. Inductor's own
+    choice (`torch._inductor.cpp_builder.get_cpp_compiler`): $CXX, else MSVC's `cl` on Windows, else
+    `config.cpp.cxx`: clang++ on macOS, g++ elsewhere. Found on PATH rather than through Inductor, whose import
+    takes seconds."""
     wanted = os.environ.get("CXX")
-    return shutil.which(wanted or ("clang++" if sys.platform == "darwin" else "g++"))
+    default = {"win32": "cl", "darwin": "clang++"}.get(sys.platform, "g++")
+    return shutil.which(wanted or default)
+
+
+def cpp_compiler_remedy() -> str:
+    """What to install for Inductor's C++ compiler on this platform (`find_cpp_compiler`)."""
+    if sys.platform == "win32":
+        # cl is on PATH only in a shell set up by vcvars; Inductor passes MSVC's flags, so clang-cl also works
+        return (
+            "install Visual Studio's C++ build tools (MSVC) and run gpt2 from a Developer Command Prompt, where cl "
+            "is on PATH (or set CXX to cl or clang-cl)"
+        )
+    if sys.platform == "darwin":
+        return "install Xcode's command line tools for clang++ (or set CXX)"
+    return "install g++ (or set CXX)"
 
 
 def inductor_cache_dir() -> Path:

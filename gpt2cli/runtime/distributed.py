@@ -45,16 +45,19 @@ def from_environment() -> World:
 
 
 def start(world: World, device: torch.device) -> torch.device:
-    """Join the process group (NCCL on CUDA, gloo on the CPU); returns this rank's device."""
+    """Join the process group (NCCL on CUDA, gloo on the CPU, and on CUDA where torch has no NCCL: its Windows
+    builds); returns this rank's device."""
     if not world.distributed:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-        # Bound to its GPU from the start: NCCL creates its communicator eagerly and never guesses the device.
-        dist.init_process_group(backend="nccl", device_id=device)
-    else:
-        dist.init_process_group(backend="gloo")
+        if dist.is_nccl_available():
+            # Bound to its GPU from the start: NCCL creates its communicator eagerly and never guesses the device.
+            dist.init_process_group(backend="nccl", device_id=device)
+            return device
+        # gloo passes CUDA tensors through host memory: it works, far slower than NCCL
+    dist.init_process_group(backend="gloo")
     return device
 
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
+import errno
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -75,9 +76,10 @@ class RunFolder:
 
     @contextlib.contextmanager
     def writer_lock(self) -> Iterator[None]:
-        """Hold the folder's writer lock for the block: `flock` on `.lock`, which the kernel releases when the
-        process ends however it ends, so a killed run never leaves a stale lock. A second writer fails at once
-        with the holder's PID. A folder created here only for the lock is removed again if nothing was written."""
+        """Hold the folder's writer lock for the block: an OS lock on `.lock` (`flock`; on Windows `msvcrt.locking`),
+        which the OS releases when the process ends however it ends, so a killed run never leaves a stale lock. A
+        second writer fails at once with the holder's PID. A folder created here only for the lock is removed again
+        if nothing was written."""
         created = self._create_missing_folders()
         try:
             descriptor = self._acquire()
@@ -89,10 +91,15 @@ class RunFolder:
             self._remove_stale_temporaries()  # only the writer may: they could be a live writer's save in progress
             yield
         finally:
-            if created is not None and {path.name for path in self.path.iterdir()} <= {LOCK}:
+            unused = created is not None and {path.name for path in self.path.iterdir()} <= {LOCK}
+            if unused and _LOCKING.removable_while_held:
                 # Still holding the lock: nobody else can be using the folder this (refused) run created.
                 shutil.rmtree(created, ignore_errors=True)
-            os.close(descriptor)
+            _LOCKING.release(descriptor)
+            if unused and not _LOCKING.removable_while_held:
+                # Windows cannot remove an open file: after letting go. Whoever opened `.lock` meanwhile keeps the
+                # file (and so the folder) in place.
+                shutil.rmtree(created, ignore_errors=True)
 
     def _create_missing_folders(self) -> Path | None:
         """Create the run folder if missing; returns the top-most folder created (None if it existed)."""
@@ -113,23 +120,25 @@ class RunFolder:
         lock = self.path / LOCK
         while True:
             try:
-                descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                descriptor = os.open(lock, _LOCK_FLAGS, 0o644)
             except OSError as error:
                 raise UsageError(f"--out {self.path}: cannot write there ({error.strerror})") from None
             try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+                if not _LOCKING.try_lock(descriptor):
+                    holder = _read_holder(descriptor)
+                    raise RunFolderInUse(
+                        f"{self.path} is in use by another gpt2 train (PID {holder}); wait for it to end or stop it"
+                    )
+            except BaseException:
                 os.close(descriptor)
-                raise RunFolderInUse(
-                    f"{self.path} is in use by another gpt2 train (PID {holder}); wait for it to end or stop it"
-                ) from None
+                raise
             # A refused run that had created the folder may have removed this file between our open and lock.
             if _same_file(descriptor, lock):
                 os.ftruncate(descriptor, 0)
-                os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+                os.lseek(descriptor, 0, os.SEEK_SET)
+                os.write(descriptor, f"{os.getpid()}\n".encode())
                 return descriptor
-            os.close(descriptor)
+            _LOCKING.release(descriptor)
 
     def _remove_stale_temporaries(self) -> None:
         """Half-written files and checkpoint folders of a run that was killed (`.NAME.PID.tmp`)."""
@@ -287,6 +296,103 @@ class RunFolder:
         for old in folders[: max(0, len(folders) - keep)]:
             if old.name != newest:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the writer's lock, per platform
+
+# Not inherited by child processes (Windows never inherits `os.open`'s descriptors), and on Windows no newline
+# translation of the PID.
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+HOLDER_BYTES = 32  # the PID line at the start of `.lock`, as much as a refused writer reads
+# Windows: the byte locked, far past the PID line. A Windows lock is mandatory: nobody else may read the bytes it
+# covers, so a lock on the PID itself would hide it from the refused writer. Locking past the end of a file is
+# allowed, and the file stays a few bytes long.
+LOCK_BYTE = 1 << 30
+
+
+class _Locking(Protocol):
+    """The OS's exclusive lock on an open `.lock`, held until `release`, or until the process ends however it ends."""
+
+    removable_while_held: bool  # whether `.lock` may be removed while a process has it open
+
+    def try_lock(self, descriptor: int) -> bool:
+        """Take the lock without waiting; False when another open file holds it (in this process or another)."""
+        ...
+
+    def release(self, descriptor: int) -> None:
+        """Let go of the lock and close the file."""
+        ...
+
+
+class _FlockLocking:
+    """POSIX: `flock` on the whole file. Advisory (the PID stays readable), held by the open file, released by the
+    kernel when the last descriptor closes, so also on SIGKILL."""
+
+    removable_while_held = True
+
+    def try_lock(self, descriptor: int) -> bool:
+        import fcntl  # POSIX only
+
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self, descriptor: int) -> None:
+        os.close(descriptor)
+
+
+class _MsvcrtLocking:
+    """Windows: `msvcrt.locking` on the one byte at LOCK_BYTE, held by the open handle (a second open in the same
+    process is refused too, as with `flock`); Windows releases it when the process ends. `msvcrt` is passed in by
+    tests, which run this branch on Linux with a fake of it."""
+
+    removable_while_held = False
+
+    def __init__(self, msvcrt: Any = None) -> None:
+        self._msvcrt = msvcrt
+
+    def _module(self) -> Any:
+        if self._msvcrt is None:
+            import msvcrt  # Windows only
+
+            self._msvcrt = msvcrt
+        return self._msvcrt
+
+    def try_lock(self, descriptor: int) -> bool:
+        msvcrt = self._module()
+        os.lseek(descriptor, LOCK_BYTE, os.SEEK_SET)  # locking() locks from the file's position
+        try:
+            msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EDEADLK):  # held by another handle (EDEADLOCK is EDEADLK)
+                return False
+            raise
+        return True
+
+    def release(self, descriptor: int) -> None:
+        # Unlocked explicitly: Windows unlocks on close too, but documents no promise of when.
+        msvcrt = self._module()
+        try:
+            os.lseek(descriptor, LOCK_BYTE, os.SEEK_SET)
+            with contextlib.suppress(OSError):
+                msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
+        finally:
+            os.close(descriptor)
+
+
+def _platform_locking() -> _Locking:
+    return _MsvcrtLocking() if sys.platform == "win32" else _FlockLocking()
+
+
+_LOCKING: _Locking = _platform_locking()
+
+
+def _read_holder(descriptor: int) -> str:
+    """The PID line a writer keeps at the start of `.lock` ("unknown" while a new writer has yet to write it)."""
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    return os.read(descriptor, HOLDER_BYTES).decode(errors="replace").strip() or "unknown"
 
 
 # ---------------------------------------------------------------- tensors and RNG state <-> files

@@ -265,6 +265,7 @@ def test_cuda_n_becomes_the_current_device(monkeypatch):
 
 def test_torchrun_binds_each_rank_to_its_gpu(monkeypatch):
     calls = []
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)  # a CUDA build (gloo without: Windows)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(("init", kwargs)))
     device = start(World(rank=3, world_size=4, local_rank=1), torch.device("cuda"))

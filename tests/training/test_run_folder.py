@@ -1,8 +1,12 @@
-"""The run folder: checkpoints saved and restored exactly, pruning, `latest`, metrics and config.toml."""
+"""The run folder: checkpoints saved and restored exactly, pruning, `latest`, metrics and config.toml; the writer's
+lock on Windows (its POSIX branch, with real processes, is in tests/test_reliability.py)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import sys
 import tomllib
 
 import pytest
@@ -11,10 +15,12 @@ import torch
 from gpt2cli import load_model
 from gpt2cli.errors import UsageError
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
+from gpt2cli.training import run_folder
 from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.optim import build_optimizer, load_optimizer_tensors, optimizer_tensors
 from gpt2cli.training.run_folder import (
     RunFolder,
+    RunFolderInUse,
     gather_model_state,
     restore_rng,
     rng_state,
@@ -109,3 +115,83 @@ def test_a_file_in_the_way_is_refused(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UsageError, match="exists and is not a folder"):
         RunFolder(blocker).checkpoint_to_resume(resume=False)
+
+
+# ---------------------------------------------------------------- the writer's lock on Windows, run here on a fake
+
+
+class FakeMsvcrt:
+    """`msvcrt.locking` as Windows behaves: byte-range locks held per open file (a second open in the same process
+    conflicts too), and mandatory: through another open file, reading a locked byte fails (`read`, installed over
+    `os.read`)."""
+
+    LK_UNLCK, LK_LOCK, LK_NBLCK = 0, 1, 2
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[int, int, int], int] = {}  # (device, inode, offset) -> the descriptor holding it
+        self._os_read = os.read
+
+    @staticmethod
+    def _file(descriptor: int) -> tuple[int, int]:
+        status = os.fstat(descriptor)
+        return status.st_dev, status.st_ino
+
+    def locking(self, descriptor: int, mode: int, nbytes: int) -> None:
+        start = os.lseek(descriptor, 0, os.SEEK_CUR)
+        keys = [(*self._file(descriptor), offset) for offset in range(start, start + nbytes)]
+        if mode == self.LK_UNLCK:
+            if any(self.held.get(key) != descriptor for key in keys):
+                raise PermissionError(errno.EACCES, "not locked by this file")
+            for key in keys:
+                del self.held[key]
+            return
+        assert mode == self.LK_NBLCK  # the writer never waits
+        if any(key in self.held for key in keys):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        self.held.update(dict.fromkeys(keys, descriptor))
+
+    def read(self, descriptor: int, size: int) -> bytes:
+        device, inode = self._file(descriptor)
+        start = os.lseek(descriptor, 0, os.SEEK_CUR)
+        for (held_device, held_inode, offset), holder in self.held.items():
+            if (held_device, held_inode) == (device, inode) and holder != descriptor and start <= offset < start + size:
+                raise PermissionError(errno.EACCES, "The process cannot access the file: a portion is locked")
+        return self._os_read(descriptor, size)
+
+
+@pytest.fixture
+def windows_locking(monkeypatch) -> FakeMsvcrt:
+    fake = FakeMsvcrt()
+    monkeypatch.setattr(run_folder, "_LOCKING", run_folder._MsvcrtLocking(fake))
+    monkeypatch.setattr(os, "read", fake.read)
+    return fake
+
+
+def test_windows_lock_names_its_holder_and_a_refused_new_folder_is_removed(tmp_path, windows_locking):
+    folder = RunFolder(tmp_path / "new" / "run")
+    with folder.writer_lock():
+        assert (folder.path / ".lock").read_bytes() == f"{os.getpid()}\n".encode()  # no \r\n: binary mode
+        assert list(windows_locking.held.values()) and (folder.path / ".lock").stat().st_size < run_folder.LOCK_BYTE
+        # The refused writer reads the PID through its own open file: the locked byte lies past it.
+        second = RunFolder(folder.path).writer_lock()
+        with pytest.raises(RunFolderInUse, match=rf"in use by another gpt2 train \(PID {os.getpid()}\)"), second:
+            pass
+    assert not windows_locking.held  # unlocked on release, not left to the close
+    assert not (tmp_path / "new").exists()  # removed after letting go: Windows cannot remove an open file
+    with folder.writer_lock():  # free again
+        pass
+
+
+def test_the_fake_is_mandatory_so_the_pid_must_lie_outside_the_locked_byte(tmp_path, windows_locking, monkeypatch):
+    """What LOCK_BYTE guards against: a lock on the PID itself would hide it from the refused writer."""
+    monkeypatch.setattr(run_folder, "LOCK_BYTE", 0)
+    folder = RunFolder(tmp_path / "run")
+    with folder.writer_lock(), pytest.raises(PermissionError), RunFolder(folder.path).writer_lock():
+        pass
+
+
+def test_the_lock_is_chosen_per_platform(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert isinstance(run_folder._platform_locking(), run_folder._MsvcrtLocking)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert isinstance(run_folder._platform_locking(), run_folder._FlockLocking)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
-from gpt2cli.runtime.compile import block_compile_options, compile_blocks
+from gpt2cli.runtime.compile import block_compile_arguments, compile_blocks, default_compile_arguments
 from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.optim import build_optimizer, clip_gradients
 
@@ -77,10 +77,10 @@ def ours_step_factory(variant: str) -> tuple[Step, dict[str, float]]:
         compile_blocks(model.transformer.h)
     trained = TrainingModel(model, compiled_loss=not whole)
     if whole:
-        trained.compile(options=block_compile_options(), fullgraph="full" in variant)
+        trained.compile(**block_compile_arguments(fullgraph="full" in variant))
     opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), torch.device("cpu"))
     params = list(model.parameters())
-    opt_step = torch.compile(opt.step) if "copt" in variant else opt.step
+    opt_step = torch.compile(opt.step, **default_compile_arguments()) if "copt" in variant else opt.step
     phases = {"fwd": 0.0, "bwd": 0.0, "clip": 0.0, "opt": 0.0}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -27,8 +27,18 @@ import torch
 from gpt2cli.errors import UsageError
 from gpt2cli.model.flops import forward_flops_per_token, mfu, prefill_flops_per_token, training_flops_per_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
-from gpt2cli.runtime.compile import compile_blocks
-from gpt2cli.runtime.devices import Precision, fast_matmul, peak_bandwidth_gbps, peak_tflops
+from gpt2cli.runtime.compile import compile_blocks, default_compile_arguments
+from gpt2cli.runtime.devices import (
+    Precision,
+    device_rules,
+    fast_matmul,
+    peak_bandwidth_gbps,
+    peak_memory_bytes,
+    peak_tflops,
+    release_cached_memory,
+    reset_peak_memory,
+    synchronize,
+)
 from gpt2cli.training import loss as losses
 from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.optim import build_optimizer
@@ -131,21 +141,6 @@ def case_flops_per_token(model: GPT2, case: Case) -> float:
     return forward_flops_per_token(parameters, config.n_layer, config.n_embd, case.seq_len)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        import resource  # POSIX only
-    except ImportError:  # Windows: no getrusage; the memory column stays empty
-        return None
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # the process's peak resident memory
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     return (
         isinstance(error, torch.OutOfMemoryError)
@@ -169,6 +164,7 @@ class Runner:
         self.model = model
         self.precision = precision
         self.device = precision.device
+        self.rules = device_rules(self.device)
         self.compile = compile
         self.peak = peak if peak is not None else peak_tflops(self.device, precision.dtype)
         self.bandwidth = peak_bandwidth_gbps(self.device)
@@ -178,12 +174,12 @@ class Runner:
         self._decode_step: tuple[Callable[..., torch.Tensor], bool] | None = None  # (step, attends to whole cache)
         self._inference_model: GPT2 | None = None
 
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes one decode step reads: the inference weights as stored (float, int8 or int4)."""
+    def weight_bytes(self, case: Case) -> int:
+        """Bytes one decode step of `case` reads: the inference weights as stored (float, int8 or int4), and a float
+        copy of int8 weights where its kernel writes one (`quantize.decode_bytes_per_token`)."""
         from gpt2cli.generation.quantize import decode_bytes_per_token
 
-        return decode_bytes_per_token(self.inference_model())
+        return decode_bytes_per_token(self.inference_model(), rows=case.batch_size, compiled=self.compile)
 
     def measured_read_gbps(self) -> float:
         """This machine's read bandwidth in GB/s, measured once per run (the first decode case pays for it)."""
@@ -221,14 +217,14 @@ class Runner:
                 quantize_for_inference(  # the decode cases run this copy
                     self._inference_model, self.quantize, self.group_size, compile=self.compile, decode=True
                 )
-                if self.device.type == "cpu" and dtype == torch.bfloat16:
+                if self.rules.streaming_matvec and dtype == torch.bfloat16:
                     use_matvec_for_decode(self._inference_model)
         return self._inference_model
 
     def _make_resident(self, case: Case) -> None:
         """Only what the case runs on stays on the GPU, before its peak memory is counted: the float32 training
         model (with its compiled blocks) leaves while inference cases run on their own copy, and comes back."""
-        if self.device.type != "cuda":
+        if not self.rules.own_memory:
             return
         if case.kind == "train":
             self.model.to(self.device)
@@ -243,7 +239,7 @@ class Runner:
         if not self.compile:
             return function
         if name not in self._compiled:
-            self._compiled[name] = torch.compile(function)
+            self._compiled[name] = torch.compile(function, **default_compile_arguments())
         return self._compiled[name]
 
     def work(self, case: Case) -> Callable[[], None]:
@@ -323,9 +319,7 @@ class Runner:
             result.group_size = self.group_size if self.quantize == "int4" else None
         try:
             self._make_resident(case)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(self.device)
+            reset_peak_memory(self.device)
             with fast_matmul(self.device):
                 work = self.work(case)
                 started = time.perf_counter()
@@ -333,22 +327,21 @@ class Runner:
                     if on_rep is not None:
                         on_rep(case, "warm-up", index + 1, warmup)
                     work()
-                _synchronize(self.device)
+                synchronize(self.device)
                 result.warmup_s = time.perf_counter() - started
                 for index in range(reps):
                     if on_rep is not None:
                         on_rep(case, "rep", index + 1, reps)
-                    _synchronize(self.device)
+                    synchronize(self.device)
                     rep_started = time.perf_counter()
                     work()
-                    _synchronize(self.device)
+                    synchronize(self.device)
                     result.runs_s.append(time.perf_counter() - rep_started)
         except (RuntimeError, MemoryError) as error:
             if not _is_out_of_memory(error):
                 raise
             result.error = "OOM"
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_cached_memory(self.device)
             return result
         finally:
             self.model.zero_grad(set_to_none=True)
@@ -357,7 +350,7 @@ class Runner:
         rates = [case.tokens / seconds for seconds in result.runs_s]
         result.tokens_per_s = statistics.fmean(rates)
         result.tokens_per_s_std = statistics.stdev(rates) if len(rates) > 1 else 0.0
-        result.peak_memory_bytes = _peak_memory(self.device)
+        result.peak_memory_bytes = peak_memory_bytes(self.device)
         self._derive(result)
         return result
 
@@ -366,7 +359,7 @@ class Runner:
         if case.kind == "tg":
             steps_per_s = rate / case.batch_size
             result.ms_per_token = 1000.0 / steps_per_s
-            result.weight_bytes_per_token = self.weight_bytes
+            result.weight_bytes_per_token = self.weight_bytes(case)
             result.bandwidth_gbps = result.weight_bytes_per_token * steps_per_s / 1e9  # each step reads every weight
             if self.bandwidth is not None:
                 result.bandwidth_fraction = result.bandwidth_gbps / self.bandwidth

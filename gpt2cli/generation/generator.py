@@ -22,6 +22,7 @@ from gpt2cli.generation.records import Completion, SamplingOptions, Timing
 from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
 from gpt2cli.runtime.compile import decode_compile_arguments
+from gpt2cli.runtime.devices import device_rules
 
 
 def group_by_length(prompts: list[list[int]], copies: int = 1) -> list[list[int]]:
@@ -42,17 +43,17 @@ def compile_decode_step(model: GPT2, compile: bool, step: DecodeStep | None = No
     """The decode step `(tokens (B, 1), cache, positions (B,), length) -> logits (B, V)` (or `step`, another
     method of the model with that signature), and whether it must attend to the whole cache.
 
-    On CUDA the compiled step is recorded as a CUDA graph, which needs one shape: it attends to the whole cache.
-    Elsewhere it attends to a power-of-two bucket of it (`KVCache.attend_length`), compiled with a dynamic length so
-    that the buckets share one compilation.
+    Where the device rules say CUDA graphs (CUDA), the compiled step is recorded as one, which needs one shape: it
+    attends to the whole cache. Elsewhere it attends to a power-of-two bucket of it (`KVCache.attend_length`),
+    compiled with a dynamic length so that the buckets share one compilation.
     """
     step = step or model.next_token_logits
     if not compile:
         return step, False
-    device_type = next(model.parameters()).device.type
-    if device_type != "cuda":
+    rules = device_rules(next(model.parameters()).device)
+    if rules.streaming_matvec:
         use_matvec_for_decode(model)  # one-row products as streaming reductions (`quantize.compiled_matvec`)
-    return torch.compile(step, **decode_compile_arguments(device_type)), device_type == "cuda"
+    return torch.compile(step, **decode_compile_arguments(rules)), rules.cuda_graphs
 
 
 class TextGenerator:
@@ -77,7 +78,8 @@ class TextGenerator:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.block_size = model.config.block_size
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+        self.rules = device_rules(self.device)
+        if self.rules.streaming_matvec and self.dtype == torch.bfloat16:  # eager bf16 products: `torch.mv`
             use_matvec_for_decode(model)
         self.step, self.full_length = compile_decode_step(model, compile)
         self.verify, _ = compile_decode_step(model, compile, model.verify_logits)  # compiled on first use only
@@ -113,7 +115,7 @@ class TextGenerator:
         first real step writes next with the same values, so it changes nothing."""
         if tokens.size(0) in self._warm_batch_sizes or 0 in self._warm_batch_sizes:
             return
-        for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graph trees: warm up, record, replay
+        for _ in range(self.rules.decode_warmup_calls):  # CUDA graph trees: warm up, record, replay
             self.step(tokens, cache, positions, self.attend_length(cache, end))
         self._warm_batch_sizes.add(tokens.size(0))
 
@@ -123,7 +125,7 @@ class TextGenerator:
         if tokens.size(0) in self._warm_verify_sizes or 0 in self._warm_batch_sizes:
             return
         for step, step_tokens in ((self.verify, tokens), (self.step, tokens[:, :1])):
-            for _ in range(3 if self.device.type == "cuda" else 1):
+            for _ in range(self.rules.decode_warmup_calls):
                 step(step_tokens, cache, positions, length)
         self._warm_verify_sizes.add(tokens.size(0))
 

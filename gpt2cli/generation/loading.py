@@ -73,7 +73,7 @@ def load_inference_model(
     needs it); `decode`: see `prepare_inference`. Everything is checked before the checkpoint is read."""
     if isinstance(device, str):
         device = devices.resolve_device(device)
-    if dtype == "float16" and device.type == "cpu":
+    if dtype == "float16" and not devices.device_rules(device).float16:
         raise UsageError("--dtype float16 is not supported on the CPU; use bfloat16 or float32")
     prepare_inference(device, quantize, group_size, compile=compile, decode=decode)
     model = load_model(checkpoint, device=device, dtype=None if dtype is None else devices.DTYPES[dtype])

@@ -3,6 +3,11 @@
 
 All swap the model's `nn.Linear` modules in place and keep their parameters (so the tied output head stays tied
 where it is not quantized); `gpt2 sample`, `gpt2 eval`, `gpt2 bench` and `gpt2 serve` use the same code.
+
+Which kernel runs where is the device rules' choice (`runtime/device_rules.py`); the kernel calls themselves are
+functions of the device type (`int8_matmul`, `pack_int4`, `int4_matmul`), so that tests run the CUDA and MPS calls
+on fake tensors on a CPU-only build. The tensors of those paths are reshaped with views (`view`, `unbind`,
+`narrow`, `unsqueeze`) rather than Python indexing, which asks for a device guard that such a build lacks.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch.nn.functional as F
 
 from gpt2cli.errors import UsageError
 from gpt2cli.model.gpt2 import GPT2
+from gpt2cli.runtime.device_rules import DeviceRules
+from gpt2cli.runtime.devices import device_rules
 from gpt2cli.settings.types import GROUP_SIZES
 
 
@@ -37,7 +44,7 @@ class QuantizeSummary:
         if self.fallback and self.fallback_kind == "int8":
             text += f"; int8 for {width}"
         elif self.fallback:
-            text += f"; float weights kept for {width} (int8 on CUDA without --compile runs slower than float)"
+            text += f"; float weights kept for {width} (int8 would run slower than float here)"
         return text
 
     def as_dict(self) -> dict[str, object]:
@@ -62,11 +69,12 @@ def quantize_model(model: GPT2, mode: str, group_size: int = 32, *, int8_fallbac
     """Quantize every Linear (the projections and the output head) in place: `none`, `int8` or `int4`.
 
     Under int4 a layer whose width does not divide by the group size becomes int8, or keeps its float weights where
-    `int8_fallback` is False: eager CUDA decoding, where int8 runs slower than float (`devices.int8_runs_fast`)."""
+    `int8_fallback` is False: where int8 decodes slower than float (`devices.int8_runs_fast`)."""
     if mode == "none":
         return QuantizeSummary("none")
+    rules = device_rules(next(model.parameters()).device)
     if mode == "int8":
-        quantize_int8(model)
+        quantize_int8(model, rules)
         return QuantizeSummary("int8", layers={"int8": _count(model, Int8Linear)})
     check_group_size(group_size)
     summary = QuantizeSummary("int4", group_size, fallback_kind="int8" if int8_fallback else "float")
@@ -74,11 +82,11 @@ def quantize_model(model: GPT2, mode: str, group_size: int = 32, *, int8_fallbac
         for name, child in list(module.named_children()):
             if not isinstance(child, torch.nn.Linear):
                 continue
-            if _int4_fits(child, group_size):
+            if _int4_fits(child.in_features, group_size, rules):
                 setattr(module, name, Int4Linear.from_linear(child, group_size))
                 continue
             if int8_fallback:
-                setattr(module, name, Int8Linear.from_linear(child))
+                setattr(module, name, Int8Linear.from_linear(child, rules))
             summary.fallback.append(f"{parent_name}.{name}".lstrip("."))
     counts = {
         "int4": _count(model, Int4Linear),
@@ -89,29 +97,31 @@ def quantize_model(model: GPT2, mode: str, group_size: int = 32, *, int8_fallbac
     return summary
 
 
-def _int4_fits(linear: torch.nn.Linear, group_size: int) -> bool:
-    width = linear.in_features
-    return width % group_size == 0 and (linear.weight.device.type != "cuda" or cuda_packs(width))
+def _int4_fits(width: int, group_size: int, rules: DeviceRules) -> bool:
+    return width % group_size == 0 and (rules.int4_kernel != "tinygemm" or tinygemm_packs(width))
 
 
 def _count(model: torch.nn.Module, kind: type) -> int:
     return sum(isinstance(module, kind) for module in model.modules())
 
 
-def decode_bytes_per_token(model: GPT2) -> int:
-    """Bytes a batch-1 decode step reads: every weight, scale and bias once, except the embedding tables, of which
-    it reads one row (the tied head, a Linear, is counted through the head). Of an int8 layer's two copies of its
-    scales, only the one this device's kernel reads counts."""
+def decode_bytes_per_token(model: GPT2, rows: int = 1, compiled: bool = False) -> int:
+    """Bytes a decode step of `rows` rows reads: every weight, scale and bias once, except the embedding tables, of
+    which it reads one row (the tied head, a Linear, is counted through the head). Of an int8 layer's two copies of
+    its scales, only the one its kernel reads counts; where its kernel first writes a float copy of the weights
+    (`Int8Linear.dequantized_bytes`), the matmul reads that copy too."""
     seen: dict[int, int] = {}
+    copies = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         if isinstance(module, Int8Linear):
             tensors = module.tensors_read()
+            copies += module.dequantized_bytes(rows, compiled)
         for tensor in tensors:
             seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-    return sum(seen.values())
+    return sum(seen.values()) + copies
 
 
 def one_row_on_cpu(x: torch.Tensor) -> bool:
@@ -152,55 +162,104 @@ def use_matvec_for_decode(model: GPT2) -> GPT2:
     return model
 
 
-def quantize_int8(model: GPT2) -> GPT2:
+def quantize_int8(model: GPT2, rules: DeviceRules | None = None) -> GPT2:
     """Weight-only int8 (per output channel) for every projection and the output head, in place (gpt-fast style).
 
     The embedding keeps its float weights for the input lookup; the output head gets its own int8 copy.
     """
+    rules = rules or device_rules(next(model.parameters()).device)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
-                setattr(module, name, Int8Linear.from_linear(child))
+                setattr(module, name, Int8Linear.from_linear(child, rules))
     return model
 
 
-class Int8Linear(torch.nn.Module):
-    """y = x · dequant(W)ᵀ + b with W stored as int8 rows and one float scale per row."""
+def int8_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    scales_bf16: torch.Tensor,
+    kernel: str,
+    device_type: str,
+) -> torch.Tensor:
+    """`x` `(M, K)` times the int8 `weight` `(N, K)` scaled per row, as the kernel of `device_type` computes it.
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    The CPU: `_weight_int8pack_mm` with bf16 activations and scales (fast with bf16 only: 44 us against 478 us in
+    float32 for a 768 -> 2304 projection), or inside a compiled step one row as a streaming reduction. Elsewhere
+    `int8pack`: the device's `_weight_int8pack_mm` (CUDA's computes in float32 whatever it is given; MPS's wants
+    the scales in the activations' dtype); `dequant`/`fused`: the matmul of a float copy of the weights, which
+    Inductor fuses into the product only on CUDA's `fused` path, compiled, one row."""
+    if device_type == "cpu":
+        if x.size(0) == 1 and torch.compiler.is_compiling():  # the bf16 scales, as the kernel below
+            return (compiled_matvec(weight, x) * scales_bf16.float()).to(x.dtype).unsqueeze(0)
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales_bf16).to(x.dtype)
+    if kernel == "int8pack":
+        return torch._weight_int8pack_mm(x.contiguous(), weight, scales.to(x.dtype))
+    return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x · dequant(W)ᵀ + b with W stored as int8 rows and one float scale per row.
+
+    `kernel`: the device rules' int8 kernel when it was made (`int8pack`, `dequant`, `fused`). Rows may be padded
+    with zeros for the kernel (MPS's wants multiples of 32): their outputs are cut off."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        kernel: str = "int8pack",
+        out_features: int | None = None,
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.kernel = kernel
+        self.out_features = weight.size(0) if out_features is None else out_features
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: torch.nn.Linear, rules: DeviceRules | None = None) -> Int8Linear:
+        rules = rules or device_rules(linear.weight.device)
         weight = linear.weight.detach().float()
+        rows, width = weight.shape
+        kernel = rules.int8_kernel if width % rules.int8_width_multiple == 0 else "dequant"
+        padded = -(-rows // rules.int8_row_multiple) * rules.int8_row_multiple if kernel == "int8pack" else rows
+        if padded != rows:  # zero rows: their outputs are computed, then cut off
+            weight = torch.cat([weight, weight.new_zeros(padded - rows, width)])
         scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        quantized = torch.round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(quantized, scales.to(linear.weight.dtype), bias)
+        return cls(quantized, scales.to(linear.weight.dtype), bias, kernel, rows)
 
     def tensors_read(self) -> list[torch.Tensor]:
-        """What `forward` reads: the CPU kernel takes the bf16 scales, other devices the float ones (never both)."""
+        """What `forward` reads of its own: the CPU's kernel takes the bf16 scales, other devices the float ones
+        (never both)."""
         scales = self.scales_bf16 if self.weight.device.type == "cpu" else self.scales
         return [self.weight, scales, *([] if self.bias is None else [self.bias])]
+
+    def dequantized_bytes(self, rows: int, compiled: bool) -> int:
+        """Bytes of the float copy of the weights a decode step of `rows` rows writes and its matmul reads again:
+        none for `int8pack` (nor for the CPU's compiled reduction), nor for `fused` compiled at one row, where
+        Inductor converts each weight as it reads it; otherwise one copy in the activations' dtype (the scales')."""
+        if self.weight.device.type == "cpu" or self.kernel == "int8pack":
+            return 0
+        if self.kernel == "fused" and compiled and rows == 1:
+            return 0
+        return self.weight.numel() * self.scales.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if one_row_on_cpu(flat) and torch.compiler.is_compiling():  # the bf16 scales, as the kernel below
-            out = (compiled_matvec(self.weight, flat) * self.scales_bf16.float()).to(flat.dtype)[None]
-        elif flat.device.type == "cpu":
-            # The CPU kernel is fast with bf16 activations only (measured 44 us against 478 us in float32 for a
-            # 768 -> 2304 projection), so activations go through it in bf16.
-            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales_bf16).to(flat.dtype)
-        else:
-            out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales.to(flat.dtype)
+        out = int8_matmul(flat, self.weight, self.scales, self.scales_bf16, self.kernel, flat.device.type)
+        if self.out_features != out.size(-1):
+            out = out.narrow(-1, 0, self.out_features)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], -1)
+        return out.reshape(*shape[:-1], self.out_features)
 
 
 # ---------------------------------------------------------------- int4
@@ -210,23 +269,16 @@ class Int8Linear(torch.nn.Module):
 # Each row of a Linear's weight is cut into groups of `group_size` input features; a group's 16 levels span its
 # minimum to its maximum, so w ≈ (q - 8) · scale + zero with q in 0..15 and zero = min + 8 · scale. The matmul is
 # torch's "tinygemm": `_weight_int4pack_mm_for_cpu` (activations in bf16) on the CPU, `_weight_int4pack_mm` on CUDA
-# GPUs of compute capability 8.0 or later. The kernels want the output rows in multiples of 16 (CPU) or 8 (CUDA), so
-# the 50,257-row head is padded with zero rows and its extra outputs are cut off.
+# GPUs of compute capability 8.0 or later and on MPS (the same packed layout and table). The kernels want the output
+# rows in multiples of 16 (CPU) or 8 (CUDA, MPS), so the 50,257-row head is padded with zero rows and its extra
+# outputs are cut off.
 
-ROW_MULTIPLE = 64  # output rows are padded to this: a multiple of what both kernels need (16 on the CPU, 8 on CUDA)
+ROW_MULTIPLE = 64  # output rows are padded to this: a multiple of what the kernels need (16 on the CPU, 8 elsewhere)
 
 
 def int4_kernel_missing(device: torch.device) -> str | None:
-    """Why this device cannot run the int4 kernels, or None where it can."""
-    if device.type == "cpu":
-        return None if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else "this torch has no CPU int4 kernel"
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        if major < 8:  # tinygemm is built for Ampere and later only
-            return f"the GPU (compute capability {major}.{minor}) is older than 8.0, which torch's int4 kernel needs"
-        return None
-    return f"torch has no int4 matmul kernel for {device.type}"
+    """Why this device cannot run the int4 kernels (`DeviceRules.int4_problem`), or None where it can."""
+    return device_rules(device).int4_problem
 
 
 def check_int4_runs(device: torch.device) -> None:
@@ -252,7 +304,7 @@ def group_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     scales = ((high - low).clamp(min=1e-6) / 15).to(torch.bfloat16)
     zeros = (low + 8 * scales.float()).to(torch.bfloat16)
     start = zeros.float() - 8 * scales.float()  # the value code 0 stands for
-    codes = torch.round((groups - start[..., None]) / scales.float()[..., None]).clamp(0, 15)
+    codes = torch.round((groups - start.unsqueeze(-1)) / scales.float().unsqueeze(-1)).clamp(0, 15)
     table = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (K / G, N, 2)
     return codes.to(torch.int32).reshape(rows, columns), table
 
@@ -265,18 +317,29 @@ def dequantize(codes: torch.Tensor, table: torch.Tensor, group_size: int) -> tor
     return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(rows, columns)
 
 
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    if codes.device.type == "cpu":
+def pack_int4(codes: torch.Tensor, device_type: str) -> torch.Tensor:
+    """The codes `(N, K)` packed for the int4 kernel of `device_type`."""
+    if device_type == "cpu":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # inner tiles: unused on the CPU
-    # CUDA packs two codes per byte itself, the even column in the high nibble; 8 inner K tiles where K allows.
-    columns = codes.size(1)
+    # tinygemm (CUDA, MPS) takes two codes per byte, the even column in the high nibble; 8 inner K tiles where K allows.
+    rows, columns = codes.shape
     inner_tiles = next(tiles for tiles in (8, 4, 2) if columns % (tiles * 16) == 0)
-    pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+    even, odd = codes.view(rows, columns // 2, 2).unbind(-1)
+    pairs = (even << 4 | odd).to(torch.uint8)
     return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_tiles)
 
 
-def cuda_packs(in_features: int) -> bool:
-    """CUDA's packing needs the input width to be a multiple of 32 (two inner K tiles of 16)."""
+def int4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, table: torch.Tensor, device_type: str
+) -> torch.Tensor:
+    """bf16 activations `(M, K)` times the packed int4 weight: `(M, N)` for the (padded) N rows."""
+    if device_type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, table)
+    return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, table)
+
+
+def tinygemm_packs(in_features: int) -> bool:
+    """tinygemm's packing needs the input width to be a multiple of 32 (two inner K tiles of 16)."""
     return in_features % 32 == 0
 
 
@@ -307,16 +370,16 @@ class Int4Linear(torch.nn.Module):
             weight = torch.cat([weight, weight.new_zeros(padded - rows, weight.size(1))])
         codes, table = group_quantize(weight, group_size)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(_pack(codes), table.to(weight.device), bias, weight.size(1), rows, group_size)
+        return cls(
+            pack_int4(codes, weight.device.type), table.to(weight.device), bias, weight.size(1), rows, group_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # both kernels take bf16 activations (fp32: ~100x slower)
-        if flat.device.type == "cpu":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
-        else:
-            out = torch.ops.aten._weight_int4pack_mm(flat, self.weight, self.group_size, self.scales_and_zeros)
-        out = out[:, : self.out_features].to(x.dtype)
+        # Every kernel takes bf16 activations (the CPU's: fp32 ~100x slower; CUDA's: bf16 only), row-major.
+        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        out = int4_matmul(flat, self.weight, self.group_size, self.scales_and_zeros, flat.device.type)
+        out = out.narrow(1, 0, self.out_features).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*shape[:-1], self.out_features)

@@ -18,16 +18,14 @@ import torch
 from torch import nn
 
 from gpt2cli.errors import UsageError
+from gpt2cli.runtime.device_rules import DeviceRules, rules_for
+from gpt2cli.runtime.devices import device_rules
 from gpt2cli.runtime.files import default_cache_dir
 
 # Auto's estimate of what compiling repays (benchmarks/README.md, "compile = auto"): the run's remaining training
-# FLOPs (per process) at the eager rate give its eager time; compiling saves SAVED_FRACTION of that, and must save
-# more than a cold compilation costs (Inductor's cache makes later ones cheaper, but a first run pays in full).
-# CPU: the default run's eager rate (600 steps of 2.0e11 FLOPs in ~4.5 min on 2 cores, bf16); a cold compile of
-# its blocks and loss took ~20 s on an idle 2-core Xeon and 92 s on a 2-core EPYC shared with 13 other processes.
-# CUDA: assumptions on the side of compiling less (a fast eager rate, a slow compile).
-EAGER_TFLOPS = {"cpu": 0.45, "cuda": 100.0}
-COMPILE_S = {"cpu": 60.0, "cuda": 60.0}
+# FLOPs (per process) at the device's eager rate give its eager time; compiling saves SAVED_FRACTION of that, and
+# must save more than a cold compilation costs (Inductor's cache makes later ones cheaper, but a first run pays in
+# full). The rates and costs are the device's (`DeviceRules.eager_tflops`, `compile_s`).
 SAVED_FRACTION = 1 / 3  # compiled steps take 2/3 of the eager time (1.5x faster)
 
 
@@ -42,57 +40,51 @@ def choose_compile(setting: bool | Literal["auto"], device: torch.device, traini
     UsageError for an explicit `--compile` that Inductor cannot honour here."""
     if setting is False:
         return CompileChoice(False)
+    rules = device_rules(device)
     if setting is True:
-        problem = inductor_problem(device) if device.type in ("cpu", "cuda") else None  # others: torch's to try
+        problem = inductor_problem(device) if rules.compile_caveat is None else None  # a caveat: torch's to try
         if problem is not None:
-            raise UsageError(f"--compile: {problem}; {_remedy(device)}, or pass --no-compile")
+            raise UsageError(f"--compile: {problem}; {_remedy(rules)}, or pass --no-compile")
         return CompileChoice(True)
     short = too_short_to_compile(device, training_flops)  # first: it is free, and short runs never touch Inductor
     if short is not None:
         return CompileChoice(False, short)
     problem = inductor_problem(device)
     if problem is not None:
-        return CompileChoice(False, f"{problem}; {_remedy(device)} or pass --no-compile to silence")
+        return CompileChoice(False, f"{problem}; {_remedy(rules)} or pass --no-compile to silence")
     return CompileChoice(True)
 
 
 def too_short_to_compile(device: torch.device, training_flops: float) -> str | None:
     """Why compiling would not pay for itself in a run of `training_flops`; None where it would."""
-    eager_s = training_flops / (EAGER_TFLOPS.get(device.type, EAGER_TFLOPS["cpu"]) * 1e12)
-    compile_s = COMPILE_S.get(device.type, COMPILE_S["cpu"])
-    if eager_s * SAVED_FRACTION >= compile_s:
+    rules = device_rules(device)
+    eager_s = training_flops / (rules.eager_tflops * 1e12)
+    if eager_s * SAVED_FRACTION >= rules.compile_s:
         return None
     return (
         f"run too short to repay compiling: ~{eager_s:.0f} s of eager training would save "
-        f"~{eager_s * SAVED_FRACTION:.0f} s, compiling costs ~{compile_s:.0f} s"
+        f"~{eager_s * SAVED_FRACTION:.0f} s, compiling costs ~{rules.compile_s:.0f} s"
     )
 
 
 def inductor_problem(device: torch.device) -> str | None:
-    """Why torch.compile's Inductor cannot build kernels for `device` on this machine; None where it can."""
-    if device.type == "cpu":
-        if find_cpp_compiler() is None:
-            return "no C++ compiler found for Inductor"
-        return None
-    if device.type == "cuda":
+    """Why torch.compile's Inductor cannot (or, a caveat, should not by default) build kernels for `device` on this
+    machine; None where it can. What this machine lacks comes first, then what the device rules say."""
+    rules = device_rules(device)
+    if rules.compiler == "cpp" and find_cpp_compiler() is None:
+        return "no C++ compiler found for Inductor"
+    if rules.compiler == "triton":
         try:
             import triton  # noqa: F401
         except ImportError:
             return "Triton is not installed (Inductor generates Triton kernels on CUDA)"
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        if major < 7:  # Triton's oldest target is Volta (7.0)
-            return f"Triton needs CUDA compute capability 7.0 or later, this GPU has {major}.{minor}"
-        return None
-    return f"Inductor's {device.type} backend is experimental"
+    return rules.compile_problem or rules.compile_caveat
 
 
-def _remedy(device: torch.device) -> str:
-    if device.type == "cpu":
-        return cpp_compiler_remedy()
-    if device.type == "cuda":
-        return "install triton"
-    return "pass --compile to try it"
+def _remedy(rules: DeviceRules) -> str:
+    """What to do about a compile problem: install this platform's C++ compiler for Inductor's C++ backend
+    (`cpp_compiler_remedy`), else what the device rules say."""
+    return cpp_compiler_remedy() if rules.compiler == "cpp" else rules.compile_remedy
 
 
 def find_cpp_compiler() -> str | None:
@@ -131,12 +123,18 @@ def keep_compiled_code() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
 
 
-# ---------------------------------------------------------------- training
+# ---------------------------------------------------------------- the arguments of every compilation
+#
+# Every torch.compile / Module.compile call in gpt2cli/ and benchmarks/ takes its arguments as `**f(...)` from one
+# of the functions below (tests/runtime/test_compile_calls.py finds the calls with `ast` and fails on any other).
+# The tests construct each function's arguments for every device's rules: construction is where torch refuses
+# `mode` beside `options`, an unknown Inductor option or one of the wrong type, so a CUDA-only mistake fails on
+# the CPU build too. Construction does not capture a graph: only a GPU run proves that.
 
 
 def block_compile_options() -> dict[str, Any]:
-    """torch.compile options for the blocks. On the CPU, Inductor then computes GELU's tanh from one exp instead of
-    a vectorised tanh: 2.3x faster forward (1.9 → 0.8 ms for 2048 × 1024 values on a 2-core Xeon), 1.3x backward.
+    """Inductor options for the blocks. On the CPU, Inductor then computes GELU's tanh from one exp instead of a
+    vectorised tanh: 2.3x faster forward (1.9 → 0.8 ms for 2048 × 1024 values on a 2-core Xeon), 1.3x backward.
     torch leaves it off because the decomposition loses relative precision for tanh near 0, but GELU adds tanh's
     output to 1: against float64, GELU's largest error is 5.2e-7 with it and 4.3e-7 without. GPUs ignore it, and
     torch releases before the option (2.7) would refuse it, so it is only passed where it exists."""
@@ -145,11 +143,26 @@ def block_compile_options() -> dict[str, Any]:
     return {"cpp.use_decompose_tanh": True} if hasattr(inductor_config.cpp, "use_decompose_tanh") else {}
 
 
+def block_compile_arguments(*, fullgraph: bool = False) -> dict[str, Any]:
+    """`Module.compile`'s arguments for a transformer block (the same on every device: GPUs ignore the option)."""
+    return {"options": block_compile_options(), **({"fullgraph": True} if fullgraph else {})}
+
+
 def compile_blocks(blocks: nn.ModuleList) -> None:
     """torch.compile every block in place (one compilation serves them all: the code is the same)."""
-    options = block_compile_options()
     for block in blocks:
-        block.compile(options=options)
+        block.compile(**block_compile_arguments())
+
+
+def loss_compile_arguments() -> dict[str, Any]:
+    """The fused loss's block kernel: its blocks have one shape (the last is made equal), so no dynamic shapes."""
+    return {"dynamic": False}
+
+
+def default_compile_arguments() -> dict[str, Any]:
+    """torch's defaults, named so that the call sites that use them are known: bench's `fwd` and
+    benchmarks/compile_ab.py's optimizer step."""
+    return {}
 
 
 def _compiler_error_types() -> tuple[type[BaseException], ...]:
@@ -198,13 +211,19 @@ def skip_hook_guards(entries: list[Any]) -> list[bool]:
     return [entry.guard_type not in _SKIPPED_GUARDS for entry in entries]
 
 
-def decode_compile_arguments(device_type: str) -> dict[str, Any]:
-    """torch.compile's arguments for a decode step on `device_type`.
+def decode_compile_arguments(rules: DeviceRules | str) -> dict[str, Any]:
+    """torch.compile's arguments for a decode step on the device of `rules` (or of a device type's defaults).
 
     CUDA: one static shape, recorded as a CUDA graph: `reduce-overhead`'s one option (`triton.cudagraphs`) given in
-    `options`, since torch refuses `mode` and `options` together. Elsewhere: a dynamic cache length, so the
-    power-of-two buckets the step attends to share one compilation."""
+    `options`, since torch refuses `mode` and `options` together; on the `fused` int8 path also
+    `coordinate_descent_tuning`, under which Inductor turns a one-row product into a reduction that converts the
+    int8 weights as it reads them. Elsewhere: a dynamic cache length, so the power-of-two buckets the step attends to
+    share one compilation."""
+    if isinstance(rules, str):
+        rules = rules_for(rules)
     options: dict[str, Any] = {"guard_filter_fn": skip_hook_guards}
-    if device_type == "cuda":
+    if rules.coordinate_descent:
+        options["coordinate_descent_tuning"] = True
+    if rules.cuda_graphs:
         return {"dynamic": False, "options": {**options, "triton.cudagraphs": True}}
     return {"dynamic": True, "options": options}

@@ -132,7 +132,7 @@ def rules_for(
             compiler="cpp",
             compile_problem=None,
             compile_caveat=None,
-            compile_remedy="install g++ (or set CXX)",
+            compile_remedy="install a C++ compiler (or set CXX)",  # compile.py names the platform's
             # The default run's eager rate (600 steps of 2.0e11 FLOPs in ~4.5 min on 2 cores, bf16); a cold
             # compile of its blocks and loss took ~20 s on an idle 2-core Xeon, 92 s on a busy 2-core EPYC.
             eager_tflops=0.45,

@@ -19,6 +19,16 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import torch
 
 from gpt2cli.errors import UsageError
+from gpt2cli.runtime.device_rules import (
+    DISPATCH_KEYS,
+    INT4_OPS,
+    INT8_OPS,
+    Capability,
+    DeviceRules,
+    int8_cuda_choice,
+    maxrss_bytes,
+    rules_for,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,30 +117,64 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cuda_computes_bf16(device: torch.device) -> bool:
-    """True where the CUDA device used computes bf16 natively: compute capability 8.0 (Ampere) or later.
+def device_capability(device: torch.device) -> Capability | None:
+    """The compute capability of the CUDA device used (`cuda` alone: the current one), None for other devices.
 
-    `torch.cuda.is_bf16_supported()` also counts emulated bf16 (V100, T4: slower than fp16, often than float32),
-    and asks about the current device, not necessarily `device`."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    major, _ = torch.cuda.get_device_capability(index)
-    return major >= 8
+    `torch.cuda.is_bf16_supported()` would also count emulated bf16 (V100, T4), and asks about the current device,
+    not necessarily `device`. None too where this build or machine has no CUDA (tests ask about CUDA on the CPU)."""
+    if device.type != "cuda":
+        return None
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+    except (AssertionError, RuntimeError):  # "Torch not compiled with CUDA enabled", no driver
+        return None
+    return major, minor
+
+
+@functools.cache
+def missing_ops(device_type: str) -> frozenset[str]:
+    """The int8/int4 kernels' aten operators this torch build registers no kernel for on `device_type` (the CUDA
+    int8 kernel came in a later release than the oldest torch we run on, for one)."""
+    key = DISPATCH_KEYS.get(device_type)
+    if key is None:
+        return frozenset()
+    ops = {op for table in (INT8_OPS, INT4_OPS) for names in table.values() for op in names}
+    return frozenset(op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key))
+
+
+def device_rules(device: torch.device) -> DeviceRules:
+    """The rules (`device_rules.rules_for`) of the device used, from its facts: the CUDA capability, the CPU's
+    native bf16, the kernels this torch build has, and the CUDA int8 kernel asked for ($GPT2_CUDA_INT8)."""
+    try:
+        int8_cuda = int8_cuda_choice(os.environ)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return rules_for(
+        device.type,
+        device_capability(device),
+        cpu_fast_bf16=device.type == "cpu" and cpu_has_fast_bf16(),
+        int8_cuda=int8_cuda,
+        missing_ops=missing_ops(device.type),
+    )
 
 
 def int8_runs_fast(device: torch.device, compiled: bool) -> bool:
-    """Weight-only int8 pays only where a kernel reads the int8 weights directly: the CPU's `_weight_int8pack_mm`,
-    or on CUDA the matmul torch.compile generates with the int8-to-float conversion fused into it (gpt-fast's
-    way). Eager CUDA would rebuild every float weight at every decode step, slower than not quantizing."""
-    return device.type != "cuda" or compiled
+    """Weight-only int8 pays only where a kernel reads the int8 weights directly (`_weight_int8pack_mm`: the CPU's,
+    CUDA's, MPS's), or on CUDA's `fused` path the matmul torch.compile generates with the int8-to-float conversion
+    fused into it (gpt-fast's way). Rebuilding every float weight at every decode step is slower than float."""
+    return device_rules(device).int8_runs_fast(compiled)
 
 
 def check_int8_runs_fast(device: torch.device, compiled: bool) -> None:
     """Refuse `--quantize int8` where it runs slower than the float weights (`int8_runs_fast`)."""
-    if not int8_runs_fast(device, compiled):
-        raise UsageError(
-            "--quantize int8 on CUDA needs --compile (torch.compile fuses the int8 weights into the matmul; "
-            "without it every step would rebuild the float weights and run slower than without --quantize)"
-        )
+    if int8_runs_fast(device, compiled):
+        return
+    rules = device_rules(device)
+    if rules.int8_kernel == "fused":
+        raise UsageError(f"--quantize int8 on CUDA needs --compile ({rules.int8_problem})")
+    problem = rules.int8_problem or "every step would rebuild the float weights (slower than without --quantize)"
+    raise UsageError(f"--quantize int8 on {device.type}: {problem}; use --quantize int4 or none")
 
 
 @functools.cache
@@ -168,20 +212,17 @@ class Precision:
 
 
 def resolve_precision(dtype: str, device: torch.device) -> Precision:
-    """`auto`: bf16 where the device computes it fast, fp16 with loss scaling on older GPUs, else float32.
+    """`auto`: bf16 where the device computes it fast, fp16 with loss scaling on older GPUs, else float32
+    (`DeviceRules.auto_dtype`).
 
     Weights stay float32 (the optimizer's master copy); only the forward and backward run in the 16-bit type.
     """
+    rules = device_rules(device)
     if dtype == "auto":
-        if device.type == "cuda":
-            dtype = "bfloat16" if cuda_computes_bf16(device) else "float16"
-        elif device.type == "cpu" and cpu_has_fast_bf16():
-            dtype = "bfloat16"
-        else:
-            dtype = "float32"
+        dtype = rules.auto_dtype
     if dtype == "float32":
         return Precision(device, None)
-    if dtype == "float16" and device.type == "cpu":
+    if dtype == "float16" and not rules.float16:
         raise UsageError("--dtype float16 is not supported for training on the CPU; use bfloat16 or float32")
     return Precision(device, DTYPES[dtype], needs_scaler=dtype == "float16")
 
@@ -190,13 +231,13 @@ def peak_tflops(device: torch.device, dtype: torch.dtype | None) -> float | None
     """The device's dense peak for a run computing in `dtype` (None: float32), or None where unknown.
 
     float32 matmuls run as TF32 on CUDA here (`fast_matmul`), so float32 is measured against the TF32 peak."""
-    if device.type != "cuda":
+    if not device_rules(device).peak_table:
         return None
     return peak_tflops_for(torch.cuda.get_device_name(device), dtype or torch.float32)
 
 
 def peak_bandwidth_gbps(device: torch.device) -> float | None:
-    if device.type != "cuda":
+    if not device_rules(device).peak_table:
         return None
     row = gpu_peaks(torch.cuda.get_device_name(device))
     return None if row is None else row.bandwidth_gbps
@@ -242,7 +283,7 @@ def _keep_freed_host_memory() -> bool:
 @contextlib.contextmanager
 def fast_matmul(device: torch.device) -> Iterator[None]:
     """TF32 for float32 matmuls on CUDA (the precision GPT-2 training tolerates), restored afterwards."""
-    if device.type != "cuda":
+    if not device_rules(device).tf32:
         yield
         return
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -251,3 +292,49 @@ def fast_matmul(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+# ---------------------------------------------------------------- timing and memory, as the rules say
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (before reading a clock); nothing to wait for on the CPU."""
+    if not device_rules(device).asynchronous:
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the memory torch's caching allocator holds unused back to the device (CUDA, MPS)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: torch's CUDA counter, or an emptied Metal pool (which then grows to the new peak)."""
+    kind = device_rules(device).peak_memory
+    if kind in ("allocator", "driver"):
+        release_cached_memory(device)
+    if kind == "allocator":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The peak memory since `reset_peak_memory`: CUDA's peak allocated bytes; on MPS the Metal driver's pool, which
+    keeps what it allocated (so its size is the peak, an upper bound of the tensors'); elsewhere the process's peak
+    resident memory (for the whole process so far). None where the platform does not say (Windows)."""
+    kind = device_rules(device).peak_memory
+    if kind == "allocator":
+        return int(torch.cuda.max_memory_allocated(device))
+    if kind == "driver":
+        return int(torch.mps.driver_allocated_memory())
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sys.platform)

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gpt2cli.errors import UsageError
+from gpt2cli.runtime.devices import device_rules
+
 
 @dataclass(frozen=True)
 class World:
@@ -45,11 +48,14 @@ def from_environment() -> World:
 
 
 def start(world: World, device: torch.device) -> torch.device:
-    """Join the process group (NCCL on CUDA, gloo on the CPU, and on CUDA where torch has no NCCL: its Windows
-    builds); returns this rank's device."""
+    """Join the process group (`DeviceRules.distributed_backend`: NCCL on CUDA, gloo on the CPU, and on CUDA where
+    torch has no NCCL: its Windows builds); returns this rank's device. A device without a backend (MPS) is refused."""
     if not world.distributed:
         return device
-    if device.type == "cuda":
+    backend = device_rules(device).distributed_backend
+    if backend is None:
+        raise UsageError(f"torchrun on {device.type} is not supported (no process-group backend for it)")
+    if backend == "nccl":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
         if dist.is_nccl_available():

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gpt2cli.runtime.devices import device_rules
+
 
 class Windows:
     """Non-overlapping windows of `seq_len + 1` tokens (inputs and shifted targets) over a list of segments."""
@@ -32,7 +34,10 @@ class Windows:
             offset = (int(window) - int(self.starts[segment])) * self.seq_len
             rows[row] = self.segments[segment][offset : offset + self.seq_len + 1]
         tensor = torch.from_numpy(rows)
-        tensor = tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+        if device_rules(device).pin_memory:
+            tensor = tensor.pin_memory().to(device, non_blocking=True)
+        else:
+            tensor = tensor.to(device)
         return tensor[:, :-1], tensor[:, 1:]
 
 

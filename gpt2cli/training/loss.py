@@ -23,7 +23,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from gpt2cli.model.gpt2 import GPT2, IGNORE_INDEX
-from gpt2cli.runtime.compile import compiler_failure, is_compiler_error
+from gpt2cli.runtime.compile import compiler_failure, is_compiler_error, loss_compile_arguments
 
 BLOCK_ELEMENTS = 1 << 25  # most logits per block: 32 Mi (64 MiB in bf16), 667 rows of a 50,257-word vocabulary
 
@@ -70,7 +70,7 @@ def block_kernel(compiled: bool) -> BlockKernel:
     if not compiled:
         return cross_entropy_block
     if _compiled_kernel is None:
-        _compiled_kernel = torch.compile(cross_entropy_block_for_compile, dynamic=False)
+        _compiled_kernel = torch.compile(cross_entropy_block_for_compile, **loss_compile_arguments())
     return _compiled_kernel
 
 

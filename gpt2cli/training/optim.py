@@ -11,6 +11,7 @@ import torch
 
 from gpt2cli.errors import CheckpointError
 from gpt2cli.model.gpt2 import GPT2
+from gpt2cli.runtime.devices import device_rules
 from gpt2cli.runtime.distributed import full_tensor, shard_like
 
 
@@ -58,14 +59,14 @@ def parameter_groups(
 def build_optimizer(
     model: GPT2, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel where the device has it (CUDA, CPU), else the multi-tensor version."""
+    """AdamW, fused into one kernel where the device has one (`DeviceRules.fused_adamw`), else multi-tensor."""
     return _adamw(parameter_groups(model, weight_decay), lr, betas, device)
 
 
 def _adamw(
     groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], device: torch.device
 ) -> torch.optim.AdamW:
-    if device.type in ("cuda", "cpu"):
+    if device_rules(device).fused_adamw:
         try:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
         except (RuntimeError, TypeError):  # older torch without a fused CPU kernel

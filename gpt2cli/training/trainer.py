@@ -22,7 +22,7 @@ from gpt2cli.data.inputs import TokenData
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.model import flops
 from gpt2cli.model.gpt2 import GPT2
-from gpt2cli.runtime.devices import Precision, fast_matmul, peak_tflops
+from gpt2cli.runtime.devices import Precision, device_rules, fast_matmul, peak_tflops
 from gpt2cli.runtime.distributed import (
     StopPoll,
     World,
@@ -254,7 +254,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         parameters, max_norm = list(self.model.parameters()), self.train_settings.grad_clip or math.inf
-        if self.device.type == "cuda":
+        if device_rules(self.device).asynchronous:
             # Reading a value on the host waits for the GPU to finish: enqueue the whole step first, read after.
             # A non-finite step is still caught here, before anything is saved.
             norm = clip_gradients_on_device(parameters, max_norm)

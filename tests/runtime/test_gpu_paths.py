@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli, shakespeare_text
+from conftest import assert_one_line_error, cli_env, run_cli, shakespeare_text
 from gpt2cli import benchmark, get_tokenizer
 from gpt2cli.benchmark import Case, Runner
 from gpt2cli.data.inputs import TokenData
@@ -273,11 +273,20 @@ def test_torchrun_binds_each_rank_to_its_gpu(monkeypatch):
     assert calls == [("set_device", device), ("init", {"backend": "nccl", "device_id": device})]
 
 
-def test_int8_on_cuda_needs_compile():
+def test_int8_on_cuda_needs_compile_on_the_fused_path_only(monkeypatch):
+    monkeypatch.setattr("gpt2cli.runtime.devices.missing_ops", lambda device_type: frozenset())  # as a CUDA build
+    check_int8_runs_fast(torch.device("cuda"), compiled=False)  # int8pack: CUDA's _weight_int8pack_mm, eager too
+    monkeypatch.setenv("GPT2_CUDA_INT8", "fused")
     with pytest.raises(UsageError, match="--quantize int8 on CUDA needs --compile"):
         check_int8_runs_fast(torch.device("cuda"), compiled=False)
     check_int8_runs_fast(torch.device("cuda"), compiled=True)
     check_int8_runs_fast(torch.device("cpu"), compiled=False)
+
+
+def test_a_torch_without_the_cuda_int8_kernel_needs_compile(monkeypatch):
+    monkeypatch.setattr("gpt2cli.runtime.devices.missing_ops", lambda device_type: frozenset({"_weight_int8pack_mm"}))
+    with pytest.raises(UsageError, match=r"needs --compile \(no CUDA kernel for _weight_int8pack_mm in this torch"):
+        check_int8_runs_fast(torch.device("cuda"), compiled=False)
 
 
 def test_the_bench_inference_copy_is_cast_tensor_by_tensor():
@@ -314,5 +323,6 @@ def test_a_compiled_bench_does_not_call_its_eager_prefill_compiled():
 
 def test_gpt2_sample_refuses_eager_int8_on_cuda_before_loading_anything(monkeypatch, tmp_path):
     monkeypatch.setattr("gpt2cli.runtime.devices.resolve_device", lambda name: torch.device("cuda"))
-    result = run_cli("sample", tmp_path / "absent.safetensors", "--quantize", "int8", "--device", "cuda")
+    env = cli_env(GPT2_CUDA_INT8="fused")  # the GPU check's candidate; the default reads int8 eagerly too
+    result = run_cli("sample", tmp_path / "absent.safetensors", "--quantize", "int8", "--device", "cuda", env=env)
     assert_one_line_error(result, 2, "--quantize int8 on CUDA needs --compile")

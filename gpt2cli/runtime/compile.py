@@ -126,7 +126,7 @@ def keep_compiled_code() -> None:
 # ---------------------------------------------------------------- the arguments of every compilation
 #
 # Every torch.compile / Module.compile call in gpt2cli/ and benchmarks/ takes its arguments as `**f(...)` from one
-# of the functions below (tests/runtime/test_compile_calls.py finds the calls with `ast` and fails on any other).
+# of the functions below (tests/runtime/test_compile_arguments.py finds the calls with `ast` and fails on any other).
 # The tests construct each function's arguments for every device's rules: construction is where torch refuses
 # `mode` beside `options`, an unknown Inductor option or one of the wrong type, so a CUDA-only mistake fails on
 # the CPU build too. Construction does not capture a graph: only a GPU run proves that.

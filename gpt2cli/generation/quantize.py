@@ -6,8 +6,9 @@ where it is not quantized); `gpt2 sample`, `gpt2 eval`, `gpt2 bench` and `gpt2 s
 
 Which kernel runs where is the device rules' choice (`runtime/device_rules.py`); the kernel calls themselves are
 functions of the device type (`int8_matmul`, `pack_int4`, `int4_matmul`), so that tests run the CUDA and MPS calls
-on fake tensors on a CPU-only build. The tensors of those paths are reshaped with views (`view`, `unbind`,
-`narrow`, `unsqueeze`) rather than Python indexing, which asks for a device guard that such a build lacks.
+on fake tensors on a CPU-only build. Those paths reshape with views (`view`, `unbind`, `narrow`, `unsqueeze`) and
+never call `.contiguous()` on a strided view: Python indexing and that method take a device guard, which such a
+build lacks even for fake tensors.
 """
 
 from __future__ import annotations
@@ -305,7 +306,7 @@ def group_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     zeros = (low + 8 * scales.float()).to(torch.bfloat16)
     start = zeros.float() - 8 * scales.float()  # the value code 0 stands for
     codes = torch.round((groups - start.unsqueeze(-1)) / scales.float().unsqueeze(-1)).clamp(0, 15)
-    table = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (K / G, N, 2)
+    table = torch.stack([scales.t(), zeros.t()], dim=-1)  # (K / G, N, 2), row-major
     return codes.to(torch.int32).reshape(rows, columns), table
 
 

@@ -212,3 +212,38 @@ def test_decode_bytes_per_token_adds_the_copies(monkeypatch):
     assert stored == 2 * (128 * 64 + 128 * 2 + 0) - 128 * 2 + 64 * 2  # int8 rows and bf16 scales of each layer
     monkeypatch.setattr(Int8Linear, "dequantized_bytes", lambda self, rows, compiled: rows * 1000)
     assert decode_bytes_per_token(model, rows=8, compiled=True) == stored + 2 * 8000  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("candidate", ["int8pack", "fused"])
+def test_inductor_fuses_the_fused_candidate_only_at_one_row_with_its_options(candidate, rows):
+    """What Inductor makes of an int8 layer's call on CUDA, decomposed as it decomposes it under the decode step's
+    compile options (Inductor's own decomposition table, traced on fake CUDA tensors): `fused` becomes a reduction
+    over the converted weights only at one row with `coordinate_descent_tuning`; otherwise a matmul of a converted
+    (float) copy, which `Int8Linear.dequantized_bytes` counts. int8pack stays torch's kernel either way."""
+    from torch._inductor import config
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from gpt2cli.generation.quantize import int8_matmul
+    from gpt2cli.runtime.compile import decode_compile_arguments
+
+    rules = rules_for("cuda", (9, 0), int8_cuda=candidate)
+    options = decode_compile_arguments(rules)["options"]
+    with FakeTensorMode():
+        x = torch.empty(rows, 768, dtype=torch.bfloat16, device="cuda")
+        weight = torch.empty(2304, 768, dtype=torch.int8, device="cuda")
+        scales = torch.empty(2304, dtype=torch.bfloat16, device="cuda")
+
+    def layer(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, weight, scales, scales, rules.int8_kernel, "cuda")
+
+    with config.patch(coordinate_descent_tuning=options.get("coordinate_descent_tuning", False)):
+        graph = make_fx(layer, decomposition_table=select_decomp_table())(x, weight, scales).graph
+    ops = {str(node.target).split(".")[1] for node in graph.nodes if node.op == "call_function"}
+    if candidate == "int8pack":
+        assert "_weight_int8pack_mm" in ops and "mm" not in ops
+    elif rows == 1:
+        assert "sum" in ops and "mm" not in ops  # one pass: each int8 weight converted as it is read
+    else:
+        assert "mm" in ops  # cuBLAS on a converted copy of the weights

@@ -27,8 +27,8 @@ def prepare_inference(device: torch.device, quantize: str, group_size: int, *, c
     """Refuse (exit 2) a quantization that cannot run, or not fast, on `device`, and keep freed host memory on the
     CPU (`devices.keep_freed_memory`). Call it before any weights are read.
 
-    `decode`: the weights run a decode loop (sample, serve, bench), where eager int8 on CUDA is slower than float and
-    refused; scoring passes (eval) are not bound by that rule (`quantize.check_quantize_runs`)."""
+    `decode`: the weights run a decode loop (sample, serve, bench), where int8 slower than float is refused
+    (`devices.int8_runs_fast`); scoring passes (eval) are not bound by that rule (`quantize.check_quantize_runs`)."""
     check_quantize_runs(quantize, device, compile, group_size, decode=decode)
     devices.keep_freed_memory(device)
 
@@ -45,7 +45,7 @@ def quantize_for_inference(
     """Quantize `model` in place (`none`, `int8`, `int4`); `on_summary` gets a line saying how, unless `none`.
 
     Under int4 the layers whose width does not divide by the group size become int8, except where a decode loop
-    would run int8 slower than float (eager CUDA, `devices.int8_runs_fast`): they keep their float weights there."""
+    would run int8 slower than float (`devices.int8_runs_fast`): they keep their float weights there."""
     device = next(model.parameters()).device
     int8_fallback = not decode or devices.int8_runs_fast(device, compile)
     summary = quantize_model(model, quantize, group_size, int8_fallback=int8_fallback)
@@ -69,8 +69,8 @@ def load_inference_model(
 
     `device`: a name (`auto`, `cuda:1`) or a device the caller has resolved already. `dtype`: the weights' dtype
     (`float32`, `bfloat16`, `float16`; float16 is refused on the CPU), or None to keep the stored one (eval computes
-    under autocast and checks its dtype itself). `compile`: whether the decode step will be compiled (int8 on CUDA
-    needs it); `decode`: see `prepare_inference`. Everything is checked before the checkpoint is read."""
+    under autocast and checks its dtype itself). `compile`: whether the decode step will be compiled (CUDA's
+    `fused` int8 needs it); `decode`: see `prepare_inference`. Everything is checked before the checkpoint is read."""
     if isinstance(device, str):
         device = devices.resolve_device(device)
     if dtype == "float16" and not devices.device_rules(device).float16:

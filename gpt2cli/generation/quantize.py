@@ -55,8 +55,9 @@ class QuantizeSummary:
 def check_quantize_runs(mode: str, device: torch.device, compiled: bool, group_size: int, *, decode: bool) -> None:
     """Refuse (exit 2) a quantization that cannot run, or not fast, on this device, before any weights are read.
 
-    `decode`: the weights run a batch-1 decode loop (sample, serve, bench), where eager int8 on CUDA is slower than
-    float and refused. Scoring passes (eval) multiply many rows per weight read, so that rule does not apply."""
+    `decode`: the weights run a batch-1 decode loop (sample, serve, bench), where int8 that rebuilds float weights
+    every step (CUDA's `fused` candidate uncompiled, `devices.int8_runs_fast`) is slower than float and refused.
+    Scoring passes (eval) multiply many rows per weight read, so that rule does not apply."""
     from gpt2cli.runtime.devices import check_int8_runs_fast
 
     if mode == "int8" and decode:

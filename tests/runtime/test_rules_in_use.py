@@ -3,7 +3,6 @@ it does what it would do there (warm-up calls, the whole cache, matvec, peaks, r
 
 from __future__ import annotations
 
-import resource
 import sys
 
 import pytest
@@ -116,6 +115,7 @@ def test_torchrun_on_mps_is_refused():
 
 @pytest.mark.parametrize(("platform", "factor"), [("linux", 1024), ("darwin", 1)])
 def test_the_cpu_peak_is_ru_maxrss_in_the_platforms_unit(monkeypatch, platform, factor):
+    resource = pytest.importorskip("resource")  # POSIX
     monkeypatch.setattr(sys, "platform", platform)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = devices.peak_memory_bytes(torch.device("cpu"))

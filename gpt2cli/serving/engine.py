@@ -29,7 +29,7 @@ import torch
 
 from gpt2cli.data.tokenizer import Tokenizer
 from gpt2cli.generation.generator import DecodeStep, TextGenerator, compile_decode_step
-from gpt2cli.generation.logit_filters import choose_next
+from gpt2cli.generation.logit_filters import choose_next_per_row
 from gpt2cli.generation.records import Completion, SamplingOptions
 from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
@@ -182,7 +182,10 @@ class Engine:
         self._stopping = False
         self._cancel_all = False
         self._thread = threading.Thread(target=self._run, name="gpt2-serve-engine", daemon=True)
-        self._no_history = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+        # Row i's tokens so far (prompt and chosen) at their positions, for the repetition penalty; past its end,
+        # its first token (a repeat the penalty ignores), so that the rows can be penalised as one batch.
+        self.history = torch.zeros(max_batch, self.cache.capacity, dtype=torch.long, device=self.device)
+        self._row_index = torch.arange(max_batch, device=self.device)
 
     # ---------------------------------------------------------------- the submitting side
 
@@ -301,7 +304,10 @@ class Engine:
             first_row=row,
         )
         self.positions[row] = length
-        token = choose_next(logits, self._history(sequence), sequence.options, sequence.rng)
+        self.history[row] = sequence.prompt_ids[0]
+        self.history[row, :length] = ids[0]
+        token = self._choose(logits, [sequence], length, first_row=row)
+        self.history[row, length : length + 1] = token
         self.active.append(sequence)
         if not self._accept(sequence, int(token), logits[0]):
             self._release(row)
@@ -315,24 +321,30 @@ class Engine:
         last_tokens = [[sequence.last_token] for sequence in self.active] + [[0]] * (rows - n)
         tokens = torch.tensor(last_tokens, device=self.device)  # (rows, 1)
         logits = self.step(tokens, self.cache, self.positions[:rows], length)[:n]  # (n, V)
+        chosen = self._choose(logits, self.active, end - 1)  # (n,)
         self.positions[:n] += 1
-        chosen = [
-            choose_next(logits[row : row + 1], self._history(sequence), sequence.options, sequence.rng)
-            for row, sequence in enumerate(self.active)
-        ]
-        tokens_host = torch.cat(chosen).tolist()  # the step's one sync
+        self.history[self._row_index[:n], self.positions[:n]] = chosen
+        tokens_host = chosen.tolist()  # the step's one sync
         finished = [
             row for row, sequence in enumerate(self.active) if not self._accept(sequence, tokens_host[row], logits[row])
         ]
         for row in reversed(finished):  # from the end, so each move keeps the earlier rows in place
             self._release(row)
 
-    def _history(self, sequence: Sequence) -> torch.Tensor:
-        """The tokens so far `(1, t)`, for the repetition penalty only (otherwise nothing to copy)."""
-        if sequence.options.repetition_penalty == 1.0:
-            return self._no_history
-        tokens = sequence.prompt_ids + sequence.completion.token_ids
-        return torch.tensor([tokens], dtype=torch.long, device=self.device)
+    def _choose(self, logits: torch.Tensor, sequences: list[Sequence], width: int, first_row: int = 0) -> torch.Tensor:
+        """The next token `(n,)` of the sequences in rows `first_row...`, chosen as one batch: each row with its own
+        options and one draw from its own generator when it samples, so its text depends on its seed alone.
+        `width`: the longest row's tokens so far."""
+        draws = [
+            torch.rand(1, generator=s.rng, device=s.rng.device) if s.options.temperature != 0.0 else None
+            for s in sequences
+        ]
+        uniforms = None
+        if any(draw is not None for draw in draws):
+            zero = torch.zeros(1, device=self.device)
+            uniforms = torch.cat([zero if draw is None else draw.to(self.device) for draw in draws])  # (n,)
+        history = self.history[first_row : first_row + len(sequences), :width]
+        return choose_next_per_row(logits, history, [s.options for s in sequences], uniforms)
 
     def _accept(self, sequence: Sequence, token: int, logits: torch.Tensor) -> bool:
         """Record a chosen token and tell the client; False when the sequence is finished."""
@@ -392,6 +404,7 @@ class Engine:
             for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
                 keys[row, :, :filled] = keys[last, :, :filled]
                 values[row, :, :filled] = values[last, :, :filled]
+            self.history[row] = self.history[last]
             self.positions[row] = self.positions[last]
             self.active[row] = moved
         self.active.pop()

@@ -183,6 +183,60 @@ def test_greedy_through_padded_buckets_equals_gpt2_sample(model, checkpoint, tmp
     assert all((rows, length) in engine.buckets.shapes for rows, length in steps)
 
 
+# ---------------------------------------------------------------- batched sampling
+
+
+def test_a_seeded_sequence_samples_the_same_text_whatever_shares_its_batch(model):
+    tokenizer = get_tokenizer()
+    sampled = SamplingOptions(max_new_tokens=24, temperature=0.9, top_k=50, ignore_eot=True)
+    penalised = SamplingOptions(max_new_tokens=30, temperature=1.1, top_p=0.8, repetition_penalty=1.3, ignore_eot=True)
+    once = (tokenizer.encode("Once upon"), sampled, 7)
+    engine = Engine(model, tokenizer, max_batch=6)
+    engine.start()
+    try:
+        (alone,) = generate(engine, [once])
+        neighbours = [
+            (tokenizer.encode(PROMPTS[1]), SamplingOptions(max_new_tokens=5, temperature=0.0), 0),
+            (tokenizer.encode("Once upon"), penalised, 7),  # the same seed, other options: another text
+            (tokenizer.encode(PROMPTS[3]), sampled, 8),
+        ]
+        crowded = generate(engine, [*neighbours, once, once])
+        again = generate(engine, [neighbours[1], once])
+    finally:
+        engine.stop()
+    assert len(alone) == 24 and crowded[3] == crowded[4] == again[1] == alone
+    assert crowded[1] == again[0] != alone and crowded[2] != alone
+
+
+def test_greedy_with_a_repetition_penalty_equals_gpt2_sample(model, checkpoint, tmp_path):
+    """The penalty reads each row's history from the device buffer, kept across row moves and padded per row."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    flags = ["--prompts-file", prompts_file, "--temperature", "0", "--max-new-tokens", "40", "--ignore-eot"]
+    result = run_cli("sample", checkpoint, *flags, "--repetition-penalty", "1.5", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    expected = {record["prompt"]: record["token_ids"] for record in map(json.loads, result.stdout.splitlines())}
+
+    tokenizer = get_tokenizer()
+    engine = Engine(model, tokenizer, max_batch=4, buckets=step_buckets("cuda", True, 4, 128))
+    engine.start()
+    try:
+        lengths = [40, 12, 30, 3]
+        requests = [
+            (
+                tokenizer.encode(prompt),
+                SamplingOptions(max_new_tokens=n, temperature=0.0, repetition_penalty=1.5, ignore_eot=True),
+                0,
+            )
+            for prompt, n in zip(PROMPTS, lengths, strict=True)
+        ]
+        served = generate(engine, requests)
+    finally:
+        engine.stop()
+    for prompt, n, tokens in zip(PROMPTS, lengths, served, strict=True):
+        assert tokens == expected[prompt][:n], prompt
+
+
 @pytest.mark.slow
 def test_the_cuda_compilation_covers_every_bucket_in_a_few_compilations():
     """`serve_compile_arguments("cuda")` without its CUDA graphs, on the CPU: Dynamo's automatic dynamic shapes

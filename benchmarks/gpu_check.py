@@ -2,7 +2,8 @@
 
 One command for anyone with an NVIDIA GPU, after `pip install -e .` with their CUDA build of torch:
 
-  python benchmarks/gpu_check.py                   # about 6-8 minutes on an H100/H200
+  python benchmarks/gpu_check.py                   # every part: about 14 minutes on an H100 (estimated)
+  python benchmarks/gpu_check.py --plan            # the parts split into calls of <= 10 minutes, 15 in all
   python benchmarks/gpu_check.py --device cpu --smoke   # tiny shapes on the CPU (CI runs this so it never rots)
 
 Parts (each reported pass/fail with its numbers; a failing part never stops the others):
@@ -15,15 +16,27 @@ Parts (each reported pass/fail with its numbers; a failing part never stops the 
   bench        `gpt2 bench --device cuda --preset gpt2 --tests train,fwd,pp512,tg128 --batch-size 1,8 --json`,
                without and with --compile: every case runs, and compiled results say so only when compiled
   distributed  with 2+ GPUs: torchrun DDP and FSDP runs give the single-process losses
+  int4         the int4 kernel (tinygemm on CUDA) against its dequantized weights for group sizes 32, 64, 128;
+               tg128 at batch 1 with int4 weights, eager and compiled: tokens/s, GB/s, CUDA graphs
+  int8         the int8 candidates timed side by side (tg128, batch 1, bf16): the shipped Int8Linear (compiled:
+               Inductor's fused conversion) and torch's _weight_int8pack_mm, eager and compiled, coordinate-descent
+               tuning off and on: tokens/s and GB/s each, and the fastest
+  lookup       prompt lookup (4 drafted tokens) gives plain greedy's 128 tokens, eager and compiled (the verify pass
+               as its own CUDA graph); tokens/s of both, drafts accepted
+  serve        the serve engine, compiled, 4 rows: every (rows, length) bucket compiled and recorded at start-up
+               (its time), none after; greedy tokens of 4 concurrent sequences equal the generator's; decode
+               tokens/s of 1 and 4 clients, and of 1 client stepped over the whole batch and cache (as before buckets)
 
 Targets (reported, not failures): training MFU >= 50%; compiled decode >= 1,000 tokens/s at batch 1 and >= 5,000 at
-batch 8. One JSON (card, driver, torch, every number) goes to benchmarks/results/ (or --out); a summary to stdout.
-Exit status 1 when a check failed.
+batch 8; one served client faster with buckets than over the whole batch. One JSON (card, driver, torch, every
+number) goes to benchmarks/results/ (or --out), rewritten after each part so that a run cut short keeps what it
+measured; a summary to stdout. Exit status 1 when a check failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -36,7 +49,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +256,87 @@ def prepare(context: Context) -> None:
     save_model(model, context.checkpoint)
 
 
+@contextlib.contextmanager
+def counting_cuda_graphs() -> Iterator[list[int]]:
+    """`[n]`: the CUDA graphs recorded inside the block so far (the caller may reset it)."""
+    import torch
+
+    recorded = [0]
+    graph_class = torch.cuda.graphs.CUDAGraph
+    original_capture = graph_class.capture_begin
+
+    def counting_capture(self: Any, *args: Any, **kwargs: Any) -> Any:
+        recorded[0] += 1
+        return original_capture(self, *args, **kwargs)
+
+    graph_class.capture_begin = counting_capture  # type: ignore[method-assign]
+    try:
+        yield recorded
+    finally:
+        graph_class.capture_begin = original_capture  # type: ignore[method-assign]
+
+
+def fresh_compilations() -> None:
+    """Forget what earlier parts compiled: the decode steps of every part compile the same function, whose
+    compilations Dynamo caps (8 by default; past that it runs eagerly, which would time the wrong thing)."""
+    import torch
+
+    torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 matmuls without TF32, for token-for-token comparisons."""
+    import torch
+
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def decode_numbers(result: Any) -> dict[str, Any]:
+    """A `gpt2 bench` decode result's speed: tokens/s and the bytes it read per second."""
+    return {
+        "tokens_per_s": result.tokens_per_s,
+        "ms_per_token": result.ms_per_token,
+        "bandwidth_gbps": result.bandwidth_gbps,
+        "measured_read_gbps": result.measured_read_gbps,
+        "measured_read_fraction": result.measured_read_fraction,
+        "weight_bytes_per_token": result.weight_bytes_per_token,
+        "warmup_s": result.warmup_s,
+        "error": result.error,
+    }
+
+
+def run_decode_case(runner: Any, case: Any, part: Part, name: str) -> dict[str, Any]:
+    """Time one decode case (3 runs after a warm-up); a failure (a kernel that does not compile, say) fails this
+    case's check and the part's other cases still run."""
+    try:
+        result = runner.run(case, reps=3, warmup=1)
+    except Exception as error:
+        message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        part.check(f"{name} runs", False, message[:300])
+        return {"error": message, "traceback": traceback.format_exc(limit=-3)}
+    part.check(f"{name} runs", result.error is None, result.error)
+    return decode_numbers(result)
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Where two token lists first differ (the shorter one's length if one extends the other); None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def relative_error(got: Any, reference: Any) -> float:
+    """max |got - reference| / max |reference|, in float32."""
+    reference = reference.float()
+    return ((got.float() - reference).abs().max() / reference.abs().max()).item()
+
+
 # ---------------------------------------------------------------- the parts
 
 
@@ -412,16 +506,8 @@ def part_decode(context: Context, part: Part) -> None:
     part.numbers["dtype"] = dtype
     torch.manual_seed(0)
     model = GPT2(GPT2Config(**context.shapes.config)).to(device)
-    recorded = [0]
-    graph_class = torch.cuda.graphs.CUDAGraph
-    original_capture = graph_class.capture_begin
-
-    def counting_capture(self: Any, *args: Any, **kwargs: Any) -> Any:
-        recorded[0] += 1
-        return original_capture(self, *args, **kwargs)
-
-    graph_class.capture_begin = counting_capture  # type: ignore[method-assign]
-    try:
+    fresh_compilations()
+    with counting_cuda_graphs() as recorded:
         for compiled in (False, True):
             if compiled and context.smoke:
                 part.numbers["compiled"] = "skipped in --smoke (compiling on the CPU takes minutes)"
@@ -473,8 +559,6 @@ def part_decode(context: Context, part: Part) -> None:
                             target=True,
                         )
                 part.numbers[name] = numbers
-    finally:
-        graph_class.capture_begin = original_capture  # type: ignore[method-assign]
 
 
 def part_bench(context: Context, part: Part) -> None:
@@ -563,6 +647,320 @@ def part_distributed(context: Context, part: Part) -> None:
         part.check(f"{parallel}: 2 processes give the single-process losses", worst <= 1e-4, worst, "<= 1e-4 rel")
 
 
+def part_int4(context: Context, part: Part) -> None:
+    """int4 weights (torch's tinygemm on CUDA): each group size's kernel against the weights it stands for, then
+    tg at batch 1, eager and compiled."""
+    import torch
+    import torch.nn.functional as F
+    from torch._dynamo.utils import counters
+
+    from gpt2cli.benchmark import Case, Runner
+    from gpt2cli.generation.quantize import Int4Linear, dequantize, group_quantize, int4_kernel_missing
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
+    from gpt2cli.runtime.devices import resolve_device, resolve_precision
+
+    device = resolve_device(context.device)
+    missing = int4_kernel_missing(device)
+    if missing is not None:
+        part.skipped = missing
+        return
+    width = context.shapes.config["n_embd"]
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the layers' weights
+    with exact_float32(), torch.inference_mode():
+        for group_size in (32, 64, 128):
+            if width % group_size:
+                continue
+            linear = torch.nn.Linear(width, 3 * width).to(device)  # the attention's projection: (3C, C)
+            torch.nn.init.normal_(linear.weight, std=0.02)
+            x = torch.randn(4, width, generator=generator).to(device, torch.bfloat16)
+            reference = F.linear(x.float(), dequantize(*group_quantize(linear.weight, group_size), group_size))
+            error = relative_error(Int4Linear.from_linear(linear, group_size)(x), reference + linear.bias.float())
+            part.numbers[f"g{group_size}_relative_error"] = error
+            part.check(
+                f"g{group_size}: the kernel multiplies by its dequantized weights", error <= 1e-2, error, "<= 1e-2"
+            )
+
+    dtype = "bfloat16" if context.cuda else "float32"
+    part.numbers["dtype"] = dtype
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(**context.shapes.config)).to(device)
+    case = Case(f"tg{context.shapes.decode_tokens}", 1, context.shapes.decode_tokens)
+    with counting_cuda_graphs() as recorded:
+        for compiled in (False, True):
+            name = "b1-compiled" if compiled else "b1-eager"
+            if compiled and context.smoke:
+                part.numbers[name] = "skipped in --smoke (compiling on the CPU takes minutes)"
+                continue
+            fresh_compilations()
+            counters.clear()
+            recorded[0] = 0
+            runner = Runner(model, resolve_precision(dtype, device), compile=compiled, quantize="int4", group_size=32)
+            numbers = run_decode_case(runner, case, part, name)
+            if compiled and context.cuda and numbers["error"] is None:
+                skips = int(counters["inductor"]["cudagraph_skips"])
+                numbers.update(cuda_graphs_recorded=recorded[0], cudagraph_skips=skips)
+                part.check(
+                    f"{name}: replayed as a CUDA graph",
+                    recorded[0] >= 1 and skips == 0,
+                    {"recorded": recorded[0], "skips": skips},
+                    ">= 1 recorded, 0 skipped",
+                )
+            part.numbers[name] = numbers
+            del runner
+
+
+def part_int8(context: Context, part: Part) -> None:
+    """The candidate int8 decode paths, timed side by side (tg at batch 1) so that a GPU run can choose: the shipped
+    `Int8Linear` (on CUDA, compiled: the int8-to-float conversion fused into the matmul by Inductor) and torch's
+    `_weight_int8pack_mm` (a CUDA kernel since torch 2.8), each compiled with Inductor's coordinate-descent tuning
+    off and on. tokens/s and GB/s (the bytes a step reads, per second) for each."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    from gpt2cli.benchmark import Case, Runner
+    from gpt2cli.generation.quantize import Int8Linear
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
+    from gpt2cli.runtime.devices import resolve_device, resolve_precision
+
+    class Int8PackLinear(Int8Linear):
+        """`Int8Linear` through `_weight_int8pack_mm` on every device (its float scales, the activations' dtype)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.size(-1))
+            out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))
+            if self.bias is not None:
+                out = out + self.bias.to(out.dtype)
+            return out.reshape(*x.shape[:-1], -1)
+
+    device = resolve_device(context.device)
+    width = context.shapes.config["n_embd"]
+    with exact_float32(), torch.inference_mode():
+        linear = torch.nn.Linear(width, 3 * width).to(device)
+        layer = Int8Linear.from_linear(linear)
+        layer.__class__ = Int8PackLinear
+        x = torch.randn(4, width, generator=torch.Generator().manual_seed(0)).to(device)
+        reference = (x @ layer.weight.float().t()) * layer.scales.float() + linear.bias
+        error = relative_error(layer(x), reference)
+    part.numbers["int8pack_relative_error"] = error
+    part.check("_weight_int8pack_mm multiplies by the int8 weights and scales", error <= 1e-4, error, "<= 1e-4")
+
+    dtype = "bfloat16" if context.cuda else "float32"
+    part.numbers["dtype"] = dtype
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(**context.shapes.config)).to(device)
+    case = Case(f"tg{context.shapes.decode_tokens}", 1, context.shapes.decode_tokens)
+    candidates = [  # (name, kernel, compiled, coordinate-descent tuning)
+        ("int8linear-eager", "int8linear", False, False),  # on CUDA the refused path (slower than float): reference
+        ("int8linear-compiled", "int8linear", True, False),  # what `--quantize int8 --compile` runs today
+        ("int8linear-compiled-cdt", "int8linear", True, True),
+        ("int8pack-eager", "int8pack", False, False),
+        ("int8pack-compiled", "int8pack", True, False),
+        ("int8pack-compiled-cdt", "int8pack", True, True),
+    ]
+    with counting_cuda_graphs() as recorded:
+        for name, kernel, compiled, tuned in candidates:
+            if compiled and context.smoke:
+                part.numbers[name] = "skipped in --smoke (compiling on the CPU takes minutes)"
+                continue
+            fresh_compilations()
+            counters.clear()
+            recorded[0] = 0
+            runner = Runner(model, resolve_precision(dtype, device), compile=compiled, quantize="int8")
+            if kernel == "int8pack":
+                for module in runner.inference_model().modules():
+                    if type(module) is Int8Linear:
+                        module.__class__ = Int8PackLinear
+            with inductor_config.patch(coordinate_descent_tuning=tuned):  # read when the step compiles (warm-up)
+                numbers = run_decode_case(runner, case, part, name)
+            if compiled and context.cuda:
+                numbers.update(
+                    cuda_graphs_recorded=recorded[0], cudagraph_skips=int(counters["inductor"]["cudagraph_skips"])
+                )
+            part.numbers[name] = numbers
+            del runner
+    timed = {
+        name: numbers["tokens_per_s"]
+        for name, numbers in part.numbers.items()
+        if isinstance(numbers, dict) and numbers.get("tokens_per_s")
+    }
+    part.numbers["fastest"] = max(timed, key=timed.__getitem__) if timed else None
+
+
+def part_lookup(context: Context, part: Part) -> None:
+    """Prompt lookup's verification pass: greedy with `PromptLookup(4)` gives plain greedy's tokens (float32, TF32
+    off), eager and compiled (the verify pass as its own CUDA graph); tokens/s of each, drafts accepted."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from gpt2cli import get_tokenizer, load_model
+    from gpt2cli.generation.drafting import PromptLookup
+    from gpt2cli.generation.generator import TextGenerator
+    from gpt2cli.generation.records import SamplingOptions, Timing
+    from gpt2cli.runtime.devices import resolve_device
+
+    device = resolve_device(context.device)
+    model = load_model(str(context.checkpoint), device=device, dtype=torch.float32).eval()
+    tokenizer = get_tokenizer()
+    assert context.text is not None
+    passage = tokenizer.encode(context.text.read_text(encoding="utf-8")[:2000])[:48]
+    prompt = passage + passage[:8]  # a passage, then its opening again: something to look up
+    options = SamplingOptions(max_new_tokens=context.shapes.decode_tokens, temperature=0.0, ignore_eot=True)
+    with exact_float32(), counting_cuda_graphs() as recorded:
+        for compiled in (False, True):
+            mode = "compiled" if compiled else "eager"
+            if compiled and context.smoke:
+                part.numbers[mode] = "skipped in --smoke (compiling on the CPU takes minutes)"
+                continue
+            fresh_compilations()
+            counters.clear()
+            recorded[0] = 0
+            runs: dict[str, Any] = {}
+            for name, drafting in (("plain", None), ("lookup", PromptLookup(4))):
+                generator = TextGenerator(model, tokenizer, compile=compiled, drafting=drafting)
+                generator.generate([prompt], options)  # compiles and records first: timed once warm
+                timing = Timing()
+                (completion,) = generator.generate([prompt], options, timing=timing)
+                runs[name] = {"tokens": completion.token_ids, "tokens_per_s": timing.decode_tokens_per_s}
+                if drafting is not None:
+                    runs[name].update(
+                        acceptance_rate=timing.acceptance_rate,
+                        tokens_per_pass=timing.tokens_per_pass,
+                        drafted=timing.drafted,
+                        accepted=timing.accepted,
+                    )
+            difference = first_difference(runs["plain"]["tokens"], runs["lookup"]["tokens"])
+            numbers = {
+                name: {key: value for key, value in run.items() if key != "tokens"} for name, run in runs.items()
+            }
+            numbers["speedup"] = runs["lookup"]["tokens_per_s"] / runs["plain"]["tokens_per_s"]
+            if compiled and context.cuda:
+                numbers.update(
+                    cuda_graphs_recorded=recorded[0], cudagraph_skips=int(counters["inductor"]["cudagraph_skips"])
+                )
+            part.numbers[mode] = numbers
+            part.check(f"{mode}: prompt lookup's greedy tokens are plain greedy's", difference is None, difference)
+
+
+def serve_requests(engine: Any, requests: list[tuple[list[int], Any]]) -> list[tuple[list[int], list[float]]]:
+    """Submit (prompt ids, options) sequences together; each one's tokens and the time each arrived."""
+    import threading
+
+    import torch
+
+    from gpt2cli.serving.engine import Finished, Sequence, TokenGenerated
+
+    results: list[tuple[list[int], list[float]]] = [([], []) for _ in requests]
+    errors: list[str] = []
+    finished = threading.Semaphore(0)
+
+    def emitter(index: int) -> Callable[[Any], None]:
+        def emit(event: Any) -> None:
+            if isinstance(event, TokenGenerated):
+                results[index][0].append(event.token)
+                results[index][1].append(time.perf_counter())
+            elif isinstance(event, Finished):
+                if event.error:
+                    errors.append(event.error)
+                finished.release()
+
+        return emit
+
+    engine.submit(
+        [
+            Sequence(index, ids, options, torch.Generator().manual_seed(index), emitter(index))
+            for index, (ids, options) in enumerate(requests)
+        ]
+    )
+    for _ in requests:
+        if not finished.acquire(timeout=300):
+            raise RuntimeError("the engine did not finish its sequences within 300 s")
+    if errors:
+        raise RuntimeError(f"a served sequence failed: {errors[0]}")
+    return results
+
+
+def decode_rate(arrivals: list[list[float]]) -> float:
+    """Tokens after each sequence's first, per second from the first first token to the last token."""
+    start, end = min(times[0] for times in arrivals), max(times[-1] for times in arrivals)
+    return sum(len(times) - 1 for times in arrivals) / (end - start) if end > start else 0.0
+
+
+def part_serve(context: Context, part: Part) -> None:
+    """The serve engine (continuous batching, compiled): every (rows, length) bucket compiled and recorded before
+    the first request, nothing compiled or recorded after; greedy tokens of concurrent sequences finishing at
+    different steps equal `gpt2 sample`'s generator (float32, TF32 off); decode tokens/s of one client, of four, and
+    of one client stepped as before the buckets (the whole batch and cache every step). --smoke runs CUDA's
+    buckets eagerly on the CPU."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from gpt2cli import get_tokenizer, load_model
+    from gpt2cli.generation.generator import TextGenerator
+    from gpt2cli.generation.records import SamplingOptions
+    from gpt2cli.runtime.devices import resolve_device
+    from gpt2cli.serving.engine import Engine, StepBuckets, step_buckets
+
+    device = resolve_device(context.device)
+    model = load_model(str(context.checkpoint), device=device, dtype=torch.float32).eval()
+    tokenizer, max_batch, capacity, tokens = get_tokenizer(), 4, model.config.block_size, context.shapes.decode_tokens
+    compiled = not context.smoke
+    prompts = [tokenizer.encode(text) for text in (PROMPT, "Once upon a time", "A", "To be, or not to be, that is")]
+    lengths = [tokens, tokens // 2, tokens * 3 // 4, tokens // 4]  # finishing apart: rows leave and move
+    greedy = [SamplingOptions(max_new_tokens=n, temperature=0.0, ignore_eot=True) for n in lengths]
+    with exact_float32(), counting_cuda_graphs() as recorded:
+        reference = TextGenerator(model, tokenizer)  # eager, one sequence at a time
+        expected = [reference.generate([ids], greedy[0])[0].token_ids for ids in prompts]
+        fresh_compilations()
+        counters.clear()
+
+        def made() -> dict[str, int]:
+            return {"compilations": int(counters["frames"]["ok"]), "cuda_graphs_recorded": recorded[0]}
+
+        buckets = None if compiled else step_buckets("cuda", True, max_batch, capacity)
+        engine = Engine(model, tokenizer, max_batch, compile=compiled, buckets=buckets)
+        try:
+            part.numbers.update(warm_up_s=engine.start(), shapes=len(engine.buckets.shapes), compiled=compiled)
+            warm = made()
+            part.numbers.update(warm)
+            served = serve_requests(engine, list(zip(prompts, greedy, strict=True)))
+            differences = [
+                first_difference(got, want[:n]) for (got, _), want, n in zip(served, expected, lengths, strict=True)
+            ]
+            part.numbers["greedy_first_differences"] = differences
+            part.check("greedy equals the generator's", all(d is None for d in differences), differences)
+            one = SamplingOptions(max_new_tokens=tokens, temperature=0.0, ignore_eot=True)
+            rates = {"one_client": decode_rate([serve_requests(engine, [(prompts[0], one)])[0][1]])}
+            rates["four_clients"] = decode_rate(
+                [times for _, times in serve_requests(engine, [(p, one) for p in prompts])]
+            )
+            bucketed, engine.buckets = engine.buckets, StepBuckets((max_batch,), (capacity,))  # one shape, as before
+            rates["one_client_whole_batch"] = decode_rate([serve_requests(engine, [(prompts[0], one)])[0][1]])
+            engine.buckets = bucketed
+            after = {key: value - warm[key] for key, value in made().items()}
+        finally:
+            engine.stop()
+    part.numbers.update({f"{name}_tokens_per_s": rate for name, rate in rates.items()}, after_start=after)
+    whole = rates["one_client_whole_batch"]
+    part.numbers["one_client_speedup_over_whole_batch"] = speedup = rates["one_client"] / whole if whole else None
+    if context.cuda and compiled:
+        shapes = part.numbers["shapes"]
+        part.check(
+            "every bucket recorded before the first request, none after",
+            warm["cuda_graphs_recorded"] >= shapes and after["cuda_graphs_recorded"] == 0,
+            {"shapes": shapes, **warm, "after_start": after},
+            ">= one graph per shape",
+        )
+        part.check(
+            "buckets share compilations",
+            0 < warm["compilations"] < shapes and after["compilations"] == 0,
+            warm["compilations"],
+            f"fewer than {shapes}, none after start",
+        )
+        part.check("one client: buckets beat the whole batch", (speedup or 0) > 1.0, speedup, "> 1", target=True)
+
+
 PARTS: dict[str, Callable[[Context, Part], None]] = {
     "parity": part_parity,
     "train": part_train,
@@ -570,7 +968,83 @@ PARTS: dict[str, Callable[[Context, Part], None]] = {
     "decode": part_decode,
     "bench": part_bench,
     "distributed": part_distributed,
+    "int4": part_int4,
+    "int8": part_int8,
+    "lookup": part_lookup,
+    "serve": part_serve,
 }
+
+
+# ---------------------------------------------------------------- the plan: parts into calls of a time-limited GPU
+
+# Estimated seconds of each part on one H100, compilation included (never yet measured on a GPU: a run's report
+# has each part's `seconds`, which `--plan REPORT` uses instead). The first parts share the script's first estimate
+# of 6-8 minutes by what each compiles and runs; a compiled 124M decode step is taken as ~30 s to compile, recording
+# its CUDA graphs as milliseconds. Measured in `--device cpu --smoke` on 2 shared CPU cores (2026-12-07; prepare
+# 2.8 s): parity 2.8, train 2.7, resume 3.6, decode 5.5, bench 8.3, int4 1.3, int8 0.8, lookup 0.2, serve 0.5 s;
+# the smoke run skips every compilation, which is most of a GPU run, so those times say little about the GPU's.
+H100_ESTIMATE_S = {
+    "parity": 50,  # a CPU and a GPU forward pass, 4 CLI processes (sample, eval on each device)
+    "train": 80,  # the blocks' and the loss's compilation, then 50 steps of 16 x 1024
+    "resume": 40,  # 3 short float32 CLI runs
+    "decode": 90,  # 2 compiled batch shapes
+    "bench": 150,  # a CLI process without and with --compile: training, forward and decode compilations
+    "distributed": 5,  # skipped on one GPU (~120 s with 2+)
+    "int4": 60,  # 1 compilation
+    "int8": 150,  # 4 compilations, 2 with coordinate-descent tuning (each Triton kernel benchmarked)
+    "lookup": 70,  # 2 compilations per mode: the step and the verify pass
+    "serve": 90,  # ~4 compilations shared by 21 buckets, their graphs, the runs
+}
+CALL_OVERHEAD_S = 30  # each call: Python and torch, CUDA's start, `prepare` (the corpus tokenized, a model saved)
+CALL_FILL = 0.85  # plan calls to 85% of their limit: the estimates are estimates
+
+
+def plan_calls(seconds: dict[str, float], call_limit_s: float, budget_s: float) -> tuple[list[list[str]], list[str]]:
+    """Parts (in `PARTS` order within a call) packed into calls of at most `call_limit_s` x CALL_FILL each,
+    overhead included, longest first into the first call with room; calls stop at `budget_s` in all. Returns the
+    calls and the parts that did not fit."""
+    room = call_limit_s * CALL_FILL - CALL_OVERHEAD_S
+    calls: list[list[str]] = []
+    loads: list[float] = []
+    left_out: list[str] = []
+    for name in sorted(PARTS, key=lambda name: -seconds.get(name, 0.0)):
+        cost = seconds.get(name, 0.0)
+        index = next((i for i, load in enumerate(loads) if load + cost <= room), None)
+        total = sum(loads) + CALL_OVERHEAD_S * len(loads)
+        if index is not None and total + cost <= budget_s:
+            calls[index].append(name)
+            loads[index] += cost
+        elif cost <= room and total + CALL_OVERHEAD_S + cost <= budget_s:
+            calls.append([name])
+            loads.append(cost)
+        else:
+            left_out.append(name)
+    order = list(PARTS)
+    return [sorted(call, key=order.index) for call in calls], sorted(left_out, key=order.index)
+
+
+def measured_seconds(report: Path) -> dict[str, float]:
+    """Each part's measured seconds in a report of a full run (a smoke run's say nothing of a GPU's)."""
+    data = json.loads(report.read_text())
+    if data.get("smoke"):
+        raise SystemExit(f"gpu_check: {report} is a --smoke report; plan from a full run's")
+    return {part["name"]: float(part["seconds"]) for part in data["parts"]}
+
+
+def print_plan(seconds: dict[str, float], source: str, call_limit_s: float, budget_s: float) -> None:
+    calls, left_out = plan_calls(seconds, call_limit_s, budget_s)
+    print(
+        f"gpu_check plan from {source}: calls of at most {call_limit_s / 60:g} min (planned to {CALL_FILL:.0%}), "
+        f"{budget_s / 60:g} min in all; {CALL_OVERHEAD_S} s of start-up per call"
+    )
+    total = 0.0
+    for index, call in enumerate(calls, 1):
+        estimate = CALL_OVERHEAD_S + sum(seconds.get(name, 0.0) for name in call)
+        total += estimate
+        print(f"  call {index} (~{estimate:.0f} s): python benchmarks/gpu_check.py --only {','.join(call)}")
+    print(f"  in all ~{total:.0f} s of {budget_s:.0f} (a machine's own start counts against a budget too)")
+    if left_out:
+        print(f"  left out (no room): {','.join(left_out)}")
 
 
 # ---------------------------------------------------------------- the environment and the report
@@ -643,6 +1117,23 @@ def summary_line(part: Part) -> str:
     return head + "".join(f"\n    {line}" for line in shown)
 
 
+def write_report(
+    path: Path, env: dict[str, Any], smoke: bool, started: float, prepare_s: float, parts: list[Part], complete: bool
+) -> dict[str, Any]:
+    """The report of the parts run so far, written (again) to `path`; `complete` once every part has run."""
+    report = {
+        "environment": env,
+        "smoke": smoke,
+        "complete": complete,
+        "total_s": round(time.perf_counter() - started, 1),
+        "prepare_s": prepare_s,
+        "passed": all(part.status != "FAIL" for part in parts),
+        "parts": [asdict(part) | {"status": part.status} for part in parts],
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
@@ -650,7 +1141,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts (default: {','.join(PARTS)})")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the JSON")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed to any one command")
+    parser.add_argument(
+        "--plan",
+        nargs="?",
+        const="",
+        metavar="REPORT",
+        help="print the parts split into calls (from the H100 estimates, or a full run's REPORT) and exit",
+    )
+    parser.add_argument("--call-limit", type=float, default=600, help="--plan: seconds one call may take")
+    parser.add_argument("--budget", type=float, default=900, help="--plan: seconds all calls may take")
     args = parser.parse_args(argv)
+    if args.plan is not None:
+        seconds = {**H100_ESTIMATE_S, **(measured_seconds(Path(args.plan)) if args.plan else {})}
+        print_plan(seconds, args.plan or "the H100 estimates", args.call_limit, args.budget)
+        return 0
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(PARTS))
     if unknown:
@@ -675,9 +1179,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     parts: list[Part] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    card = re.sub(r"[^A-Za-z0-9]+", "-", env.get("card") or "cpu").strip("-").lower()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    path = args.out / f"gpu-check-{stamp}-{card}{'-smoke' if args.smoke else ''}.json"
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as folder:
         context = Context(args.device, args.smoke, SMOKE if args.smoke else FULL, Path(folder), args.timeout)
         prepare(context)
+        prepare_s = round(time.perf_counter() - started, 1)
         for name in only:
             part = Part(name)
             part_started = time.perf_counter()
@@ -690,20 +1199,10 @@ def main(argv: list[str] | None = None) -> int:
             part.seconds = round(time.perf_counter() - part_started, 1)
             print(summary_line(part), file=sys.stderr, flush=True)
             parts.append(part)
-    total = round(time.perf_counter() - started, 1)
-    report = {
-        "environment": env,
-        "smoke": args.smoke,
-        "total_s": total,
-        "passed": all(part.status != "FAIL" for part in parts),
-        "parts": [asdict(part) | {"status": part.status} for part in parts],
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    card = re.sub(r"[^A-Za-z0-9]+", "-", env.get("card") or "cpu").strip("-").lower()
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    path = args.out / f"gpu-check-{stamp}-{card}{'-smoke' if args.smoke else ''}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+            write_report(path, env, args.smoke, started, prepare_s, parts, complete=False)  # a cut run keeps these
+    report = write_report(path, env, args.smoke, started, prepare_s, parts, complete=True)
     print("\n".join(summary_line(part) for part in parts))
+    total = report["total_s"]
     print(f"{'all checks passed' if report['passed'] else 'SOME CHECKS FAILED'} in {total:.0f} s; report: {path}")
     return 0 if report["passed"] else 1
 

@@ -108,14 +108,15 @@ class CachedCall:
     cache: KVCache
     positions: torch.Tensor  # (B, T) the cache slot of each new token (its absolute position)
     mask: torch.Tensor  # (B, 1, T, L) True where a new token may attend to a cached position
-    rows: slice | None  # the cache rows holding these B sequences; None: all of them
+    rows: tuple[int, int] | None  # (first, B): the cache rows holding these B sequences; None: all of them
     length: int  # L: the cached positions attended to
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new `k`, `v` `(B, nh, T, hs)` at their positions; return the layer's first L keys and values."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]  # (B, nh, capacity + 1, hs)
-        if self.rows is not None:
-            keys, values = keys[self.rows], values[self.rows]
+        if self.rows is not None:  # narrowed, not sliced: a compiled step then keeps the number of rows symbolic
+            first, count = self.rows
+            keys, values = keys.narrow(0, first, count), values.narrow(0, first, count)
         rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
         keys[rows, :, self.positions] = k.transpose(1, 2)  # indexed (B, T, nh, hs)
         values[rows, :, self.positions] = v.transpose(1, 2)
@@ -324,7 +325,7 @@ class GPT2(nn.Module):
         B = idx.size(0)
         length = cache.capacity if length is None else length
         mask = torch.arange(length, device=idx.device) <= pos[:, :, None]  # (B, T, L): causal, per row
-        rows = None if first_row == 0 and cache.batch_size == B else slice(first_row, first_row + B)
+        rows = None if first_row == 0 and cache.batch_size == B else (first_row, B)
         cached = CachedCall(cache, slots, mask[:, None], rows, length)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(embedded_pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):

@@ -227,3 +227,39 @@ def decode_compile_arguments(rules: DeviceRules | str) -> dict[str, Any]:
     if rules.cuda_graphs:
         return {"dynamic": False, "options": {**options, "triton.cudagraphs": True}}
     return {"dynamic": True, "options": options}
+
+
+# ---------------------------------------------------------------- serving
+
+
+def serve_compile_arguments(device_type: str) -> dict[str, Any]:
+    """torch.compile's arguments for `gpt2 serve`'s decode step on `device_type`.
+
+    CUDA: the step runs over a few (rows, attended length) buckets (`serving/engine.py`), each replayed as its own
+    CUDA graph. Dynamo's automatic dynamic shapes let the buckets share a few compilations (the first shape static,
+    then the length and the rows symbolic once they have changed; a compilation per bucket would take minutes), and
+    CUDA graph trees record one graph per distinct size of a symbolic compilation. `reduce-overhead`'s one option is
+    given in `options`, since torch refuses `mode` and `options` together. Elsewhere: `gpt2 sample`'s step."""
+    if device_type != "cuda":
+        return decode_compile_arguments(device_type)
+    return {"dynamic": None, "options": {"guard_filter_fn": skip_hook_guards, "triton.cudagraphs": True}}
+
+
+def allow_step_shapes(shapes: int) -> None:
+    """Let one compiled step take `shapes` shapes without falling back to eager or warning: Dynamo's recompile
+    limits (per code object, and in all; whatever it ends up specialising, every bucket stays compiled) and Inductor's
+    warning past a number of CUDA graphs recorded for one compilation. Limits only ever rise. The names differ across
+    the torch releases the project allows: `recompile_limit` (2.7 and later) was `cache_size_limit`."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    for names in (
+        ("recompile_limit", "cache_size_limit"),
+        ("accumulated_recompile_limit", "accumulated_cache_size_limit"),
+    ):
+        name = next((name for name in names if hasattr(dynamo_config, name)), None)
+        if name is not None:
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), shapes))
+    warn_limit = getattr(inductor_config.triton, "cudagraph_dynamic_shape_warn_limit", None)
+    if warn_limit is not None:  # None: the warning is off already
+        inductor_config.triton.cudagraph_dynamic_shape_warn_limit = max(warn_limit, shapes)

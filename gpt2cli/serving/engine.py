@@ -2,8 +2,14 @@
 
 A sequence waits until a row of the cache is free; it is then prefilled alone into that row and joins the batch at
 the next decode step. A sequence that finishes (or whose client went away) leaves at once: the last active row moves
-into its place, so the active rows are always the first `n` and an eager step reads only them. Each sequence keeps
-its own options and random generator, so what it samples does not depend on what shares the batch.
+into its place, so the active rows are always the first `n`, and a step reads only the first rows of the cache.
+Each sequence keeps its own options and random generator, so what it samples does not depend on what shares the
+batch.
+
+A step attends to a power-of-two bucket of the cache (`KVCache.attend_length`). Compiled on CUDA, where each shape
+is a CUDA graph, it also pads the `n` active rows up to a power of two: a few graphs over (rows, length) buckets,
+all compiled and recorded when the engine starts (`StepBuckets`), so that one client neither reads the whole batch's
+cache every step nor pays for a compilation.
 
 The sampler, the cache and the decode step are those of `gpt2 sample` (`generation/generator.py`): greedy output
 is the same.
@@ -13,6 +19,7 @@ No FastAPI here; events go to whoever submitted the sequence through its `emit` 
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -21,11 +28,12 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2cli.data.tokenizer import Tokenizer
-from gpt2cli.generation.generator import TextGenerator
-from gpt2cli.generation.logit_filters import choose_next
+from gpt2cli.generation.generator import DecodeStep, TextGenerator, compile_decode_step
+from gpt2cli.generation.logit_filters import choose_next_per_row
 from gpt2cli.generation.records import Completion, SamplingOptions
 from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
+from gpt2cli.runtime.compile import allow_step_shapes, serve_compile_arguments
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), likeliest first
 
@@ -82,14 +90,91 @@ class Sequence:
         self.completion = Completion(prompt_ids=list(self.prompt_ids))
 
 
-class Engine:
-    """Owns the model on its own thread; `submit` sequences from any thread."""
+MIN_LENGTH = 16  # the shortest attended length, as `KVCache.attend_length`
 
-    def __init__(self, model: GPT2, tokenizer: Tokenizer, max_batch: int, compile: bool = False) -> None:
-        self.generator = TextGenerator(model, tokenizer, compile=compile)  # the step, the cache, as `gpt2 sample`
+
+def warm_up_calls(device_type: str) -> int:
+    """Steps per bucket at start-up: CUDA graph trees run a new shape once, record it, then replay it."""
+    return 3 if device_type == "cuda" else 1
+
+
+def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
+    """`low`, `2 low`, `4 low`... below `high`, then `high` (where it is not a power of two, the last bucket)."""
+    values = []
+    while low < high:
+        values.append(low)
+        low *= 2
+    return (*values, high)
+
+
+@dataclass(frozen=True)
+class StepBuckets:
+    """The shapes a decode step takes: `rows`, the batch sizes the active rows are padded to (None: exactly the
+    active rows, whatever their number), and `lengths`, the attended lengths; both ascending."""
+
+    rows: tuple[int, ...] | None
+    lengths: tuple[int, ...]
+
+    def pick(self, active: int, end: int) -> tuple[int, int]:
+        """(rows, attended length) of a step over `active` rows whose furthest row ends at `end`."""
+        rows = active if self.rows is None else next((r for r in self.rows if r >= active), self.rows[-1])
+        return rows, next((length for length in self.lengths if length >= end), self.lengths[-1])
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, length) a step can take, fewest rows first; none where the rows are not bucketed (the
+        eager or dynamically compiled step takes any shape as it comes)."""
+        return [] if self.rows is None else [(rows, length) for rows in self.rows for length in self.lengths]
+
+
+def step_buckets(device_type: str, compiled: bool, max_batch: int, capacity: int) -> StepBuckets:
+    """The decode step's buckets for a cache of `max_batch` rows of `capacity` positions.
+
+    Every device attends to the furthest row's end rounded up to a power of two (at least `MIN_LENGTH`, at most the
+    capacity: `KVCache.attend_length`'s rule). A compiled step on CUDA replays a CUDA graph per shape, so there the
+    rows are padded too, to a power of two (or `max_batch`): with the defaults (16 rows, 1024 positions) 5 × 7
+    graphs, where one graph of the whole batch and cache made one client read ~0.6 GB of keys and values per step
+    in bf16. Elsewhere a step runs exactly the active rows (eager, or the CPU's dynamic compilation)."""
+    lengths = _powers_of_two(MIN_LENGTH, capacity)
+    if device_type == "cuda" and compiled:
+        return StepBuckets(_powers_of_two(1, max_batch), lengths)
+    return StepBuckets(None, lengths)
+
+
+def compile_serve_step(model: GPT2, compile: bool) -> DecodeStep:
+    """The engine's decode step: `gpt2 sample`'s, but compiled for bucketed shapes on CUDA
+    (`runtime.compile.serve_compile_arguments`)."""
+    device_type = next(model.parameters()).device.type
+    if compile and device_type == "cuda":
+        return torch.compile(model.next_token_logits, **serve_compile_arguments(device_type))
+    step, _ = compile_decode_step(model, compile)
+    return step
+
+
+class Engine:
+    """Owns the model on its own thread; `submit` sequences from any thread.
+
+    `buckets`: the step's shapes (default: `step_buckets` for the device and `compile`)."""
+
+    def __init__(
+        self,
+        model: GPT2,
+        tokenizer: Tokenizer,
+        max_batch: int,
+        compile: bool = False,
+        buckets: StepBuckets | None = None,
+    ) -> None:
+        self.generator = TextGenerator(model, tokenizer)  # the cache and the eager prefill, as `gpt2 sample`
         self.model, self.tokenizer, self.max_batch = self.generator.model, tokenizer, max_batch
         self.device = self.generator.device
+        self.step = compile_serve_step(self.model, compile)
         self.cache: KVCache = self.generator.cache_for(max_batch)
+        self.buckets = buckets or step_buckets(self.device.type, compile, max_batch, self.cache.capacity)
+        if compile and self.buckets.shapes:
+            allow_step_shapes(len(self.buckets.shapes))
+        self.warm_up_s: float | None = None  # set once the scheduler thread has warmed every bucket up
+        self._warmed = threading.Event()
+        self._warm_up_error: BaseException | None = None
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # (max_batch,) next position
         self.active: list[Sequence] = []  # row i of the cache holds active[i]
         self._waiting: deque[Sequence] = deque()
@@ -97,12 +182,22 @@ class Engine:
         self._stopping = False
         self._cancel_all = False
         self._thread = threading.Thread(target=self._run, name="gpt2-serve-engine", daemon=True)
-        self._no_history = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+        # Row i's tokens so far (prompt and chosen) at their positions, for the repetition penalty; past its end,
+        # its first token (a repeat the penalty ignores), so that the rows can be penalised as one batch.
+        self.history = torch.zeros(max_batch, self.cache.capacity, dtype=torch.long, device=self.device)
+        self._row_index = torch.arange(max_batch, device=self.device)
 
     # ---------------------------------------------------------------- the submitting side
 
-    def start(self) -> None:
+    def start(self) -> float:
+        """Start the scheduler thread and wait until it has warmed up every bucket (`warm_up`); the seconds that
+        took. A failed warm-up is raised here."""
         self._thread.start()
+        self._warmed.wait()
+        if self._warm_up_error is not None:
+            raise self._warm_up_error
+        assert self.warm_up_s is not None
+        return self.warm_up_s
 
     def submit(self, sequences: list[Sequence]) -> None:
         with self._wakeup:
@@ -134,8 +229,28 @@ class Engine:
 
     # ---------------------------------------------------------------- the scheduler thread
 
+    def warm_up(self) -> None:
+        """Run the step once per call CUDA graph trees need in every bucket: each shape is compiled and recorded
+        before any request waits for it. On the scheduler thread, before it admits anything: graph trees are kept
+        per thread, and the steps write (zeros) at position 0 of rows that are all free."""
+        for rows, length in self.buckets.shapes:
+            tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+            for _ in range(warm_up_calls(self.device.type)):
+                self.step(tokens, self.cache, self.positions[:rows], length)
+
     def _run(self) -> None:
         with torch.inference_mode():
+            started = time.perf_counter()
+            try:
+                self.warm_up()
+            except BaseException as error:  # handed to `start`, on the thread that loads the server
+                self._warm_up_error = error
+                self._warmed.set()
+                return
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.warm_up_s = time.perf_counter() - started
+            self._warmed.set()
             while True:
                 with self._wakeup:
                     while not self._stopping and not self._waiting and not self.active:
@@ -189,7 +304,10 @@ class Engine:
             first_row=row,
         )
         self.positions[row] = length
-        token = choose_next(logits, self._history(sequence), sequence.options, sequence.rng)
+        self.history[row] = sequence.prompt_ids[0]
+        self.history[row, :length] = ids[0]
+        token = self._choose(logits, [sequence], length, first_row=row)
+        self.history[row, length : length + 1] = token
         self.active.append(sequence)
         if not self._accept(sequence, int(token), logits[0]):
             self._release(row)
@@ -197,33 +315,36 @@ class Engine:
     def _decode(self) -> None:
         """One step for every active sequence: each row at its own position."""
         n = len(self.active)
-        tokens = torch.tensor([[sequence.last_token] for sequence in self.active], device=self.device)  # (n, 1)
-        if self.generator.full_length:  # CUDA graphs: always the whole batch and the whole cache (one shape)
-            padded = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
-            padded[:n] = tokens
-            logits = self.generator.step(padded, self.cache, self.positions, self.cache.capacity)[:n]
-        else:
-            end = max(len(s.prompt_ids) + s.steps for s in self.active) + 1
-            length = self.generator.attend_length(self.cache, end)
-            logits = self.generator.step(tokens, self.cache, self.positions[:n], length)  # (n, V)
+        end = max(len(s.prompt_ids) + s.steps for s in self.active) + 1
+        rows, length = self.buckets.pick(n, end)
+        # Padding rows are free rows: they compute at their position 0 (`_release`), and nothing reads them.
+        last_tokens = [[sequence.last_token] for sequence in self.active] + [[0]] * (rows - n)
+        tokens = torch.tensor(last_tokens, device=self.device)  # (rows, 1)
+        logits = self.step(tokens, self.cache, self.positions[:rows], length)[:n]  # (n, V)
+        chosen = self._choose(logits, self.active, end - 1)  # (n,)
         self.positions[:n] += 1
-        chosen = [
-            choose_next(logits[row : row + 1], self._history(sequence), sequence.options, sequence.rng)
-            for row, sequence in enumerate(self.active)
-        ]
-        tokens_host = torch.cat(chosen).tolist()  # the step's one sync
+        self.history[self._row_index[:n], self.positions[:n]] = chosen
+        tokens_host = chosen.tolist()  # the step's one sync
         finished = [
             row for row, sequence in enumerate(self.active) if not self._accept(sequence, tokens_host[row], logits[row])
         ]
         for row in reversed(finished):  # from the end, so each move keeps the earlier rows in place
             self._release(row)
 
-    def _history(self, sequence: Sequence) -> torch.Tensor:
-        """The tokens so far `(1, t)`, for the repetition penalty only (otherwise nothing to copy)."""
-        if sequence.options.repetition_penalty == 1.0:
-            return self._no_history
-        tokens = sequence.prompt_ids + sequence.completion.token_ids
-        return torch.tensor([tokens], dtype=torch.long, device=self.device)
+    def _choose(self, logits: torch.Tensor, sequences: list[Sequence], width: int, first_row: int = 0) -> torch.Tensor:
+        """The next token `(n,)` of the sequences in rows `first_row...`, chosen as one batch: each row with its own
+        options and one draw from its own generator when it samples, so its text depends on its seed alone.
+        `width`: the longest row's tokens so far."""
+        draws = [
+            torch.rand(1, generator=s.rng, device=s.rng.device) if s.options.temperature != 0.0 else None
+            for s in sequences
+        ]
+        uniforms = None
+        if any(draw is not None for draw in draws):
+            zero = torch.zeros(1, device=self.device)
+            uniforms = torch.cat([zero if draw is None else draw.to(self.device) for draw in draws])  # (n,)
+        history = self.history[first_row : first_row + len(sequences), :width]
+        return choose_next_per_row(logits, history, [s.options for s in sequences], uniforms)
 
     def _accept(self, sequence: Sequence, token: int, logits: torch.Tensor) -> bool:
         """Record a chosen token and tell the client; False when the sequence is finished."""
@@ -283,9 +404,11 @@ class Engine:
             for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
                 keys[row, :, :filled] = keys[last, :, :filled]
                 values[row, :, :filled] = values[last, :, :filled]
+            self.history[row] = self.history[last]
             self.positions[row] = self.positions[last]
             self.active[row] = moved
         self.active.pop()
+        self.positions[last] = 0  # a free row a padded step computes stays inside the position table
 
     def _drop_cancelled(self) -> None:
         if self._cancel_all:

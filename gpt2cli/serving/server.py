@@ -49,15 +49,24 @@ def request_logger(json_logs: bool) -> Any:
 def load_engine(checkpoint: str, settings: ServeSettings, state: ServerState) -> None:
     """Load the model and start the engine (on the loader thread); the server answers 503 until this ends."""
     from gpt2cli.generation.loading import load_generation_model
+    from gpt2cli.runtime.compile import keep_compiled_code
     from gpt2cli.serving.engine import Engine
     from gpt2cli.serving.protocol import Limits
 
     def say(line: str) -> None:
         print(f"gpt2 serve: {line}", file=sys.stderr, flush=True)
 
+    if settings.compile:
+        keep_compiled_code()  # the next start loads the compiled step rather than compiling it again
     model = load_generation_model(checkpoint, settings, say)
     engine = Engine(model, state.tokenizer, settings.max_batch, compile=settings.compile)
-    engine.start()
+    seconds = engine.start()  # every decode shape compiled (and recorded) before the first request
+    shapes = engine.buckets.shapes
+    if shapes:
+        rows, lengths = len({r for r, _ in shapes}), len({length for _, length in shapes})
+        say(
+            f"decode step compiled for {len(shapes)} shapes ({rows} batch sizes x {lengths} lengths) in {seconds:.1f} s"
+        )
     state.limits = Limits(model.config.block_size, model.config.vocab_size, settings.max_n, settings.max_prompts)
     state.engine = engine
 

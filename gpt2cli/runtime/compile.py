@@ -232,17 +232,18 @@ def decode_compile_arguments(rules: DeviceRules | str) -> dict[str, Any]:
 # ---------------------------------------------------------------- serving
 
 
-def serve_compile_arguments(device_type: str) -> dict[str, Any]:
-    """torch.compile's arguments for `gpt2 serve`'s decode step on `device_type`.
+def serve_compile_arguments(rules: DeviceRules | str) -> dict[str, Any]:
+    """torch.compile's arguments for `gpt2 serve`'s decode step on the device of `rules` (or a device type's).
 
     CUDA: the step runs over a few (rows, attended length) buckets (`serving/engine.py`), each replayed as its own
     CUDA graph. Dynamo's automatic dynamic shapes let the buckets share a few compilations (the first shape static,
     then the length and the rows symbolic once they have changed; a compilation per bucket would take minutes), and
     CUDA graph trees record one graph per distinct size of a symbolic compilation. `reduce-overhead`'s one option is
     given in `options`, since torch refuses `mode` and `options` together. Elsewhere: `gpt2 sample`'s step."""
-    if device_type != "cuda":
-        return decode_compile_arguments(device_type)
-    return {"dynamic": None, "options": {"guard_filter_fn": skip_hook_guards, "triton.cudagraphs": True}}
+    arguments = decode_compile_arguments(rules)  # the options (CUDA graphs, the fused int8 path's tuning) as sample's
+    if isinstance(rules, str):
+        rules = rules_for(rules)
+    return {**arguments, "dynamic": None} if rules.cuda_graphs else arguments
 
 
 def allow_step_shapes(shapes: int) -> None:

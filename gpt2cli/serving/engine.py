@@ -34,6 +34,7 @@ from gpt2cli.generation.records import Completion, SamplingOptions
 from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
 from gpt2cli.runtime.compile import allow_step_shapes, serve_compile_arguments
+from gpt2cli.runtime.devices import device_rules
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), likeliest first
 
@@ -144,9 +145,9 @@ def step_buckets(device_type: str, compiled: bool, max_batch: int, capacity: int
 def compile_serve_step(model: GPT2, compile: bool) -> DecodeStep:
     """The engine's decode step: `gpt2 sample`'s, but compiled for bucketed shapes on CUDA
     (`runtime.compile.serve_compile_arguments`)."""
-    device_type = next(model.parameters()).device.type
-    if compile and device_type == "cuda":
-        return torch.compile(model.next_token_logits, **serve_compile_arguments(device_type))
+    rules = device_rules(next(model.parameters()).device)
+    if compile and rules.cuda_graphs:
+        return torch.compile(model.next_token_logits, **serve_compile_arguments(rules))
     step, _ = compile_decode_step(model, compile)
     return step
 

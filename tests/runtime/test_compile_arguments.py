@@ -27,6 +27,7 @@ from gpt2cli.runtime.compile import (
     decode_compile_arguments,
     default_compile_arguments,
     loss_compile_arguments,
+    serve_compile_arguments,
     skip_hook_guards,
 )
 from gpt2cli.runtime.device_rules import DeviceRules, rules_for
@@ -49,6 +50,7 @@ CONSTRUCTIONS: dict[str, Callable[[DeviceRules], list[dict[str, Any]]]] = {
     "loss_compile_arguments": lambda rules: [loss_compile_arguments()],
     "default_compile_arguments": lambda rules: [default_compile_arguments()],
     "decode_compile_arguments": lambda rules: [decode_compile_arguments(rules)],
+    "serve_compile_arguments": lambda rules: [serve_compile_arguments(rules)],
 }
 
 

@@ -90,18 +90,20 @@ def test_without_cuda_graphs_a_step_runs_the_active_rows_at_the_caches_length_bu
         assert buckets.pick(7, end) == (7, cache.attend_length(end))  # today's rule, unchanged
 
 
-def test_the_recompile_limit_rises_to_the_number_of_shapes(monkeypatch):
+def test_the_recompile_limit_rises_to_the_number_of_shapes():
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
-    monkeypatch.setattr(dynamo_config, "accumulated_recompile_limit", 256)
-    monkeypatch.setattr(inductor_config.triton, "cudagraph_dynamic_shape_warn_limit", 8)
-    allow_step_shapes(35)
-    assert dynamo_config.recompile_limit == 35 and dynamo_config.accumulated_recompile_limit == 256  # never lowered
-    assert inductor_config.triton.cudagraph_dynamic_shape_warn_limit == 35
-    allow_step_shapes(4)
-    assert dynamo_config.recompile_limit == 35
+    # torch's own patching: pytest's monkeypatch restores a config entry in a way that hides it from torch itself
+    with (
+        dynamo_config.patch(recompile_limit=8, accumulated_recompile_limit=256),
+        inductor_config.patch({"triton.cudagraph_dynamic_shape_warn_limit": 8}),
+    ):
+        allow_step_shapes(35)
+        assert dynamo_config.recompile_limit == 35 and dynamo_config.accumulated_recompile_limit == 256  # not lowered
+        assert inductor_config.triton.cudagraph_dynamic_shape_warn_limit == 35
+        allow_step_shapes(4)
+        assert dynamo_config.recompile_limit == 35
 
 
 def test_the_recompile_limit_has_its_older_name_on_older_torch(monkeypatch):

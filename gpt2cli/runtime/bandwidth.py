@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from gpt2cli.runtime.devices import synchronize
+
 DEFAULT_BUFFER_BYTES = 512 * 2**20  # far beyond any CPU's last-level cache
 CUDA_SUMS_PER_PASS = 10  # back-to-back sums per timed pass on CUDA: one event pair's overhead spread over ~2 ms
 
@@ -30,22 +32,18 @@ class PassTimer(Protocol):
 
 
 class HostTimer:
-    """The host clock, after the device has finished (the CPU: nothing to wait for)."""
+    """The host clock, after the device has finished (`devices.synchronize`: CUDA and MPS queue their work)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._started = 0.0
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def start(self) -> None:
-        self._synchronize()
+        synchronize(self.device)
         self._started = time.perf_counter()
 
     def stop(self) -> float:
-        self._synchronize()
+        synchronize(self.device)
         return time.perf_counter() - self._started
 
 

@@ -1,8 +1,10 @@
-"""Whether a training run compiles (`--compile`, `--no-compile`, or auto: neither) and where compiled code is kept.
+"""Compiling: whether a training run compiles, where compiled code is kept, the arguments of every torch.compile
+call in the project, and which errors mean "could not compile".
 
 Auto compiles where Inductor works here and the run is long enough to repay compiling; otherwise the run stays
 eager and says why in one line. An explicit `--compile` where Inductor cannot work is refused before anything runs,
-rather than failing inside Inductor with a traceback.
+rather than failing inside Inductor with a traceback. Every call site takes its arguments from a `*_arguments`
+function here, which tests construct for every device's rules (tests/runtime/test_compile_arguments.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from gpt2cli.model.flops import training_flops_per_token
 from gpt2cli.model.presets import PRESETS
 
 IGNORE_INDEX = -1  # a target that counts for nothing in the loss
+MIN_ATTEND_LENGTH = 16  # the shortest cached length a decode step attends to (`KVCache.attend_length`)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class KVCache:
     def attend_length(self, end: int) -> int:
         """Cached positions to attend to when the furthest row ends at `end`: the next power of two (at least 16),
         so eager decoding reads little more than the filled part and meets only a handful of shapes."""
-        return min(self.capacity, max(16, 1 << (end - 1).bit_length()))
+        return min(self.capacity, max(MIN_ATTEND_LENGTH, 1 << (end - 1).bit_length()))
 
 
 @dataclass

@@ -242,9 +242,9 @@ def serve_compile_arguments(rules: DeviceRules | str) -> dict[str, Any]:
     then the length and the rows symbolic once they have changed; a compilation per bucket would take minutes), and
     CUDA graph trees record one graph per distinct size of a symbolic compilation. `reduce-overhead`'s one option is
     given in `options`, since torch refuses `mode` and `options` together. Elsewhere: `gpt2 sample`'s step."""
-    arguments = decode_compile_arguments(rules)  # the options (CUDA graphs, the fused int8 path's tuning) as sample's
     if isinstance(rules, str):
         rules = rules_for(rules)
+    arguments = decode_compile_arguments(rules)  # the options (CUDA graphs, the fused int8 path's tuning) as sample's
     return {**arguments, "dynamic": None} if rules.cuda_graphs else arguments
 
 

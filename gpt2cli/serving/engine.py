@@ -32,9 +32,10 @@ from gpt2cli.generation.generator import DecodeStep, TextGenerator, compile_deco
 from gpt2cli.generation.logit_filters import choose_next_per_row
 from gpt2cli.generation.records import Completion, SamplingOptions
 from gpt2cli.generation.sequences import TextTracker, accept_token
-from gpt2cli.model.gpt2 import GPT2, KVCache
+from gpt2cli.model.gpt2 import GPT2, MIN_ATTEND_LENGTH, KVCache
 from gpt2cli.runtime.compile import allow_step_shapes, serve_compile_arguments
-from gpt2cli.runtime.devices import device_rules
+from gpt2cli.runtime.device_rules import rules_for
+from gpt2cli.runtime.devices import device_rules, synchronize
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), likeliest first
 
@@ -91,14 +92,6 @@ class Sequence:
         self.completion = Completion(prompt_ids=list(self.prompt_ids))
 
 
-MIN_LENGTH = 16  # the shortest attended length, as `KVCache.attend_length`
-
-
-def warm_up_calls(device_type: str) -> int:
-    """Steps per bucket at start-up: CUDA graph trees run a new shape once, record it, then replay it."""
-    return 3 if device_type == "cuda" else 1
-
-
 def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
     """`low`, `2 low`, `4 low`... below `high`, then `high` (where it is not a power of two, the last bucket)."""
     values = []
@@ -131,13 +124,14 @@ class StepBuckets:
 def step_buckets(device_type: str, compiled: bool, max_batch: int, capacity: int) -> StepBuckets:
     """The decode step's buckets for a cache of `max_batch` rows of `capacity` positions.
 
-    Every device attends to the furthest row's end rounded up to a power of two (at least `MIN_LENGTH`, at most the
-    capacity: `KVCache.attend_length`'s rule). A compiled step on CUDA replays a CUDA graph per shape, so there the
-    rows are padded too, to a power of two (or `max_batch`): with the defaults (16 rows, 1024 positions) 5 × 7
+    Every device attends to the furthest row's end rounded up to a power of two (at least `MIN_ATTEND_LENGTH`, at
+    most the capacity: `KVCache.attend_length`'s rule). A compiled step where the device rules say CUDA graphs (CUDA)
+    replays a graph per shape, so there the rows are padded too, to a power of two (or `max_batch`): with the
+    defaults (16 rows, 1024 positions) 5 × 7
     graphs, where one graph of the whole batch and cache made one client read ~0.6 GB of keys and values per step
     in bf16. Elsewhere a step runs exactly the active rows (eager, or the CPU's dynamic compilation)."""
-    lengths = _powers_of_two(MIN_LENGTH, capacity)
-    if device_type == "cuda" and compiled:
+    lengths = _powers_of_two(MIN_ATTEND_LENGTH, capacity)
+    if compiled and rules_for(device_type).cuda_graphs:
         return StepBuckets(_powers_of_two(1, max_batch), lengths)
     return StepBuckets(None, lengths)
 
@@ -234,9 +228,10 @@ class Engine:
         """Run the step once per call CUDA graph trees need in every bucket: each shape is compiled and recorded
         before any request waits for it. On the scheduler thread, before it admits anything: graph trees are kept
         per thread, and the steps write (zeros) at position 0 of rows that are all free."""
+        calls = device_rules(self.device).decode_warmup_calls  # CUDA graph trees: run, record, replay
         for rows, length in self.buckets.shapes:
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-            for _ in range(warm_up_calls(self.device.type)):
+            for _ in range(calls):
                 self.step(tokens, self.cache, self.positions[:rows], length)
 
     def _run(self) -> None:
@@ -248,8 +243,7 @@ class Engine:
                 self._warm_up_error = error
                 self._warmed.set()
                 return
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             self.warm_up_s = time.perf_counter() - started
             self._warmed.set()
             while True:

@@ -284,6 +284,23 @@ def fresh_compilations() -> None:
     torch._dynamo.reset()
 
 
+def skipped_in_smoke(context: Context, part: Part, name: str, compiled: bool) -> bool:
+    """A compiled case under --smoke is skipped (compiling on the CPU takes minutes), and the part's numbers say so."""
+    if compiled and context.smoke:
+        part.numbers[name] = "skipped in --smoke (compiling on the CPU takes minutes)"
+        return True
+    return False
+
+
+def fresh_counts(recorded: list[int]) -> None:
+    """A compiled case's counts from zero: Dynamo's compilations and counters, and the CUDA graphs recorded."""
+    from torch._dynamo.utils import counters
+
+    fresh_compilations()
+    counters.clear()
+    recorded[0] = 0
+
+
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
     """float32 matmuls without TF32, for token-for-token comparisons."""
@@ -509,8 +526,7 @@ def part_decode(context: Context, part: Part) -> None:
     fresh_compilations()
     with counting_cuda_graphs() as recorded:
         for compiled in (False, True):
-            if compiled and context.smoke:
-                part.numbers["compiled"] = "skipped in --smoke (compiling on the CPU takes minutes)"
+            if skipped_in_smoke(context, part, "compiled", compiled):
                 continue
             runner = Runner(model, resolve_precision(dtype, device), compile=compiled)
             for batch in (1, 8):
@@ -564,8 +580,7 @@ def part_decode(context: Context, part: Part) -> None:
 def part_bench(context: Context, part: Part) -> None:
     for compiled in (False, True):
         label = "compiled" if compiled else "eager"
-        if compiled and context.smoke:
-            part.numbers[label] = "skipped in --smoke (compiling on the CPU takes minutes)"
+        if skipped_in_smoke(context, part, label, compiled):
             continue
         flags = ["--compile"] if compiled else []
         out = gpt2(
@@ -689,12 +704,9 @@ def part_int4(context: Context, part: Part) -> None:
     with counting_cuda_graphs() as recorded:
         for compiled in (False, True):
             name = "b1-compiled" if compiled else "b1-eager"
-            if compiled and context.smoke:
-                part.numbers[name] = "skipped in --smoke (compiling on the CPU takes minutes)"
+            if skipped_in_smoke(context, part, name, compiled):
                 continue
-            fresh_compilations()
-            counters.clear()
-            recorded[0] = 0
+            fresh_counts(recorded)
             runner = Runner(model, resolve_precision(dtype, device), compile=compiled, quantize="int4", group_size=32)
             numbers = run_decode_case(runner, case, part, name)
             if compiled and context.cuda and numbers["error"] is None:
@@ -761,12 +773,9 @@ def part_int8(context: Context, part: Part) -> None:
     ]
     with counting_cuda_graphs() as recorded:
         for name, kernel, compiled, tuned in candidates:
-            if compiled and context.smoke:
-                part.numbers[name] = "skipped in --smoke (compiling on the CPU takes minutes)"
+            if skipped_in_smoke(context, part, name, compiled):
                 continue
-            fresh_compilations()
-            counters.clear()
-            recorded[0] = 0
+            fresh_counts(recorded)
             runner = Runner(model, resolve_precision(dtype, device), compile=compiled, quantize="int8")
             if kernel == "int8pack":
                 for module in runner.inference_model().modules():
@@ -810,12 +819,9 @@ def part_lookup(context: Context, part: Part) -> None:
     with exact_float32(), counting_cuda_graphs() as recorded:
         for compiled in (False, True):
             mode = "compiled" if compiled else "eager"
-            if compiled and context.smoke:
-                part.numbers[mode] = "skipped in --smoke (compiling on the CPU takes minutes)"
+            if skipped_in_smoke(context, part, mode, compiled):
                 continue
-            fresh_compilations()
-            counters.clear()
-            recorded[0] = 0
+            fresh_counts(recorded)
             runs: dict[str, Any] = {}
             for name, drafting in (("plain", None), ("lookup", PromptLookup(4))):
                 generator = TextGenerator(model, tokenizer, compile=compiled, drafting=drafting)

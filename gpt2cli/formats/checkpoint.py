@@ -268,6 +268,11 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
     )
 
 
+def weight_files(path: str | Path) -> list[Path]:
+    """The files holding the weights of anything `load_model` accepts (what identifies a model's content)."""
+    return _locate(Path(path))[0]
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], GPT2Config]:
     """The raw tensors (file layout) and config of anything `load_model` accepts."""
     path = Path(path)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from gpt2cli.errors import ConfigError, UsageError
@@ -173,8 +174,19 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
+        # Activation checkpointing (`GPT2.set_activation_checkpointing`): keep only the block's input for the
+        # backward pass and recompute the rest there. Inside `forward`, so a compiled block traces the checkpoint
+        # too, and FSDP2's unit around the block has gathered its weights when the recomputation runs.
+        self.checkpointed = False
 
     def forward(self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0) -> torch.Tensor:
+        if self.checkpointed and cached is None and torch.is_grad_enabled():
+            # Non-reentrant: it gives gradients to parameters even when the block's input needs none (LoRA's
+            # frozen embeddings), and torch.compile traces it; dropout's masks are replayed (the RNG state is kept).
+            return torch.utils.checkpoint.checkpoint(self._residual_branches, x, use_reentrant=False)
+        return self._residual_branches(x, cached, layer)
+
+    def _residual_branches(self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cached, layer)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
@@ -238,6 +250,12 @@ class GPT2(nn.Module):
                 module.p = probability
             elif isinstance(module, CausalSelfAttention):
                 module.dropout = probability
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (training only): the
+        activation memory of one block instead of all of them, for about one more forward pass of compute."""
+        for block in self.transformer.h:
+            block.checkpointed = enabled
 
     def hidden_states(self, idx: torch.Tensor, tok_emb: torch.Tensor | None = None) -> torch.Tensor:
         """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection.

@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 from gpt2cli.data.shard_format import MAX_SHARD_TOKENS
 from gpt2cli.errors import UsageError
+from gpt2cli.model.lora_targets import DEFAULT_TARGETS, TARGETS, resolve_targets
 from gpt2cli.model.presets import PRESETS, PresetName
 from gpt2cli.settings.sources import read_config_file
 from gpt2cli.settings.types import (
@@ -198,12 +199,47 @@ class TrainSettings(Section):
     memory_check: bool = Field(
         True, description="On the CPU, refuse a run whose estimated memory exceeds what is available."
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in the backward pass instead of keeping them: far less "
+        "activation memory for about a third more compute.",
+    )
+    lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="Fine-tune --init-from with LoRA adapters of this rank: the model stays frozen (in bf16 where the "
+        "run computes in bf16), only the adapters train; the run saves the merged model.",
+    )
+    lora_alpha: float = Field(
+        16.0, gt=0, description="LoRA's scale: the adapters' update is multiplied by alpha / rank."
+    )
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    lora_targets: Annotated[list[str], NoDecode, BeforeValidator(comma_list)] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="Projections given adapters in every block (comma list): " + ", ".join(TARGETS) + ".",
+    )
+    save_adapters: bool = Field(
+        False, description="With --lora-rank: also keep adapters.safetensors in the run folder."
+    )
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _known_targets(cls, names: list[str]) -> list[str]:
+        return list(resolve_targets(names))  # full paths: `c_fc` is `mlp.c_fc`; `c_proj` alone is refused
 
     @model_validator(mode="after")
     def _one_run_length(self) -> TrainSettings:
         given = [name for name in ("max_steps", "epochs", "max_tokens") if getattr(self, name) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of max_steps, epochs, max_tokens (got {', '.join(given)})")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_adapts_a_model(self) -> TrainSettings:
+        if self.lora_rank is not None and self.init_from is None:
+            raise ValueError("lora_rank needs init_from: the model the adapters fine-tune")
+        if self.save_adapters and self.lora_rank is None:
+            raise ValueError("save_adapters needs lora_rank")
         return self
 
 

@@ -156,6 +156,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         rows, vocab = hidden.size(0), weight.size(0)
         block = _block_rows(rows, vocab)
         needs_grad = any(ctx.needs_input_grad[:2])  # type: ignore[attr-defined]
+        # A frozen output projection (LoRA) needs no (V, C) weight gradient: neither its sum nor its memory.
+        weight_grad = ctx.needs_input_grad[1]  # type: ignore[attr-defined]
         with torch.autocast(hidden.device.type, enabled=False):
             hidden_c = hidden.to(compute_dtype)
             weight_t = _transposed(weight, compute_dtype)  # (C, V): the layout the logits product streams fastest
@@ -177,17 +179,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss += block_loss
                 if needs_grad:
                     torch.mm(probs, weight_t.t(), out=softmax_hidden[rows_here])  # type: ignore[index]
-                    if softmax_weight is None:
-                        softmax_weight = probs.t() @ block_hidden
-                        softmax_weight = softmax_weight.float() if accumulate_in_float32 else softmax_weight
-                    elif accumulate_in_float32:
-                        softmax_weight += probs.t() @ block_hidden
-                    else:  # accumulated while the block's softmax is in cache
-                        softmax_weight.addmm_(probs.t(), block_hidden)
+                if weight_grad and softmax_weight is None:
+                    softmax_weight = probs.t() @ block_hidden
+                    softmax_weight = softmax_weight.float() if accumulate_in_float32 else softmax_weight
+                elif weight_grad and accumulate_in_float32:
+                    softmax_weight += probs.t() @ block_hidden
+                elif weight_grad:  # accumulated while the block's softmax is in cache
+                    softmax_weight.addmm_(probs.t(), block_hidden)  # type: ignore[union-attr]
         if needs_grad:
             # Minus the one-hot: w · W[target] for each row's hidden state (float32 from here on).
             grad_hidden = softmax_hidden.float().sub_(weight[safe_targets].float() * valid[:, None])  # type: ignore[union-attr]
-            target_rows = hidden_c.float() * -valid[:, None]  # added to the targets' rows of the weight gradient
+            # Added to the targets' rows of the weight gradient (none for a frozen weight).
+            target_rows = hidden_c.float() * -valid[:, None] if weight_grad else None
             ctx.save_for_backward(grad_hidden, softmax_weight, target_rows, safe_targets, inverse_count)
         ctx.input_dtypes = (hidden.dtype, weight.dtype)  # type: ignore[attr-defined]
         ctx.tied = tied  # type: ignore[attr-defined]
@@ -201,6 +204,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scale = (grad_output.to(torch.float32) * inverse_count).reshape(1)  # 1-D: a bf16 tensor times it is float32
         # Out of place: the saved tensors stay valid for another backward pass (retain_graph=True).
         grad_hidden = (grad_hidden * scale).to(hidden_dtype)
+        if softmax_weight is None:  # a frozen weight
+            return grad_hidden, None, None, None, None, None
         grad_weight = torch.mul(softmax_weight, scale)  # float32 (V, C), scaled and cast in one pass
         grad_weight.index_add_(0, safe_targets, target_rows * scale)
         grad_weight = grad_weight.to(weight_dtype)
@@ -271,7 +276,8 @@ class TrainingModel(nn.Module):
         """The mean cross-entropy of the next tokens `targets` `(B, T)` (-1 ignored) after `idx` `(B, T)`."""
         model = self.model
         wte = model.transformer.wte
-        tied = TiedGradient() if model.lm_head.weight is wte.weight else None
+        tied_and_trained = model.lm_head.weight is wte.weight and wte.weight.requires_grad
+        tied = TiedGradient() if tied_and_trained else None
         tok_emb = wte(idx) if tied is None else tied_embedding(idx, wte.weight, tied)  # (B, T, C)
         x = model.hidden_states(idx, tok_emb=tok_emb)  # (B, T, C)
         flat = x.view(-1, x.size(-1))  # (B*T, C)

@@ -5,6 +5,10 @@
     config.toml           the resolved settings of the run
     metrics.jsonl         one JSON object per log line
     checkpoints/step-NNNNNN/{model,optimizer}.safetensors, state.json
+    adapters.safetensors  LoRA runs with --save-adapters: the latest adapters (a hard link into the newest checkpoint)
+
+A LoRA run's checkpoints hold `adapters.safetensors` (with their optimizer state) instead of the model, and its
+state.json the base's path and SHA-256; its `model.safetensors` is then the merged model, written as a file of its own.
     checkpoints/latest    the name of the newest complete checkpoint folder
     .lock                 the writer's lock (its PID inside): one `gpt2 train` at a time writes here
 
@@ -43,6 +47,7 @@ STATE_FORMAT = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 LOCK = ".lock"
+ADAPTERS = "adapters.safetensors"
 
 
 class RunFolderInUse(Gpt2Error):
@@ -179,6 +184,13 @@ class RunFolder:
         return state
 
     @staticmethod
+    def read_adapters(checkpoint: Path) -> dict[str, torch.Tensor]:
+        path = checkpoint / ADAPTERS
+        if not path.is_file():
+            raise CheckpointError(f"{checkpoint}: no {ADAPTERS} (was the run started without --lora-rank?)")
+        return load_file(path)
+
+    @staticmethod
     def read_optimizer(checkpoint: Path) -> dict[str, torch.Tensor]:
         return load_file(checkpoint / "optimizer.safetensors")
 
@@ -245,15 +257,21 @@ class RunFolder:
         moments: dict[str, torch.Tensor],
         state: dict[str, Any],
         keep: int,
+        adapters: dict[str, torch.Tensor] | None = None,
+        keep_adapters: bool = False,
     ) -> Path:
         """Write `checkpoints/step-NNNNNN` complete (fsynced) under a temporary name, rename it, point `latest` and
-        `model.safetensors` at it, and keep the newest `keep` checkpoints."""
+        `model.safetensors` at it, and keep the newest `keep` checkpoints.
+
+        A LoRA run passes its `adapters`, which the checkpoint holds instead of the model; `model_tensors` (the merged
+        model) are then written as the run's `model.safetensors`, and `keep_adapters` links the adapters beside it."""
         name = f"step-{step:06d}"
         folder = self.checkpoints / name
         previous = self.latest_checkpoint()
         kept = f"{previous.name} is still the latest checkpoint" if previous else "no checkpoint was saved"
         with storage_errors(f"the checkpoint of step {step} in {self.checkpoints}", kept):
-            self._write_checkpoint_folder(folder, model_tensors, config, moments, {"step": step, **state})
+            weights = model_tensors if adapters is None else None
+            self._write_checkpoint_folder(folder, weights, config, moments, {"step": step, **state}, adapters)
             try:
                 with atomic_path(self.checkpoints / LATEST) as temporary:
                     temporary.write_text(name + "\n")
@@ -261,24 +279,33 @@ class RunFolder:
                 shutil.rmtree(folder, ignore_errors=True)  # complete but never current: nothing to keep
                 raise
         with storage_errors(str(self.model_file), f"{name} is saved and current; {self.model_file} is older"):
-            _link_or_copy(folder / "model.safetensors", self.model_file)
+            if adapters is None:
+                _link_or_copy(folder / "model.safetensors", self.model_file)
+            else:  # the merged model: a link into a checkpoint holding only adapters could not be it
+                write_checkpoint(model_tensors, config, self.model_file)
+                if keep_adapters:
+                    _link_or_copy(folder / ADAPTERS, self.path / ADAPTERS)
         self.prune(keep, newest=name)
         return folder
 
     def _write_checkpoint_folder(
         self,
         folder: Path,
-        model_tensors: dict[str, torch.Tensor],
+        model_tensors: dict[str, torch.Tensor] | None,
         config: GPT2Config,
         moments: dict[str, torch.Tensor],
         state: dict[str, Any],
+        adapters: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Every file fsynced under `.step-NNNNNN.PID.tmp`, then renamed to `folder`; on any error, nothing."""
         staging = self.checkpoints / f".{folder.name}.{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         try:
             staging.mkdir(parents=True)
-            write_checkpoint(model_tensors, config, staging / "model.safetensors")
+            if model_tensors is not None:
+                write_checkpoint(model_tensors, config, staging / "model.safetensors")
+            if adapters is not None:
+                save_file(adapters, staging / ADAPTERS, metadata={"format": "pt"})
             save_file(moments, staging / "optimizer.safetensors")
             state = {"format": STATE_FORMAT, "version": __version__, **state}
             (staging / "state.json").write_text(json.dumps(state, indent=1))

@@ -25,6 +25,7 @@ from gpt2cli.runtime.distributed import World, is_sharded, parallelize
 from gpt2cli.settings.sections import DEFAULT_RUN, Settings, load_settings
 from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.training.hellaswag import HellaSwag
+from gpt2cli.training.lora import LoraRun, prepare_lora
 from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.memory import check_training_memory
 from gpt2cli.training.optim import Optimizer, build_muon, build_optimizer, load_optimizer_tensors, muon_available
@@ -80,11 +81,21 @@ def _with_saved_schedule(settings: Settings, state: dict[str, Any]) -> Settings:
     return settings.model_copy(update={"train": train.model_copy(update=keep)})
 
 
-def build_model(settings: Settings, device: torch.device, resume_from: Path | None) -> GPT2:
-    """The model to train: the checkpoint resumed, the one `--init-from` names, or a fresh one (seeded)."""
+def build_model(
+    settings: Settings,
+    device: torch.device,
+    resume_from: Path | None,
+    lora: LoraRun | None = None,
+    precision: Precision | None = None,
+) -> GPT2:
+    """The model to train: the checkpoint resumed, the one `--init-from` names, or a fresh one (seeded); with
+    `lora`, the frozen base with its adapters (new, or the resumed checkpoint's)."""
     train = settings.train
     torch.manual_seed(train.seed)
-    if resume_from is not None:
+    if lora is not None:
+        adapters = RunFolder.read_adapters(resume_from) if resume_from is not None else None
+        model = lora.build_model(device, precision or Precision(device, None), adapters)
+    elif resume_from is not None:
         model = load_model(resume_from / "model.safetensors", device=device, dtype=torch.float32)
         wanted = settings.model.to_config() if train.init_from is None else None
         if wanted is not None and dataclasses.replace(wanted, dropout=model.config.dropout) != model.config:
@@ -97,6 +108,8 @@ def build_model(settings: Settings, device: torch.device, resume_from: Path | No
     else:
         model = GPT2(settings.model.to_config()).to(device)
     model.set_dropout(settings.model.dropout)
+    # Before compiling and sharding: the checkpoint is traced into the compiled block, inside FSDP2's unit.
+    model.set_activation_checkpointing(train.activation_checkpointing)
     return model.train()
 
 
@@ -119,8 +132,10 @@ def prepare_trainer(
         settings = _with_saved_schedule(settings, saved_state)
     train = settings.train
     _check_optimizer(settings, world)
+    _check_lora(settings, world)
+    lora = prepare_lora(train, saved_state, out)
 
-    model = build_model(settings, device, resume_from)
+    model = build_model(settings, device, resume_from, lora, precision)
     seq_len = train.seq_len or model.config.block_size
     # Built once here and handed to the Trainer: the plan, the sampler and the loop read the same windows.
     train_windows, val_windows = Windows(data.train, seq_len), Windows(data.val, seq_len)
@@ -189,6 +204,7 @@ def prepare_trainer(
         report=report,
         should_stop=should_stop,
         hellaswag=hellaswag,
+        lora=lora,
     )
 
 
@@ -210,6 +226,13 @@ def _check_optimizer(settings: Settings, world: World) -> None:
     if world.distributed and settings.train.parallel == "fsdp":
         # Muon orthogonalises whole matrices; FSDP gives each process a slice of every one.
         raise UsageError("--optimizer muon needs whole matrices, which --parallel fsdp shards: use ddp or adamw")
+
+
+def _check_lora(settings: Settings, world: World) -> None:
+    if settings.train.lora_rank is not None and world.distributed and settings.train.parallel == "fsdp":
+        # FSDP2 gathers each unit's parameters as one flat buffer of one dtype: the 16-bit frozen base and the
+        # float32 adapters share every block. The base is frozen and small next to full training: use DDP.
+        raise UsageError("--lora-rank does not support --parallel fsdp (a frozen base and float32 adapters); use ddp")
 
 
 def _build_optimizer(settings: Settings, model: GPT2, device: torch.device) -> Optimizer:

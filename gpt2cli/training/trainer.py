@@ -22,6 +22,7 @@ from gpt2cli.data.inputs import TokenData
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.model import flops
 from gpt2cli.model.gpt2 import GPT2
+from gpt2cli.model.lora import adapter_state
 from gpt2cli.runtime.devices import Precision, device_rules, fast_matmul, peak_tflops
 from gpt2cli.runtime.distributed import (
     StopPoll,
@@ -35,6 +36,7 @@ from gpt2cli.runtime.distributed import (
 from gpt2cli.settings.sections import Settings
 from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.training.hellaswag import HellaSwag
+from gpt2cli.training.lora import LoraRun
 from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.memory import NotEnoughMemory, out_of_memory_message
 from gpt2cli.training.optim import Optimizer, clip_gradients, clip_gradients_on_device, optimizer_tensors
@@ -120,6 +122,7 @@ class Trainer:
         report: Report | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         hellaswag: HellaSwag | None = None,
+        lora: LoraRun | None = None,
     ) -> None:
         self.settings = settings
         self.train_settings = settings.train
@@ -149,6 +152,7 @@ class Trainer:
         self.peak = peak_tflops(self.device, precision.dtype)  # the run's compute dtype picks the peak
         self.flops_per_token = model.flops_per_token(plan.seq_len)
         self.hellaswag = hellaswag  # scored with the validation loss, at every evaluation
+        self.lora = lora  # checkpoints hold the adapters; model.safetensors is the merged model
 
     # ------------------------------------------------------------ the loop
 
@@ -388,10 +392,14 @@ class Trainer:
         if not (self.world.is_main or self.sharded):
             return None
         keep = self.world.is_main
-        model_tensors = gather_model_state(self.model, keep)
+        adapters = adapter_state(self.model) if self.lora is not None else None
+        model_tensors = gather_model_state(self.model, keep) if adapters is None else {}
         moments = optimizer_tensors(self.model, self.optimizer, keep)
         if not keep:
             return None
+        if self.lora is not None and adapters is not None:
+            adapters = {name: tensor.detach().cpu().contiguous() for name, tensor in adapters.items()}
+            model_tensors = self.lora.merged_tensors(adapters, self.model.config.dropout)
         state = {
             "tokens": progress.tokens,
             "elapsed_s": progress.elapsed_s,
@@ -405,8 +413,17 @@ class Trainer:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.lora is not None:
+            state["lora"] = self.lora.record()
         folder = self.folder.save_checkpoint(
-            progress.step, model_tensors, self.model.config, moments, state, keep=self.train_settings.keep
+            progress.step,
+            model_tensors,
+            self.model.config,
+            moments,
+            state,
+            keep=self.train_settings.keep,
+            adapters=adapters,
+            keep_adapters=self.lora is not None and self.lora.save_adapters,
         )
         self.report("checkpoint", {"step": progress.step, "path": str(folder)})
         return folder

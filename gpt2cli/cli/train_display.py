@@ -58,8 +58,11 @@ class TrainingDisplay:
             self.started_step = payload["resumed_at"]
             plan = payload["plan"]
             resumed = f", resuming at step {payload['resumed_at']}" if payload["resumed_at"] else ""
+            trainable = payload.get("trainable_parameters", payload["parameters"])
+            adapters = f" ({trainable / 1e6:.2f}M trained: LoRA adapters)" if trainable != payload["parameters"] else ""
             info(
-                f"model: {payload['parameters'] / 1e6:.2f}M parameters on {payload['device']} ({payload['dtype']}"
+                f"model: {payload['parameters'] / 1e6:.2f}M parameters{adapters} on {payload['device']} "
+                f"({payload['dtype']}"
                 f"{', compiled' if payload['compile'] else ''}); {plan['total_steps']} steps of "
                 f"{plan['tokens_per_step']:,} tokens (batch {plan['batch_size']} × {plan['seq_len']}"
                 f" × {plan['grad_accum']} accumulation){resumed}; run folder {payload['out']}"

@@ -112,15 +112,27 @@ def load_adapter_state(model: GPT2, tensors: dict[str, torch.Tensor], source: st
             parameter.copy_(tensors[name])
 
 
+def adapted_weights(adapters: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the weights `adapters` update (`transformer.h.N.attn.c_attn.weight`, ...), in order."""
+    return [name.removesuffix(".lora_a") + ".weight" for name in adapters if name.endswith(".lora_a")]
+
+
 @torch.no_grad()
-def merge_adapters(model: GPT2, adapters: dict[str, torch.Tensor], spec: LoraSpec) -> GPT2:
-    """Fold `adapters` into the plain `model`'s weights in place: W + (alpha / r) · B A, computed in float32 and
-    stored in W's own dtype. Returns the model, still a plain GPT-2."""
-    for index, block in enumerate(model.transformer.h):
-        for target in spec.targets:
-            linear = block.get_submodule(target)
-            prefix = f"transformer.h.{index}.{target}"
-            a, b = adapters[f"{prefix}.lora_a"].float(), adapters[f"{prefix}.lora_b"].float()  # (r, in), (out, r)
-            merged = linear.weight.float() + (b @ a) * spec.scaling  # (out, in)
-            linear.weight.copy_(merged.to(linear.weight.dtype))
+def merged_weight(
+    weight: torch.Tensor, adapters: dict[str, torch.Tensor], name: str, scaling: float, transposed: bool = False
+) -> torch.Tensor:
+    """The weight `name` with its adapters folded in: W + (alpha / r) · B A, computed in float32 and returned in W's
+    own dtype. `transposed`: W is stored (in, out), as transformers' Conv1D and checkpoint files hold it."""
+    prefix = name.removesuffix(".weight")
+    a, b = adapters[f"{prefix}.lora_a"].float(), adapters[f"{prefix}.lora_b"].float()  # (r, in), (out, r)
+    update = (b @ a) * scaling  # (out, in)
+    return (weight.float() + (update.t() if transposed else update)).to(weight.dtype)
+
+
+@torch.no_grad()
+def merge_adapters(model: GPT2, adapters: dict[str, torch.Tensor], scaling: float) -> GPT2:
+    """Fold `adapters` into the plain `model`'s weights in place. Returns the model, still a plain GPT-2."""
+    for name in adapted_weights(adapters):
+        weight = model.get_parameter(name)
+        weight.copy_(merged_weight(weight, adapters, name, scaling))
     return model

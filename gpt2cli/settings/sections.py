@@ -236,7 +236,8 @@ class TrainSettings(Section):
 
     @model_validator(mode="after")
     def _lora_adapts_a_model(self) -> TrainSettings:
-        if self.lora_rank is not None and self.init_from is None:
+        # A resume reads init_from from the run's saved settings (then checked again, with the flags laid over them).
+        if self.lora_rank is not None and self.init_from is None and not self.resume:
             raise ValueError("lora_rank needs init_from: the model the adapters fine-tune")
         if self.save_adapters and self.lora_rank is None:
             raise ValueError("save_adapters needs lora_rank")

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from gpt2cli.errors import UsageError
-from gpt2cli.formats.checkpoint import checkpoint_layout, load_model, weight_files
+from gpt2cli.formats.checkpoint import load_model, normalize_names, read_checkpoint, weight_files
 from gpt2cli.model.gpt2 import GPT2
-from gpt2cli.model.lora import LoraSpec, add_adapters, load_adapter_state, merge_adapters
+from gpt2cli.model.lora import LoraSpec, adapted_weights, add_adapters, load_adapter_state, merged_weight
 from gpt2cli.runtime.devices import Precision
 from gpt2cli.settings.sections import TrainSettings
 
@@ -76,13 +76,16 @@ class LoraRun:
             load_adapter_state(model, adapters, source=f"the adapters of {self.base}")
         return model
 
-    def merged_tensors(self, adapters: dict[str, torch.Tensor], dropout: float) -> dict[str, torch.Tensor]:
-        """The plain GPT-2 to save (checkpoint layout): the base re-read from its file, adapters merged in at its
-        stored precision."""
-        model = load_model(self.base)  # on the CPU, in the file's dtype
-        model.set_dropout(dropout)
-        merge_adapters(model, adapters, self.spec)
-        return checkpoint_layout(model.state_dict())
+    def merged_tensors(self, adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The plain GPT-2 to save, in the checkpoint layout: the base's tensors re-read from its file (never the
+        16-bit training copy), the adapters merged into them at their stored precision. Merged in the file's own
+        layout, one matrix at a time: no second copy of the model."""
+        tensors, _ = read_checkpoint(self.base)
+        tensors = normalize_names(tensors)
+        tensors.pop("lm_head.weight", None)  # tied to the embedding: stored once
+        for name in adapted_weights(adapters):  # the four targets are Conv1D in every file: (in, out)
+            tensors[name] = merged_weight(tensors[name], adapters, name, self.spec.scaling, transposed=True)
+        return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
 
 def prepare_lora(train: TrainSettings, saved_state: dict[str, Any] | None, out: Path) -> LoraRun | None:

@@ -351,6 +351,7 @@ class Trainer:
             "dtype": self.precision.name,
             "compile": self.train_settings.compile,
             "parameters": self.model.num_parameters(),
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "model": self.model.config.to_dict(),
             "train_tokens": self.data.train_tokens,
             "val_tokens": self.data.val_tokens,
@@ -399,7 +400,7 @@ class Trainer:
             return None
         if self.lora is not None and adapters is not None:
             adapters = {name: tensor.detach().cpu().contiguous() for name, tensor in adapters.items()}
-            model_tensors = self.lora.merged_tensors(adapters, self.model.config.dropout)
+            model_tensors = self.lora.merged_tensors(adapters)
         state = {
             "tokens": progress.tokens,
             "elapsed_s": progress.elapsed_s,

@@ -245,3 +245,19 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_the_run_resumes(tmp_path, 
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{step:06d}"
     train("--resume", "--out", out, "--max-steps", str(step + 2), env=env, processes=2)
     assert [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()][-2:] == [step + 1, step + 2]
+
+
+def test_lora_on_two_processes_matches_one(tmp_path, corpus, env):
+    from gpt2cli import save_model
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    base = save_model(GPT2(GPT2Config(block_size=32, n_layer=2, n_head=2, n_embd=32)), tmp_path / "base.safetensors")
+    common = [corpus, "--init-from", base, "--lora-rank", "4", "--device", "cpu", "--dtype", "float32"]
+    common += ["--log-interval", "1", "--max-steps", "4", "--lr", "1e-2", "--no-compile"]
+    train(*common, "--batch-size", "4", "--out", tmp_path / "one", env=env)
+    train(*common, "--batch-size", "2", "--out", tmp_path / "two", env=env, processes=2)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6, abs=1e-6)
+    merged = [load_model(tmp_path / name).state_dict() for name in ("one", "two")]
+    for name, tensor in merged[0].items():
+        torch.testing.assert_close(merged[1][name], tensor, rtol=0, atol=1e-6, msg=name)

@@ -21,7 +21,7 @@ from gpt2cli.settings.types import CONFIG_ENV_VAR, DEVICE_KINDS
 
 # The panels `--help` groups options into.
 MODEL, DATA, OPTIMIZER, SCHEDULE = "Model", "Data", "Optimizer", "Schedule"
-SPEED, RUN, OUTPUT, LORA = "Speed", "Run", "Output", "LoRA"
+SPEED, RUN, OUTPUT, MEMORY = "Speed", "Run", "Output", "Memory"
 
 
 def _escape(text: str) -> str:

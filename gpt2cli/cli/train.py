@@ -11,7 +11,7 @@ import typer
 
 from gpt2cli.cli.options import (
     DATA,
-    LORA,
+    MEMORY,
     MODEL,
     OPTIMIZER,
     OUTPUT,
@@ -100,13 +100,13 @@ def command(
     log_to: Annotated[str | None, _t("log_to", OUTPUT)] = None,
     memory_check: Annotated[bool | None, _t("memory_check", RUN, "--memory-check/--no-memory-check")] = None,
     activation_checkpointing: Annotated[
-        bool | None, _t("activation_checkpointing", SPEED, "--activation-checkpointing/--no-activation-checkpointing")
+        bool | None, _t("activation_checkpointing", MEMORY, "--activation-checkpointing/--no-activation-checkpointing")
     ] = None,
-    lora_rank: Annotated[int | None, _t("lora_rank", LORA)] = None,
-    lora_alpha: Annotated[float | None, _t("lora_alpha", LORA)] = None,
-    lora_dropout: Annotated[float | None, _t("lora_dropout", LORA)] = None,
-    lora_targets: Annotated[str | None, _t("lora_targets", LORA)] = None,
-    save_adapters: Annotated[bool | None, _t("save_adapters", LORA, "--save-adapters/--no-save-adapters")] = None,
+    lora_rank: Annotated[int | None, _t("lora_rank", MEMORY)] = None,
+    lora_alpha: Annotated[float | None, _t("lora_alpha", MEMORY)] = None,
+    lora_dropout: Annotated[float | None, _t("lora_dropout", MEMORY)] = None,
+    lora_targets: Annotated[str | None, _t("lora_targets", MEMORY)] = None,
+    save_adapters: Annotated[bool | None, _t("save_adapters", MEMORY, "--save-adapters/--no-save-adapters")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Train GPT-2 from scratch or fine-tune a checkpoint; resumable exactly, Ctrl-C or SIGTERM saves before stopping.

@@ -44,6 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--base", type=Path, help="a base run folder to reuse (pretrained by an earlier run)")
+    parser.add_argument("--only", help="comma list of candidate names to run, e.g. 'adamw lr 3e-3,muon lr 0.02'")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each: checks the script, measures nothing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -56,31 +58,32 @@ def main() -> None:
         root = Path(folder)
         (root / "pretrain.txt").write_text(text[:cut])
         (root / "finetune.txt").write_text(text[cut:])
-        print(f"pretraining the base: {base_steps} steps", file=sys.stderr)
-        train(
-            root / "pretrain.txt",
-            model=SHAPE,
-            train={
-                "device": "cpu",
-                "batch_size": 8,
-                "max_steps": base_steps,
-                "lr": 3e-3,
-                "out": str(root / "base"),
-                "val_fraction": 0.0,
-            },
-            report=lambda event, payload: None,
-        )
+        base = args.base or root / "base"
+        if args.base is None:
+            print(f"pretraining the base: {base_steps} steps", file=sys.stderr)
+            train(
+                root / "pretrain.txt",
+                model=SHAPE,
+                train={
+                    "device": "cpu",
+                    "batch_size": 8,
+                    "max_steps": base_steps,
+                    "lr": 3e-3,
+                    "out": str(base),
+                    "val_fraction": 0.0,
+                },
+                report=lambda event, payload: None,
+            )
         # The base's loss on the fine-tuning data: one step at a learning rate too small to change anything.
-        before = run(
-            root / "finetune.txt", root / "before", init_from=str(root / "base"), lora_rank=8, max_steps=1, lr=1e-12
-        )
+        before = run(root / "finetune.txt", root / "before", init_from=str(base), lora_rank=8, max_steps=1, lr=1e-12)
         rows = [{"optimizer": "(base, no fine-tuning)", "val_loss": before.val_loss, "train_s": 0.0}]
-        for name, settings in CANDIDATES:
+        chosen = set(args.only.split(",")) if args.only else {name for name, _ in CANDIDATES}
+        for name, settings in (candidate for candidate in CANDIDATES if candidate[0] in chosen):
             print(f"fine-tuning: {name}", file=sys.stderr)
             summary = run(
                 root / "finetune.txt",
                 root / name.replace(" ", "-"),
-                init_from=str(root / "base"),
+                init_from=str(base),
                 lora_rank=8,
                 max_steps=steps,
                 weight_decay=0.0,

@@ -151,6 +151,8 @@ class Trainer:
         self.saved_step = progress.step if progress.step else -1
         self.peak = peak_tflops(self.device, precision.dtype)  # the run's compute dtype picks the peak
         self.flops_per_token = model.flops_per_token(plan.seq_len)
+        if lora is not None:  # a frozen base computes no weight gradients: 2N of the 6N per token are not done
+            self.flops_per_token -= 2 * model.num_parameters(exclude_positions=True)
         self.hellaswag = hellaswag  # scored with the validation loss, at every evaluation
         self.lora = lora  # checkpoints hold the adapters; model.safetensors is the merged model
 

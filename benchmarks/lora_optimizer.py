@@ -28,6 +28,7 @@ CANDIDATES = [  # name, the optimizer's [train] settings
     ("adamw lr 1e-3", {"optimizer": "adamw", "lr": 1e-3}),
     ("adamw lr 3e-3", {"optimizer": "adamw", "lr": 3e-3}),
     ("adamw lr 1e-2", {"optimizer": "adamw", "lr": 1e-2}),
+    ("adamw lr 3e-2", {"optimizer": "adamw", "lr": 3e-2}),
     ("muon lr 0.01", {"optimizer": "muon", "muon_lr": 0.01}),
     ("muon lr 0.02", {"optimizer": "muon", "muon_lr": 0.02}),
     ("muon lr 0.05", {"optimizer": "muon", "muon_lr": 0.05}),
@@ -95,7 +96,8 @@ def main() -> None:
     if args.json:
         print(json.dumps({"machine": machine, "base_steps": base_steps, "steps": steps, "rows": rows}))
         return
-    print(f"LoRA rank 8, {steps} steps of 8 x 128 tokens after a {base_steps}-step base; {machine}")
+    base_text = f"the base {args.base}" if args.base else f"a {base_steps}-step base"
+    print(f"LoRA rank 8, {steps} steps of 8 x 128 tokens after {base_text}; {machine}")
     print("| optimizer | val loss | train s |\n| --- | --- | --- |")
     for row in rows:
         print(f"| {row['optimizer']} | {row['val_loss']:.4f} | {row['train_s']:.1f} |")

@@ -261,3 +261,8 @@ def test_lora_on_two_processes_matches_one(tmp_path, corpus, env):
     merged = [load_model(tmp_path / name).state_dict() for name in ("one", "two")]
     for name, tensor in merged[0].items():
         torch.testing.assert_close(merged[1][name], tensor, rtol=0, atol=1e-6, msg=name)
+    refused = launch(
+        *common, "--batch-size", "2", "--parallel", "fsdp", "--out", tmp_path / "fsdp", env=env, processes=2
+    )
+    assert refused.returncode != 0 and "--lora-rank does not support --parallel fsdp" in refused.stderr.decode()
+    assert not (tmp_path / "fsdp").exists()

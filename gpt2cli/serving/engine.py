@@ -382,7 +382,7 @@ class Engine:
                 gains[row] = choose_with_drafts(row_logits, history, [Draft(draft)], sequence.options, sequence.rng)[0]
         finished = []
         for row, (sequence, gained) in enumerate(zip(self.active, gains, strict=True)):
-            position = int(self.positions[row])  # of the row's pending token
+            position = len(sequence.prompt_ids) + sequence.steps - 1  # of its pending token (`positions[row]`)
             for index, token in enumerate(gained):
                 alive = self._accept(sequence, token, logits[row, index])
                 if not alive:

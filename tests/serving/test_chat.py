@@ -183,6 +183,8 @@ def test_logprobs_in_chats_shape(client):
         ({"messages": MESSAGES, "max_tokens": 200}, 400, "max_tokens"),
         ({"messages": MESSAGES, "max_completion_tokens": 200}, 400, "max_completion_tokens"),
         ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 6}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "word " * 130}]}, 400, "messages"),  # past the context of 128
         ({"messages": MESSAGES, "tools": []}, 400, "tools"),
         ({"messages": MESSAGES, "model": "gpt-4o"}, 404, "model"),
         ({}, 400, "messages"),
@@ -304,6 +306,12 @@ def test_llama_cpp_shapes_still_work(http):
 def test_bad_tokenizer_requests_are_400(http, path, body, param):
     response = http.post(path, json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_a_prompt_past_the_context_is_a_400_even_without_max_tokens(http):
+    response = http.post("/v1/completions", json={"prompt": list(range(130)), "max_tokens": None})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert response.json()["error"]["param"] == "prompt"
 
 
 def test_the_default_completion_prompt_is_the_one_end_of_text_token(http):

@@ -161,6 +161,14 @@ def test_logprobs_in_chats_shape(client):
         assert bytes(token.bytes).decode() == token.token and token.logprob < 0
         assert len(token.top_logprobs) == 3 and token.top_logprobs[0].token == token.token  # greedy: the likeliest
         assert token.top_logprobs[0].logprob == token.logprob >= token.top_logprobs[1].logprob
+    args = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    streamed = [
+        token
+        for chunk in client.chat.completions.create(**args, stream=True)
+        if chunk.choices
+        for token in (chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else [])
+    ]
+    assert [token.model_dump() for token in streamed] == [token.model_dump() for token in content]
     plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, logprobs=True)
     assert all(token.top_logprobs == [] for token in plain.choices[0].logprobs.content)
     assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices[0].logprobs is None

@@ -38,6 +38,24 @@ class Reply:
     prompt: Prompt
 
 
+_PROBE = "gpt2cli-chat-probe"
+
+
+def reply_prefix(template: ChatTemplate) -> str:
+    """What the template writes between its generation prompt and an assistant's content (" " for the default,
+    which opens the turn with "Assistant:"): the model generates it, the reply's content starts after it."""
+    messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": _PROBE}]
+    whole = template.render(messages)
+    opened = template.render(messages[:1], add_generation_prompt=True)
+    if not whole.startswith(opened) or _PROBE not in whole[len(opened) :]:
+        return ""
+    return whole[len(opened) : whole.index(_PROBE, len(opened))]
+
+
+def without_prefix(text: str, prefix: str) -> str:
+    return text[len(prefix) :] if prefix and text.startswith(prefix) else text
+
+
 def reply_room(block_size: int, max_new_tokens: int) -> int:
     """Tokens of the context kept free for the reply: its length limit, but at most half the context (a longer
     reply goes on past the context as `gpt2 sample` does, re-encoding the second half of the window)."""
@@ -52,6 +70,7 @@ class Conversation:
         self.template = template
         self.system = system or None
         self.messages: list[Message] = []  # user and assistant turns, oldest first
+        self.reply_prefix = reply_prefix(template)
 
     @property
     def block_size(self) -> int:
@@ -113,17 +132,23 @@ class Conversation:
 
         A KeyboardInterrupt during generation keeps what was already shown as the answer, then propagates (the
         terminal chat stays in the session; a scripted one stops)."""
-        shown: list[str] = []
+        received, shown = "", ""
 
         def stream(_row: int, piece: str) -> None:
-            shown.append(piece)
-            if on_text is not None:
-                on_text(piece)
+            nonlocal received, shown
+            received += piece
+            if len(received) < len(self.reply_prefix) and self.reply_prefix.startswith(received):
+                return  # still what the template puts before the content
+            content = without_prefix(received, self.reply_prefix)
+            if on_text is not None and len(content) > len(shown):
+                on_text(content[len(shown) :])
+            shown = content
 
         try:
             [completion] = self.generator.generate([prompt.ids], self.options_for_turn(options), rng, stream)
         except KeyboardInterrupt:
-            self.messages.append({"role": "assistant", "content": "".join(shown)})
+            self.messages.append({"role": "assistant", "content": shown})
             raise
-        self.messages.append({"role": "assistant", "content": completion.text})
-        return Reply(completion.text, completion.finish_reason or "length", prompt)
+        content = without_prefix(completion.text, self.reply_prefix)
+        self.messages.append({"role": "assistant", "content": content})
+        return Reply(content, completion.finish_reason or "length", prompt)

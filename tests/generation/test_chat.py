@@ -62,8 +62,9 @@ def test_greedy_replies_are_the_generator_on_the_rendered_conversation(checkpoin
         messages.append({"role": "user", "content": message})
         ids = template.encode(messages, add_generation_prompt=True).ids
         [expected] = generator.generate([ids], options)
-        assert shown == expected.text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-        messages.append({"role": "assistant", "content": expected.text})
+        content = expected.text.removeprefix(" ")  # the default template writes "Assistant:" + " " + content
+        assert shown == content.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        messages.append({"role": "assistant", "content": content})
 
 
 def test_a_reply_with_newlines_stays_on_one_line(tmp_path, template):
@@ -144,7 +145,7 @@ def test_bad_settings_are_one_line_and_exit_2(checkpoint, tmp_path, flags, confi
 
 
 def test_trimming_drops_whole_turns_and_keeps_the_newest_message(generator, template):
-    from gpt2cli.generation.chat import Conversation, reply_room
+    from gpt2cli.generation.chat import Conversation, reply_prefix, reply_room
 
     conversation = Conversation(generator, template, system="Be brief.")
     long = "the cat sat on the mat " * 3
@@ -163,6 +164,15 @@ def test_trimming_drops_whole_turns_and_keeps_the_newest_message(generator, temp
     conversation.clear()
     assert conversation.messages == [] and conversation.system == "Be brief."
     assert reply_room(64, 1000) == 32 and reply_room(64, 8) == 8
+    assert reply_prefix(template) == " "  # what the default template writes between "Assistant:" and the content
+
+
+CHATML = (
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{%- if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{%- else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_a_text_end_of_turn_becomes_a_stop_string(generator):
@@ -173,8 +183,7 @@ def test_a_text_end_of_turn_becomes_a_stop_string(generator):
     default = Conversation(generator, ChatTemplate.default())
     assert default.options_for_turn(SamplingOptions(ignore_eot=True)) == SamplingOptions()
 
-    class TextEnd:  # a template whose turns end with text rather than <|endoftext|>
-        end_of_turn, end_of_turn_ids = "<|im_end|>", [27, 91, 320, 62, 437, 91, 29]
-
-    options = Conversation(generator, TextEnd()).options_for_turn(SamplingOptions(stop=("x",)))  # type: ignore[arg-type]
+    chatml = Conversation(generator, ChatTemplate(CHATML))  # turns end with text, not <|endoftext|>
+    options = chatml.options_for_turn(SamplingOptions(stop=("x",)))
     assert options.stop == ("x", "<|im_end|>") and not options.ignore_eot
+    assert chatml.reply_prefix == ""

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt2cli.data.tokenizer import Tokenizer
 from gpt2cli.serving.engine import Engine, Event, Finished, PromptScored, Sequence, TokenGenerated
+from gpt2cli.serving.page import PAGE_HEADERS, page_html
 from gpt2cli.serving.protocol import (
     ApiError,
     CompletionRequest,
@@ -78,6 +79,11 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
         if state.engine is None or state.limits is None:
             raise ApiError(503, "the model is loading; try again shortly", code="model_loading")
         return state.engine
+
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        """The chat and completion page: static, so no key; the routes it calls ask for one."""
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -347,6 +347,12 @@ class ServeSettings(GenerationWeights):
     max_prompts: int = Field(64, ge=1, description="Most prompts in one request.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body in bytes (else 413).")
     json_logs: bool = Field(False, description="Request logs on stderr as JSON lines.")
+    prompt_lookup: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt-lookup decoding per sequence: draft up to N tokens from earlier text and verify them in "
+        "one pass (as gpt2 sample --prompt-lookup); greedy float32 output is unchanged.",
+    )
 
 
 class Settings(BaseSettings):

@@ -242,7 +242,7 @@ def test_sixteen_streams_complete_while_one_client_disconnects(server, client):
         ("POST", "/v1/chat/completions", {"messages": []}, 404, None),
         ("GET", "/v1/nothing", None, 404, None),
         ("POST", "/detokenize", {"tokens": [99999]}, 400, "tokens"),
-        ("POST", "/tokenize", {"text": "x"}, 400, "content"),
+        ("POST", "/tokenize", {"text": "x"}, 400, "text"),
     ],
 )
 def test_bad_input_gets_its_status_and_error_json(server, method, path, body, status, param):
@@ -268,7 +268,10 @@ def test_tokenize_and_detokenize(server):
     with http(server) as session:
         tokens = session.post("/tokenize", json={"content": "Hello world"}).json()["tokens"]
         assert tokens == [15496, 995]
-        assert session.post("/detokenize", json={"tokens": tokens}).json() == {"content": "Hello world"}
+        assert session.post("/detokenize", json={"tokens": tokens}).json() == {
+            "content": "Hello world",
+            "prompt": "Hello world",
+        }
 
 
 def test_loading_answers_503():

@@ -119,6 +119,8 @@ def test_key_chat_stop_and_completion_in_a_browser(server, browser):
     assert user.text == "Hello there"
     assert set(assistant.text.split()) <= {"the", "cat"} and len(assistant.text.split()) == 12
     assert not visible(driver, "error")
+    hover(driver, assistant.find_elements("css selector", ".token")[0])  # chat's logprobs: {token, logprob, ...}
+    assert "p = 0.5" in driver.find_element("id", "tooltip").text  # " the" and " cat", even odds
 
     # Stop ends a long reply while it streams; the conversation goes on.
     set_number(driver, "max-tokens", 900)
@@ -139,10 +141,7 @@ def test_key_chat_stop_and_completion_in_a_browser(server, browser):
     wait_for(driver, lambda d: visible(d, "complete-send"))
     tokens = driver.find_elements("css selector", "#completion-output .token")
     assert len(tokens) == 6 and all(0 < float(token.get_attribute("data-p")) <= 1 for token in tokens)
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    ActionChains(driver).move_to_element(tokens[0]).perform()
-    wait_for(driver, lambda d: visible(d, "tooltip"))
+    hover(driver, tokens[0])
     assert "p = " in driver.find_element("id", "tooltip").text
     assert not visible(driver, "error")
 
@@ -155,3 +154,10 @@ def set_number(driver, element_id: str, value: int) -> None:
     field = driver.find_element("id", element_id)
     field.clear()
     field.send_keys(str(value))
+
+
+def hover(driver, element) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).move_to_element(element).perform()
+    wait_for(driver, lambda d: visible(d, "tooltip"))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gpt2cli.data.tokenizer import EOT_ID
+from gpt2cli.formats.chat_template import reply_prefix
 from gpt2cli.generation.records import SamplingOptions
 
 if TYPE_CHECKING:
@@ -36,20 +37,6 @@ class Reply:
     text: str
     finish_reason: str  # "eot" (the end of the turn), "stop", "length", or "interrupted"
     prompt: Prompt
-
-
-_PROBE = "gpt2cli-chat-probe"
-
-
-def reply_prefix(template: ChatTemplate) -> str:
-    """What the template writes between its generation prompt and an assistant's content (" " for the default,
-    which opens the turn with "Assistant:"): the model generates it, the reply's content starts after it."""
-    messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": _PROBE}]
-    whole = template.render(messages)
-    opened = template.render(messages[:1], add_generation_prompt=True)
-    if not whole.startswith(opened) or _PROBE not in whole[len(opened) :]:
-        return ""
-    return whole[len(opened) : whole.index(_PROBE, len(opened))]
 
 
 def without_prefix(text: str, prefix: str) -> str:

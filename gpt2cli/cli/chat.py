@@ -192,6 +192,8 @@ class ChatSession:
 
     def run_terminal(self) -> None:
         """Read, reply, repeat, until Ctrl-D or /quit; Ctrl-C stops a reply (or clears the line being typed)."""
+        from gpt2cli.errors import ChatTemplateError
+
         with contextlib.suppress(ImportError):  # not on every platform
             import readline  # noqa: F401  (line editing and history for input())
         model = self.conversation.generator.model.config
@@ -220,3 +222,5 @@ class ChatSession:
             except KeyboardInterrupt:
                 write_stdout(["\n"])
                 info("(stopped)")
+            except ChatTemplateError as error:  # the template refused the message: say so, the session goes on
+                info(f"gpt2: error: {error}")

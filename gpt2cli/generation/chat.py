@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gpt2cli.data.tokenizer import EOT_ID
+from gpt2cli.errors import ChatTemplateError
 from gpt2cli.formats.chat_template import reply_prefix
 from gpt2cli.generation.records import SamplingOptions
 
@@ -104,9 +105,14 @@ class Conversation:
         return replace(options, ignore_eot=False, stop=(*options.stop, end))
 
     def add_user_message(self, message: str, max_new_tokens: int) -> Prompt:
-        """Add the user's `message`; the prompt for the answer (the history trimmed to fit, see `prompt`)."""
+        """Add the user's `message`; the prompt for the answer (the history trimmed to fit, see `prompt`). A message
+        the template refuses (its `raise_exception`) is not kept, and the `ChatTemplateError` propagates."""
         self.messages.append({"role": "user", "content": message})
-        return self.prompt(max_new_tokens)
+        try:
+            return self.prompt(max_new_tokens)
+        except ChatTemplateError:
+            self.messages.pop()
+            raise
 
     def answer(
         self,

@@ -122,6 +122,29 @@ def test_a_checkpoint_without_a_template_names_the_convert_command(tmp_path):
     assert_one_line_error(chat(tmp_path / "missing.safetensors", ["hello"]), 2, "no such file")
 
 
+def test_a_message_the_template_refuses_is_one_line_and_not_kept(tmp_path, template, generator):
+    from gpt2cli import save_model
+    from gpt2cli.errors import ChatTemplateError
+    from gpt2cli.formats.chat_template import CHAT_TEMPLATE_METADATA_KEY, ChatTemplate
+    from gpt2cli.generation.chat import Conversation
+
+    refusing = ChatTemplate(
+        "{%- for message in messages %}{% if message['content'] == 'boom' %}{{ raise_exception('no boom') }}"
+        "{% endif %}{% endfor %}" + template.source
+    )
+    conversation = Conversation(generator, refusing)
+    with pytest.raises(ChatTemplateError, match="no boom"):
+        conversation.add_user_message("boom", max_new_tokens=4)
+    assert conversation.messages == []  # the next message renders without it
+
+    path = save_model(
+        generator.model, tmp_path / "refusing.safetensors", metadata={CHAT_TEMPLATE_METADATA_KEY: refusing.source}
+    )
+    result = chat(path, ["hi", "boom", "never"], "--max-new-tokens", "3")
+    assert_one_line_error(result, 2, "no boom")
+    assert len(result.stdout.decode().splitlines()) == 1  # "hi" was answered; a script stops at the refusal
+
+
 @pytest.mark.parametrize(
     ("flags", "config", "fragment"),
     [

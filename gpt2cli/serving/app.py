@@ -388,7 +388,8 @@ class ChatChoice:
         tokens = []
         if isinstance(event, TokenGenerated):
             self.completion_tokens += 1
-            if self.logprobs is not None and event.logprob is not None:
+            ended = event.token == self.tokenizer.eot_id  # the end of a reply, not a token of its message
+            if self.logprobs is not None and event.logprob is not None and not ended:
                 tokens.append(chat_token_logprob(self.tokenizer, event.token, event.logprob, event.top))
         elif isinstance(event, Finished):
             self.finish_reason = "length" if event.finish_reason == "cancelled" else event.finish_reason

@@ -57,6 +57,8 @@ class PromptScored:
 
 @dataclass
 class TokenGenerated:
+    """A generated token, the end-of-text token that finishes a sequence included."""
+
     choice: int
     token: int
     text: str  # text this token releases now ("" while it could still be part of a stop string)
@@ -436,10 +438,13 @@ class Engine:
         if sequence.lookup is not None:
             sequence.lookup.extend([token])
         text = "".join(pieces)
-        if len(completion.token_ids) > before and completion.finish_reason != "stop":  # a stop string ends it instead
+        # A stop string ends the text instead of a token. The end-of-text token is reported (with no text): scoring
+        # clients read one log-probability per generated token, lm-evaluation-harness dropping the last one.
+        ended = completion.finish_reason == "eot"
+        if (len(completion.token_ids) > before and completion.finish_reason != "stop") or ended:
             logprob, top = self._logprobs(logits, token, sequence.logprobs)
-            self._emit(sequence, TokenGenerated(sequence.choice, token, text, logprob, top))
-            text = ""
+            self._emit(sequence, TokenGenerated(sequence.choice, token, "" if ended else text, logprob, top))
+            text = text if ended else ""
         if not alive:
             self._finish(sequence, _FINISH_REASONS[completion.finish_reason or "length"], text=text)
         return alive

@@ -309,3 +309,47 @@ def test_bad_tokenizer_requests_are_400(http, path, body, param):
 def test_the_default_completion_prompt_is_the_one_end_of_text_token(http):
     response = http.post("/v1/completions", json={"max_tokens": 1, "temperature": 0})
     assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 1
+
+
+def test_scoring_text_the_model_would_end_still_scores_the_generated_token(tmp_path):
+    """The harness scores a continuation with `echo`, `max_tokens` 1 and `logprobs` 1 and sums
+    `token_logprobs[ctxlen:-1]` (`LocalCompletionsAPI.parse_logprobs`): the generated token must be there even when
+    it is <|endoftext|>. Here a model made to predict it after anything."""
+    import torch
+
+    from gpt2cli import save_model
+    from gpt2cli.formats.chat_template import CHAT_TEMPLATE_METADATA_KEY, DEFAULT_CHAT_TEMPLATE
+    from gpt2cli.model.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=64))
+    with torch.no_grad():  # the final norm outputs a constant; the end-of-text embedding points along it
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.normal_()
+        model.transformer.wte.weight[50256] = model.transformer.ln_f.bias * 100
+    metadata = {CHAT_TEMPLATE_METADATA_KEY: DEFAULT_CHAT_TEMPLATE}
+    path = save_model(model, tmp_path / "ends.safetensors", metadata=metadata)
+    state, test_client = serve_in_process(path)
+    ids = get_tokenizer().encode("Hello world, how are you")
+    try:
+        with test_client:
+            scored = test_client.post(
+                "/v1/completions",
+                json={"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0},
+            ).json()
+            chat = test_client.post(
+                "/v1/chat/completions", json={"messages": MESSAGES, "logprobs": True, "temperature": 0}
+            ).json()
+    finally:
+        state.engine.stop()
+    choice = scored["choices"][0]
+    assert choice["text"] == "Hello world, how are you" and choice["finish_reason"] == "stop"
+    assert (
+        len(choice["logprobs"]["token_logprobs"]) == len(ids) + 1
+        and choice["logprobs"]["tokens"][-1] == "<|endoftext|>"
+    )
+    assert choice["logprobs"]["token_logprobs"][-1] == pytest.approx(0.0, abs=1e-3)
+    assert scored["usage"]["completion_tokens"] == 1
+    reply = chat["choices"][0]  # a reply that ends at once: empty, and its end is no token of the message
+    assert reply["message"]["content"] == "" and reply["finish_reason"] == "stop"
+    assert reply["logprobs"]["content"] == [] and chat["usage"]["completion_tokens"] == 1

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt2cli.data.tokenizer import Tokenizer
+from gpt2cli.formats.chat_template import reply_prefix
 from gpt2cli.serving.engine import Engine, Event, Finished, PromptScored, Sequence, TokenGenerated
+from gpt2cli.serving.page import PAGE_HEADERS, page_html
 from gpt2cli.serving.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -37,7 +39,6 @@ from gpt2cli.serving.protocol import (
     parse,
     plan_chat,
     plan_completion,
-    reply_prefix,
     token_text,
     top_dict,
     usage,
@@ -89,6 +90,11 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
         if state.engine is None or state.limits is None:
             raise ApiError(503, "the model is loading; try again shortly", code="model_loading")
         return state.engine
+
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        """The chat and completion page: static, so no key; the routes it calls ask for one."""
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -365,7 +371,7 @@ class CompletionRun:
 class ChatChoice:
     """The message and log-probabilities (chat's shape) of one chat choice, built from its engine events.
 
-    `prefix`: what the template writes between its generation prompt and the reply (`protocol.reply_prefix`),
+    `prefix`: what the template writes between its generation prompt and the reply (`chat_template.reply_prefix`),
     taken off the start of the reply; streamed text that could still be it is held back until it is known."""
 
     def __init__(self, index: int, tokenizer: Tokenizer, logprobs: bool, prefix: str) -> None:

@@ -330,23 +330,6 @@ def _openai_roles(message: Any) -> Any:
     return message
 
 
-def reply_prefix(template: ChatTemplate) -> str:
-    """What a template writes between its generation prompt and an assistant's content (the default template: one
-    space). The model generates it before the reply; it is taken off the reply, so that a client that sends the
-    reply back in the next request's messages renders the conversation the model saw."""
-    probe = "gpt2cli-reply"
-    user = [{"role": "user", "content": "Hello."}]
-    try:
-        prompt = template.render(user, add_generation_prompt=True)
-        whole = template.render([*user, {"role": "assistant", "content": probe}])
-    except Exception:  # a template that cannot render this probe: keep replies as generated
-        return ""
-    if not whole.startswith(prompt) or probe not in whole[len(prompt) :]:
-        return ""
-    rest = whole[len(prompt) :]
-    return rest[: rest.index(probe)]
-
-
 # ---------------------------------------------------------------- responses
 
 

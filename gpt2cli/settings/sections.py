@@ -251,6 +251,21 @@ class SampleSettings(GenerationWeights):
         return stops
 
 
+class ChatSettings(SampleSettings):
+    """`gpt2 chat`: `gpt2 sample`'s decoding and weights, one reply per turn, and the system message."""
+
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens in one reply.")
+    system: str | None = Field(None, min_length=1, description="A system message that opens the conversation.")
+
+    @model_validator(mode="after")
+    def _one_reply_to_the_end_of_turn(self) -> ChatSettings:
+        if self.num_samples != 1:
+            raise ValueError("num_samples: a chat answers each message once")
+        if self.ignore_eot:
+            raise ValueError("ignore_eot: a chat reply ends at the template's end of turn")
+        return self
+
+
 class EvalSettings(Section):
     """Evaluation for `gpt2 eval`."""
 
@@ -351,6 +366,7 @@ class Settings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     sample: SampleSettings = Field(default_factory=SampleSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     bench: BenchSettings = Field(default_factory=BenchSettings)
     plot: PlotSettings = Field(default_factory=PlotSettings)

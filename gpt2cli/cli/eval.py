@@ -11,11 +11,14 @@ from gpt2cli.cli.options import (
     DATA,
     RUN,
     SPEED,
+    ChatTemplateOption,
     CheckpointArgument,
     ConfigOption,
     DeviceOption,
     DtypeOption,
+    FormatOption,
     JsonOption,
+    LossOnOption,
     SectionSetting,
     TextFieldOption,
     overrides,
@@ -45,6 +48,9 @@ def command(
     batch_size: Annotated[int | None, _e("batch_size")] = None,
     limit: Annotated[int | None, _e("limit")] = None,
     text_field: TextFieldOption = None,
+    data_format: FormatOption = None,
+    loss_on: LossOnOption = None,
+    chat_template: ChatTemplateOption = None,
     device: DeviceOption[EvalSettings] = None,
     dtype: DtypeOption[EvalSettings] = None,
     quantize: Annotated[Quantize | None, _e("quantize", SPEED)] = None,
@@ -60,8 +66,11 @@ def command(
     """
     from gpt2cli.settings.sections import load_settings
 
-    # `data` here is the input files, not DataSettings' `paths`: only text_field is a data setting.
-    settings = load_settings(config, overrides(locals(), eval=EvalSettings, data=DataSettings))
+    # `data` here is the input files, not DataSettings' `paths`: text_field, format, loss_on and chat_template are
+    # the data settings.
+    settings = load_settings(
+        config, overrides({**locals(), "format": data_format}, eval=EvalSettings, data=DataSettings)
+    )
     run_evaluation(checkpoint, data, settings, json_output)
 
 

@@ -71,6 +71,7 @@ class RunFolder:
         self.metrics = path / "metrics.jsonl"
         self.model_file = path / "model.safetensors"
         self.trackers = Trackers()  # none until `start_trackers`
+        self.model_metadata: dict[str, str] = {}  # extra metadata of each checkpoint's weights (a chat template)
 
     # ------------------------------------------------------------ the one writer
 
@@ -278,7 +279,7 @@ class RunFolder:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             staging.mkdir(parents=True)
-            write_checkpoint(model_tensors, config, staging / "model.safetensors")
+            write_checkpoint(model_tensors, config, staging / "model.safetensors", metadata=self.model_metadata)
             save_file(moments, staging / "optimizer.safetensors")
             state = {"format": STATE_FORMAT, "version": __version__, **state}
             (staging / "state.json").write_text(json.dumps(state, indent=1))

@@ -77,10 +77,17 @@ def command(
 def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output: bool) -> None:
     from gpt2cli.cli.output import info
     from gpt2cli.data.encoding import EncodeOptions
+    from gpt2cli.data.examples import EXAMPLE_FORMATS, data_format
     from gpt2cli.data.inputs import resolve_inputs
     from gpt2cli.data.tokenizer import get_tokenizer
     from gpt2cli.errors import UsageError
-    from gpt2cli.evaluation import evaluate_lm, evaluate_multiple_choice, load_eval_tokens, read_multiple_choice
+    from gpt2cli.evaluation import (
+        evaluate_examples,
+        evaluate_lm,
+        evaluate_multiple_choice,
+        load_eval_tokens,
+        read_multiple_choice,
+    )
     from gpt2cli.generation.loading import load_inference_model
     from gpt2cli.runtime.devices import resolve_device, resolve_precision
 
@@ -107,11 +114,18 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
             examples = read_multiple_choice(data[0], options.limit)
             result = evaluate_multiple_choice(model, get_tokenizer(), examples, precision, advance).as_dict()
         else:
-            files = [str(path) for path in resolve_inputs(data)]  # folders and globs of shards or Parquet files
-            text = load_eval_tokens(files, EncodeOptions.from_settings(settings.data), options.max_tokens)
-            result = evaluate_lm(
-                model, text.streams, precision, context, stride, options.batch_size, text.text_bytes, advance
-            ).as_dict()
+            paths = resolve_inputs(data)  # folders and globs of shards or Parquet files
+            kind = data_format(paths, settings.data.format, settings.data.text_field)
+            if kind in EXAMPLE_FORMATS:  # fine-tuning records: the loss on the completions or assistant turns
+                examples = _examples(checkpoint, paths, kind, settings)
+                result = evaluate_examples(model, examples, precision, context, options.batch_size, advance).as_dict()
+                result.update(format=kind, loss_on=settings.data.loss_on, examples=len(examples))
+            else:
+                files = [str(path) for path in paths]
+                text = load_eval_tokens(files, EncodeOptions.from_settings(settings.data), options.max_tokens)
+                result = evaluate_lm(
+                    model, text.streams, precision, context, stride, options.batch_size, text.text_bytes, advance
+                ).as_dict()
     if options.quantize != "none":
         result["quantize"] = summary.as_dict()
     if json_output:
@@ -119,6 +133,29 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     else:
         label = precision.name + ("" if options.quantize == "none" else f", {summary.describe()}")
         _print_table(result, checkpoint, options.task, context, stride, label)
+
+
+def _examples(checkpoint: str, paths: list[Any], kind: str, settings: Any) -> Any:
+    """The records of `paths` as examples, rendered (messages) by --chat-template, else the checkpoint's own
+    template, else the default one; not cached (an evaluation set is read once)."""
+    from gpt2cli.data.examples import MESSAGES, ExampleRecipe, ExampleSet, encode_examples
+    from gpt2cli.formats.chat_template import ChatTemplate, read_chat_template
+
+    template = None
+    if kind == MESSAGES:
+        option = settings.data.chat_template
+        template = ChatTemplate.from_option(option) if option else read_chat_template(checkpoint)
+        template = template or ChatTemplate.default()
+    recipe = ExampleRecipe(kind, settings.data.loss_on, template)
+    recipe.check()
+    return ExampleSet.join([encode_examples(path, recipe, settings.data.text_field) for path in paths])
+
+
+def _scored(result: dict[str, Any]) -> str:
+    """What the loss is over, for fine-tuning records."""
+    if "format" not in result or result["loss_on"] == "all":
+        return ""
+    return " (completions only)" if result["format"] == "prompt-completion" else " (assistant turns only)"
 
 
 def _print_table(result: dict[str, Any], checkpoint: str, task: str, context: int, stride: int, dtype: str) -> None:
@@ -135,7 +172,7 @@ def _print_table(result: dict[str, Any], checkpoint: str, task: str, context: in
     else:
         ci = result["ci95"]
         rows = [
-            ("loss (nats/token)", f"{result['loss']:.4f}"),
+            ("loss (nats/token)", f"{result['loss']:.4f}" + _scored(result)),
             ("perplexity", f"{result['perplexity']:.3f}" if math.isfinite(result["perplexity"]) else "inf"),
             ("bits per byte", f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "-"),
             ("tokens scored", f"{result['tokens']:,}"),

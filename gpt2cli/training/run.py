@@ -133,10 +133,11 @@ def _train(
     from gpt2cli.data.encoding import EncodeOptions
     from gpt2cli.data.examples import EXAMPLE_FORMATS, ExampleData, ExampleRecipe, data_format, load_example_data
     from gpt2cli.data.inputs import TokenData, bundled_corpus, load_token_data, resolve_inputs
+    from gpt2cli.formats.chat_template import chat_template_metadata
     from gpt2cli.runtime.devices import resolve_precision
     from gpt2cli.runtime.files import default_cache_dir
     from gpt2cli.training.run_folder import RunFolder
-    from gpt2cli.training.setup import chat_template_metadata, prepare_trainer, run_chat_template, with_absolute_paths
+    from gpt2cli.training.setup import prepare_trainer, run_chat_template, with_absolute_paths
 
     precision = resolve_precision(settings.train.dtype, device)
     bundled = not settings.data.paths  # the default run: the corpus shipped with the package

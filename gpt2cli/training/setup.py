@@ -10,7 +10,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -18,6 +18,7 @@ from gpt2cli.data.examples import MESSAGES, ExampleData
 from gpt2cli.data.inputs import TokenData
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.evaluation import read_multiple_choice
+from gpt2cli.formats.chat_template import ChatTemplate, read_chat_template
 from gpt2cli.formats.checkpoint import load_model
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
 from gpt2cli.runtime.compile import choose_compile, compile_blocks, keep_compiled_code
@@ -33,9 +34,6 @@ from gpt2cli.training.packing import PackedRows
 from gpt2cli.training.plan import plan_run
 from gpt2cli.training.run_folder import RunFolder, restore_rng
 from gpt2cli.training.trainer import Progress, Report, Trainer
-
-if TYPE_CHECKING:
-    from gpt2cli.formats.chat_template import ChatTemplate
 
 
 def resolve_settings(config: str | os.PathLike[str] | None, flags: Mapping[str, Mapping[str, Any]]) -> Settings:
@@ -60,25 +58,12 @@ def run_chat_template(settings: Settings, data_format: str) -> ChatTemplate | No
     """The chat template a run renders with and its checkpoints carry: --chat-template, else the one --init-from
     carries, else (messages records) the built-in one; None for a run that has none to carry."""
     option = settings.data.chat_template
-    if option is None and settings.train.init_from is None and data_format != MESSAGES:
-        return None  # the renderer (and Jinja) is not even imported
-    from gpt2cli.formats.chat_template import ChatTemplate, read_chat_template
-
     if option is not None:
         return ChatTemplate.from_option(option)
     carried = read_chat_template(settings.train.init_from) if settings.train.init_from else None
     if carried is not None:
         return carried
     return ChatTemplate.default() if data_format == MESSAGES else None
-
-
-def chat_template_metadata(template: ChatTemplate | None) -> dict[str, str]:
-    """The safetensors metadata that stores a chat template in a checkpoint's weights file."""
-    if template is None:
-        return {}
-    from gpt2cli.formats.chat_template import CHAT_TEMPLATE_METADATA_KEY
-
-    return {CHAT_TEMPLATE_METADATA_KEY: template.source}
 
 
 def with_absolute_paths(settings: Settings, out: Path) -> Settings:
@@ -316,11 +301,19 @@ def _grad_scaler(device: torch.device, sharded: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type)
 
 
+def loss_scope(data_format: str, loss_on: str) -> str:
+    """What the loss of a fine-tune is over, in words."""
+    if loss_on == "all":
+        return "loss on all tokens"
+    return "loss on the completions" if data_format != MESSAGES else "loss on the assistant turns"
+
+
 def packing_summary(data: ExampleData, train: PackedRows, val: PackedRows) -> str:
     """The start-up line of a fine-tune: examples, rows, fill, and the examples cut to fit a window."""
     cut = train.cut + val.cut
     return (
-        f"{data.recipe.format} (loss on {data.recipe.loss_on}): {len(data.train):,} training examples packed into "
+        f"{data.recipe.format} records, {loss_scope(data.recipe.format, data.recipe.loss_on)}: "
+        f"{len(data.train):,} training examples packed into "
         f"{len(train):,} windows ({train.fill:.0%} filled), {len(data.val):,} held out; "
         + (f"{cut:,} longer than a window of {train.seq_len + 1} tokens were cut" if cut else "none cut")
     )

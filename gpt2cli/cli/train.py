@@ -49,8 +49,8 @@ def command(
         list[str] | None,
         typer.Argument(
             metavar="DATA",
-            help="Text, .jsonl, .gz or .parquet files, llm.c .bin shards, folders of shards (*_val_* left out) or "
-            "of .parquet files, or quoted globs. "
+            help="Text, .jsonl, .gz or .parquet files (text, prompt-completion or messages records), llm.c .bin "
+            "shards, folders of shards (*_val_* left out) or of .parquet files, or quoted globs. "
             "None: the bundled Shakespeare corpus with a small model (the default run).",
             show_default=False,
         ),

@@ -258,7 +258,7 @@ class Trainer:
                     loss = self.trained(batch.inputs, batch.targets, batch.documents, normalizer)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
-        loss_sum = mean_across(loss_sum, world) * world.world_size  # the ranks' shares summed: the step's mean
+        loss_sum = mean_across(loss_sum, world)  # each rank's share was scaled by world_size: the step's mean
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         parameters, max_norm = list(self.model.parameters()), self.train_settings.grad_clip or math.inf

@@ -329,3 +329,39 @@ def test_bad_records_stop_before_training_with_one_line(tmp_path, env, lines, fl
     result = run_cli("train", data, *TINY, *EXACT, "--max-steps", "1", "--out", out, *flags, env=env)
     assert_one_line_error(result, 2, *fragments)
     assert not out.exists()
+
+
+@pytest.mark.slow  # a torchrun job of two processes
+def test_two_processes_fine_tune_as_one(tmp_path):
+    """The masks are sharded with the rows, and the step's mean counts every rank's targets: DDP on two processes
+    gives the losses of one process with the same global batch."""
+    import subprocess
+    import sys
+
+    from conftest import exact_environment
+
+    data = write_jsonl(tmp_path / "d.jsonl", sums(60))
+    env = exact_environment(tmp_path)
+    args = [data, *TINY, *EXACT, "--max-steps", "3", "--log-interval", "1", "--val-fraction", "0.1"]
+    single = run_cli("train", *args, "--out", tmp_path / "one", env=env)
+    assert single.returncode == 0, single.stderr.decode()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gpt2cli"]
+    two = subprocess.run(
+        [*launcher, "train", *map(str, args), "--batch-size", "2", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+
+    def losses(out):
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(record["loss"], record.get("val_loss")) for record in records]
+
+    for (one_loss, one_val), (two_loss, two_val) in zip(
+        losses(tmp_path / "one"), losses(tmp_path / "two"), strict=True
+    ):
+        assert two_loss == pytest.approx(one_loss, abs=1e-5)
+        assert (two_val is None) == (one_val is None) and (
+            one_val is None or two_val == pytest.approx(one_val, abs=1e-5)
+        )

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from gpt2cli.data.tokenizer import EOT_ID, Tokenizer
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.model.gpt2 import GPT2, IGNORE_INDEX
 from gpt2cli.runtime.devices import Precision
+
+if TYPE_CHECKING:
+    from gpt2cli.settings.sections import DataSettings
 
 LOSS_CHUNK_ROWS = 1024  # rows of logits computed at once
 
@@ -171,6 +175,22 @@ def evaluate_examples(
         ci95=_confidence_interval((example_sums[scored] / example_counts[scored]).tolist()),
         windows=len(rows),
     )
+
+
+def load_eval_examples(checkpoint: str | Path, paths: list[Path], kind: str, data: DataSettings) -> ExampleSet:
+    """The records of `paths` as examples to score, not cached (an evaluation set is read once). Messages are
+    rendered by `data.chat_template` (--chat-template), else the checkpoint's own template, else the default one."""
+    from gpt2cli.data.examples import MESSAGES, ExampleRecipe, encode_examples
+    from gpt2cli.formats.chat_template import ChatTemplate, read_chat_template
+
+    template = None
+    if kind == MESSAGES:
+        option = data.chat_template
+        template = ChatTemplate.from_option(option) if option else read_chat_template(checkpoint)
+        template = template or ChatTemplate.default()
+    recipe = ExampleRecipe(kind, data.loss_on, template)
+    recipe.check()
+    return ExampleSet.join([encode_examples(path, recipe, data.text_field) for path in paths])
 
 
 def _batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:

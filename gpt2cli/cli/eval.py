@@ -85,6 +85,7 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
         evaluate_examples,
         evaluate_lm,
         evaluate_multiple_choice,
+        load_eval_examples,
         load_eval_tokens,
         read_multiple_choice,
     )
@@ -117,7 +118,7 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
             paths = resolve_inputs(data)  # folders and globs of shards or Parquet files
             kind = data_format(paths, settings.data.format, settings.data.text_field)
             if kind in EXAMPLE_FORMATS:  # fine-tuning records: the loss on the completions or assistant turns
-                examples = _examples(checkpoint, paths, kind, settings)
+                examples = load_eval_examples(checkpoint, paths, kind, settings.data)
                 result = evaluate_examples(model, examples, precision, context, options.batch_size, advance).as_dict()
                 result.update(format=kind, loss_on=settings.data.loss_on, examples=len(examples))
             else:
@@ -133,22 +134,6 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     else:
         label = precision.name + ("" if options.quantize == "none" else f", {summary.describe()}")
         _print_table(result, checkpoint, options.task, context, stride, label)
-
-
-def _examples(checkpoint: str, paths: list[Any], kind: str, settings: Any) -> Any:
-    """The records of `paths` as examples, rendered (messages) by --chat-template, else the checkpoint's own
-    template, else the default one; not cached (an evaluation set is read once)."""
-    from gpt2cli.data.examples import MESSAGES, ExampleRecipe, ExampleSet, encode_examples
-    from gpt2cli.formats.chat_template import ChatTemplate, read_chat_template
-
-    template = None
-    if kind == MESSAGES:
-        option = settings.data.chat_template
-        template = ChatTemplate.from_option(option) if option else read_chat_template(checkpoint)
-        template = template or ChatTemplate.default()
-    recipe = ExampleRecipe(kind, settings.data.loss_on, template)
-    recipe.check()
-    return ExampleSet.join([encode_examples(path, recipe, settings.data.text_field) for path in paths])
 
 
 def _scored(result: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ import gzip
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,15 +145,15 @@ def encode_record(
 
 def _encode_prompt_completion(record: dict[str, Any], where: str, loss_on: str) -> tuple[list[int], list[int]]:
     prompt, completion = record.get("prompt"), record.get("completion")
-    for field, value in (("prompt", prompt), ("completion", completion)):
+    for name, value in (("prompt", prompt), ("completion", completion)):
         if isinstance(value, list):
             raise ExampleError(
-                f"{where}: field {field!r}: conversational prompt/completion (lists of messages) is not supported; "
+                f"{where}: field {name!r}: conversational prompt/completion (lists of messages) is not supported; "
                 "put the turns in one 'messages' list"
             )
         if not isinstance(value, str):
             kind = "missing" if value is None else f"a {type(value).__name__}, not text"
-            raise ExampleError(f"{where}: field {field!r} is {kind}")
+            raise ExampleError(f"{where}: field {name!r} is {kind}")
     if not completion:
         raise ExampleError(f"{where}: field 'completion' is empty")
     tokenizer = get_tokenizer()
@@ -181,6 +181,7 @@ class ExampleSet:
 
     tokens: np.ndarray  # (N,) token ids
     flags: np.ndarray  # (N,) LOSS | START bits per token
+    offsets: np.ndarray = field(init=False, repr=False, compare=False)  # (examples + 1,) where each one starts
 
     def __post_init__(self) -> None:
         starts = np.flatnonzero(self.flags & START)
@@ -191,15 +192,15 @@ class ExampleSet:
         return cls(np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint16))
 
     def __len__(self) -> int:
-        return self.offsets.size - 1  # type: ignore[attr-defined]
+        return self.offsets.size - 1
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)  # type: ignore[attr-defined]
+        return np.diff(self.offsets)
 
     def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The tokens of one example and its loss mask (1 where the token is a target that counts)."""
-        begin, end = self.offsets[index], self.offsets[index + 1]  # type: ignore[attr-defined]
+        begin, end = self.offsets[index], self.offsets[index + 1]
         return self.tokens[begin:end], (self.flags[begin:end] & LOSS).astype(np.uint8)
 
     def split_tail(self, fraction: float) -> tuple[ExampleSet, ExampleSet]:
@@ -208,7 +209,7 @@ class ExampleSet:
         held = min(count - 1, max(1, round(count * fraction))) if fraction > 0 and count > 1 else 0
         if held == 0:
             return self, ExampleSet.empty()
-        cut = int(self.offsets[count - held])  # type: ignore[attr-defined]
+        cut = int(self.offsets[count - held])
         return (
             ExampleSet(self.tokens[:cut], self.flags[:cut]),
             ExampleSet(self.tokens[cut:], self.flags[cut:]),

@@ -65,7 +65,7 @@ class PackedRows:
         # Targets that count per example: its LOSS tokens after its first (a first token is never a target).
         loss = (examples.flags & LOSS).astype(np.int64)
         running = np.concatenate([[0], np.cumsum(loss)])
-        starts = examples.offsets[:-1]  # type: ignore[attr-defined]
+        starts = examples.offsets[:-1]
         self.example_targets = running[starts + self.kept_lengths] - running[starts + 1]
         self.row_targets = np.array([int(self.example_targets[row].sum()) for row in self.rows], dtype=np.int64)
 
@@ -87,7 +87,7 @@ class PackedRows:
         tokens = np.full((len(indices), capacity), EOT_ID, dtype=np.int64)
         counts = np.zeros((len(indices), capacity), dtype=bool)
         documents = np.zeros((len(indices), capacity), dtype=np.int64)
-        offsets = self.examples.offsets  # type: ignore[attr-defined]
+        offsets = self.examples.offsets
         for row, index in enumerate(indices.tolist()):
             at = 0
             for number, example in enumerate(self.rows[index]):

@@ -2,8 +2,9 @@
 
 1. Packing: the cost of keeping packed examples apart. The same examples trained as packed rows (best fit, each
    example's positions from 0 and block-diagonal attention: `training/packing.py`) against one example per row padded
-   to the window (plain causal attention, no mask). Reported: rows per step, time per step, and counted (completion)
-   targets trained per second; the ratio packed / padded is the number to compare.
+   to the window (plain causal attention, no mask), and the same packed rows without the mask (examples seeing each
+   other: what the mask itself costs). Reported: examples per row, fill, time per step of 8 rows, and counted
+   (completion) targets trained per second; `ratio_targets_per_s` (packed / padded) is the number to compare.
 
 2. Masking matters: a task where the prompt is mostly noise. A prompt is 24 random filler words with one key word
    (one of 8 fruits) at a random place; the completion is that fruit's colour (" apple" -> " red"). Predicting the
@@ -45,7 +46,7 @@ FILLER = re.findall(
     "the a of and to in is was he for it with as his on be at by had not are but from or have an they which one you "
     "were her all she there would their we him been has when who will more no if out so said what up its",
 )
-MODEL = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "64"]
+MODEL = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "128"]  # three examples a window
 
 
 def record(rng: random.Random) -> dict[str, str]:
@@ -61,7 +62,7 @@ def write(path: Path, records: list[dict[str, str]]) -> Path:
 
 
 def train(data: Path, out: Path, loss_on: str, steps: int, cache: Path) -> None:
-    command = [sys.executable, "-m", "gpt2cli", "train", str(data), *MODEL, "--batch-size", "16", "--max-steps",
+    command = [sys.executable, "-m", "gpt2cli", "train", str(data), *MODEL, "--batch-size", "8", "--max-steps",
                str(steps), "--lr", "3e-3", "--warmup-steps", "20", "--weight-decay", "0", "--val-fraction", "0",
                "--device", "cpu", "--dtype", "float32", "--no-compile", "--loss-on", loss_on, "--out", str(out),
                "--seed", "7", "--log-interval", "50"]  # fmt: skip
@@ -105,7 +106,7 @@ def packing_cost(records: list[dict[str, str]], steps: int, seq_len: int) -> dic
             write(Path(folder) / "d.jsonl", records), ExampleRecipe(PROMPT_COMPLETION, "completion")
         )
     packed = PackedRows(examples, seq_len)
-    batch_rows = 16
+    batch_rows = 8
     torch.manual_seed(0)
     model = TrainingModel(GPT2(GPT2Config(n_layer=2, n_head=4, n_embd=64, block_size=seq_len)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -138,6 +139,11 @@ def packing_cost(records: list[dict[str, str]], steps: int, seq_len: int) -> dic
         indices = np.arange(step * batch_rows, (step + 1) * batch_rows) % len(packed)
         return packed.training_batch(indices, torch.device("cpu")), packed.target_count(indices)
 
+    def packed_unmasked(step: int) -> tuple[Batch, int]:  # the same rows, examples seeing each other: the mask's cost
+        batch, count = packed_batch(step)
+        return Batch(batch.inputs, batch.targets), count
+
+    unmasked_step, _ = timed(packed_unmasked)
     packed_step, packed_rate = timed(packed_batch)
     padded_step, padded_rate = timed(lambda step: padded_batch((step * batch_rows) % (len(examples) - batch_rows)))
     return {
@@ -145,6 +151,7 @@ def packing_cost(records: list[dict[str, str]], steps: int, seq_len: int) -> dic
         "fill_packed": packed.fill,
         "fill_padded": float(examples.lengths.clip(max=seq_len + 1).mean()) / (seq_len + 1),
         "step_s_packed": packed_step,
+        "step_s_packed_without_mask": unmasked_step,
         "step_s_padded": padded_step,
         "targets_per_s_packed": packed_rate,
         "targets_per_s_padded": padded_rate,
@@ -158,7 +165,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--held-out", type=int, default=200)
     parser.add_argument("--packing-steps", type=int, default=20)
-    parser.add_argument("--packing-seq-len", type=int, default=512, help="the window of the packing measurement")
+    parser.add_argument("--packing-seq-len", type=int, default=256, help="the window of the packing measurement")
     options = parser.parse_args()
     rng = random.Random(0)
     records = [record(rng) for _ in range(options.examples)]

@@ -161,9 +161,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hidden_c = hidden.to(compute_dtype)
             weight_t = _transposed(weight, compute_dtype)  # (C, V): the layout the logits product streams fastest
             valid = (targets != IGNORE_INDEX).to(torch.float32)  # the rows' weights w: 1, or 0 if ignored
-            # The mean, applied in float32 (see the kernels): over these rows, or over a whole step's (`normalizer`).
-            count = valid.sum().clamp(min=1.0) if normalizer is None else torch.tensor(normalizer, device=hidden.device)
-            inverse_count = 1.0 / count
+            # The mean, applied in float32 (see the kernels): over these rows, or over a whole step's (`normalizer`;
+            # filled on the device, not copied from the host, which could wait for the GPU).
+            if normalizer is None:
+                inverse_count = 1.0 / valid.sum().clamp(min=1.0)
+            else:
+                inverse_count = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=hidden.device)
             safe_targets = targets.clamp(min=0)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             softmax_hidden = torch.empty_like(hidden_c) if needs_grad else None  # Σ_v softmax·w · W[v], (N, C)

@@ -262,9 +262,22 @@ def test_prompt_completion_parquet_trains(tmp_path, env):
     records = sums(16)
     path = tmp_path / "d.parquet"
     pq.write_table(pyarrow.Table.from_pylist(records), path)
-    result = run_cli("train", path, *TINY, *EXACT, "--max-steps", "1", "--out", tmp_path / "run", env=env)
+    args = [path, *TINY, *EXACT, "--max-steps", "1", "--seq-len", "9", "--out", tmp_path / "run"]
+    result = run_cli("train", *args, env=env)
     assert result.returncode == 0, result.stderr.decode()
-    assert "prompt-completion records, loss on the completions" in result.stderr.decode()
+    examples = encode_examples(path, PC)
+    cut = int((examples.split_tail(0.05)[0].lengths > 10).sum())
+    assert f"prompt-completion records, loss on the completions: {len(examples) - 1} training examples" in (
+        stderr := result.stderr.decode()
+    )
+    assert cut and f"1 held out; {cut} longer than a window of 10 tokens were cut" in stderr
+
+
+def test_the_held_out_split_takes_whole_examples(tmp_path):
+    examples = encode_examples(write_jsonl(tmp_path / "d.jsonl", sums(20)), PC)
+    train, val = examples.split_tail(0.2)
+    assert (len(train), len(val)) == (16, 4)
+    assert [val.example(i)[0].tolist() for i in range(4)] == [examples.example(16 + i)[0].tolist() for i in range(4)]
 
 
 def test_the_cache_key_holds_the_loss_setting(tmp_path):

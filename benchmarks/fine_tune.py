@@ -13,7 +13,7 @@
    `--loss-on all`; then held-out prompts (arrangements never trained on) are answered greedily and an answer counts
    when it is exactly the colour followed by <|endoftext|>.
 
-  python benchmarks/fine_tune.py                    # 400 steps each (a few minutes on 2 cores)
+  python benchmarks/fine_tune.py                    # 200 steps each (about 5 minutes a run on 2 idle cores)
   python benchmarks/fine_tune.py --steps 20 --examples 200 --held-out 20   # a quick check of the script
 """
 
@@ -161,10 +161,10 @@ def packing_cost(records: list[dict[str, str]], steps: int, seq_len: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400, help="training steps of each run")
-    parser.add_argument("--examples", type=int, default=4000)
-    parser.add_argument("--held-out", type=int, default=200)
-    parser.add_argument("--packing-steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=200, help="training steps of each run")
+    parser.add_argument("--examples", type=int, default=3000)
+    parser.add_argument("--held-out", type=int, default=100)
+    parser.add_argument("--packing-steps", type=int, default=10)
     parser.add_argument("--packing-seq-len", type=int, default=256, help="the window of the packing measurement")
     options = parser.parse_args()
     rng = random.Random(0)

@@ -251,6 +251,23 @@ class ChatTemplate:
         return get_tokenizer().encode(self.end_of_turn, allow_special=True)
 
 
+def reply_prefix(template: ChatTemplate) -> str:
+    """What a template writes between its generation prompt and an assistant's content (the default template: one
+    space). The model generates it before the reply; it is taken off the reply, so that a client that sends the
+    reply back in the next messages renders the conversation the model saw."""
+    probe = "gpt2cli-reply"
+    user = [{"role": "user", "content": "Hello."}]
+    try:
+        prompt = template.render(user, add_generation_prompt=True)
+        whole = template.render([*user, {"role": "assistant", "content": probe}])
+    except Exception:  # a template that cannot render this probe: keep replies as generated
+        return ""
+    if not whole.startswith(prompt) or probe not in whole[len(prompt) :]:
+        return ""
+    rest = whole[len(prompt) :]
+    return rest[: rest.index(probe)]
+
+
 def _overlap_mask(text: str, ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
     """1 for each token whose bytes overlap one of the character `spans` of `text`."""
     if not spans:

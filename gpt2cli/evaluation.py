@@ -12,17 +12,22 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gpt2cli.data.encoding import EncodeOptions, Source, encode_sources, parse_json_line
+from gpt2cli.data.examples import ExampleSet
 from gpt2cli.data.shards import is_shard, read_shard
 from gpt2cli.data.tokenizer import EOT_ID, Tokenizer
 from gpt2cli.errors import DataError, UsageError
-from gpt2cli.model.gpt2 import GPT2
+from gpt2cli.model.gpt2 import GPT2, IGNORE_INDEX
 from gpt2cli.runtime.devices import Precision
+
+if TYPE_CHECKING:
+    from gpt2cli.settings.sections import DataSettings
 
 LOSS_CHUNK_ROWS = 1024  # rows of logits computed at once
 
@@ -121,6 +126,71 @@ def evaluate_lm(
         ci95=_confidence_interval([value / count for value, count in window_losses]),
         windows=len(window_losses),
     )
+
+
+@torch.inference_mode()
+def evaluate_examples(
+    model: GPT2,
+    examples: ExampleSet,
+    precision: Precision,
+    context: int,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> LMResult:
+    """Masked loss and perplexity of fine-tuning examples: the mean over the targets that count (completions or
+    assistant turns), each example scored as alone (packed as training packs them: `training/packing.py`).
+
+    `windows` counts the packed rows; the interval is over the examples' own mean losses."""
+    from gpt2cli.training.packing import PackedRows
+
+    device = precision.device
+    rows = PackedRows(examples, context)
+    if rows.target_count(np.arange(len(rows))) == 0:
+        raise DataError("nothing to score: no example has a target that counts (a completion or an assistant turn)")
+    example_sums = np.zeros(len(examples))
+    example_counts = np.zeros(len(examples), dtype=np.int64)
+    for first in range(0, len(rows), batch_size):
+        indices = np.arange(first, min(len(rows), first + batch_size))
+        batch = rows.training_batch(indices, device)
+        counted = batch.targets != IGNORE_INDEX  # (B, T)
+        with precision.autocast():
+            hidden = model.hidden_states(batch.inputs, documents=batch.documents)[counted]  # (N, C)
+            losses = token_losses(model, hidden, batch.targets[counted]).cpu().numpy()
+        # Which example each scored target belongs to: the rows' members in order of their example numbers.
+        numbers = batch.documents[counted].cpu().numpy()
+        row_of = np.nonzero(counted.cpu().numpy())[0]
+        owners = np.array([rows.rows[indices[row]][number] for row, number in zip(row_of, numbers, strict=True)])
+        np.add.at(example_sums, owners, losses)
+        np.add.at(example_counts, owners, 1)
+        if on_progress is not None:
+            on_progress(int(indices[-1]) + 1, len(rows))
+    tokens = int(example_counts.sum())
+    mean = float(example_sums.sum()) / tokens
+    scored = example_counts > 0
+    return LMResult(
+        loss=mean,
+        perplexity=math.exp(mean),
+        bits_per_byte=None,
+        tokens=tokens,
+        ci95=_confidence_interval((example_sums[scored] / example_counts[scored]).tolist()),
+        windows=len(rows),
+    )
+
+
+def load_eval_examples(checkpoint: str | Path, paths: list[Path], kind: str, data: DataSettings) -> ExampleSet:
+    """The records of `paths` as examples to score, not cached (an evaluation set is read once). Messages are
+    rendered by `data.chat_template` (--chat-template), else the checkpoint's own template, else the default one."""
+    from gpt2cli.data.examples import MESSAGES, ExampleRecipe, encode_examples
+    from gpt2cli.formats.chat_template import ChatTemplate, read_chat_template
+
+    template = None
+    if kind == MESSAGES:
+        option = data.chat_template
+        template = ChatTemplate.from_option(option) if option else read_chat_template(checkpoint)
+        template = template or ChatTemplate.default()
+    recipe = ExampleRecipe(kind, data.loss_on, template)
+    recipe.check()
+    return ExampleSet.join([encode_examples(path, recipe, data.text_field) for path in paths])
 
 
 def _batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:

@@ -11,11 +11,14 @@ from gpt2cli.cli.options import (
     DATA,
     RUN,
     SPEED,
+    ChatTemplateOption,
     CheckpointArgument,
     ConfigOption,
     DeviceOption,
     DtypeOption,
+    FormatOption,
     JsonOption,
+    LossOnOption,
     SectionSetting,
     TextFieldOption,
     overrides,
@@ -45,6 +48,9 @@ def command(
     batch_size: Annotated[int | None, _e("batch_size")] = None,
     limit: Annotated[int | None, _e("limit")] = None,
     text_field: TextFieldOption = None,
+    data_format: FormatOption = None,
+    loss_on: LossOnOption = None,
+    chat_template: ChatTemplateOption = None,
     device: DeviceOption[EvalSettings] = None,
     dtype: DtypeOption[EvalSettings] = None,
     quantize: Annotated[Quantize | None, _e("quantize", SPEED)] = None,
@@ -60,18 +66,29 @@ def command(
     """
     from gpt2cli.settings.sections import load_settings
 
-    # `data` here is the input files, not DataSettings' `paths`: only text_field is a data setting.
-    settings = load_settings(config, overrides(locals(), eval=EvalSettings, data=DataSettings))
+    # `data` here is the input files, not DataSettings' `paths`: text_field, format, loss_on and chat_template are
+    # the data settings.
+    settings = load_settings(
+        config, overrides({**locals(), "format": data_format}, eval=EvalSettings, data=DataSettings)
+    )
     run_evaluation(checkpoint, data, settings, json_output)
 
 
 def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output: bool) -> None:
     from gpt2cli.cli.output import info
     from gpt2cli.data.encoding import EncodeOptions
+    from gpt2cli.data.examples import EXAMPLE_FORMATS, data_format
     from gpt2cli.data.inputs import resolve_inputs
     from gpt2cli.data.tokenizer import get_tokenizer
     from gpt2cli.errors import UsageError
-    from gpt2cli.evaluation import evaluate_lm, evaluate_multiple_choice, load_eval_tokens, read_multiple_choice
+    from gpt2cli.evaluation import (
+        evaluate_examples,
+        evaluate_lm,
+        evaluate_multiple_choice,
+        load_eval_examples,
+        load_eval_tokens,
+        read_multiple_choice,
+    )
     from gpt2cli.generation.loading import load_inference_model
     from gpt2cli.runtime.devices import resolve_device, resolve_precision
 
@@ -98,11 +115,18 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
             examples = read_multiple_choice(data[0], options.limit)
             result = evaluate_multiple_choice(model, get_tokenizer(), examples, precision, advance).as_dict()
         else:
-            files = [str(path) for path in resolve_inputs(data)]  # folders and globs of shards or Parquet files
-            text = load_eval_tokens(files, EncodeOptions.from_settings(settings.data), options.max_tokens)
-            result = evaluate_lm(
-                model, text.streams, precision, context, stride, options.batch_size, text.text_bytes, advance
-            ).as_dict()
+            paths = resolve_inputs(data)  # folders and globs of shards or Parquet files
+            kind = data_format(paths, settings.data.format, settings.data.text_field)
+            if kind in EXAMPLE_FORMATS:  # fine-tuning records: the loss on the completions or assistant turns
+                examples = load_eval_examples(checkpoint, paths, kind, settings.data)
+                result = evaluate_examples(model, examples, precision, context, options.batch_size, advance).as_dict()
+                result.update(format=kind, loss_on=settings.data.loss_on, examples=len(examples))
+            else:
+                files = [str(path) for path in paths]
+                text = load_eval_tokens(files, EncodeOptions.from_settings(settings.data), options.max_tokens)
+                result = evaluate_lm(
+                    model, text.streams, precision, context, stride, options.batch_size, text.text_bytes, advance
+                ).as_dict()
     if options.quantize != "none":
         result["quantize"] = summary.as_dict()
     if json_output:
@@ -110,6 +134,13 @@ def run_evaluation(checkpoint: str, data: list[str], settings: Any, json_output:
     else:
         label = precision.name + ("" if options.quantize == "none" else f", {summary.describe()}")
         _print_table(result, checkpoint, options.task, context, stride, label)
+
+
+def _scored(result: dict[str, Any]) -> str:
+    """What the loss is over, for fine-tuning records."""
+    if "format" not in result or result["loss_on"] == "all":
+        return ""
+    return " (completions only)" if result["format"] == "prompt-completion" else " (assistant turns only)"
 
 
 def _print_table(result: dict[str, Any], checkpoint: str, task: str, context: int, stride: int, dtype: str) -> None:
@@ -126,7 +157,7 @@ def _print_table(result: dict[str, Any], checkpoint: str, task: str, context: in
     else:
         ci = result["ci95"]
         rows = [
-            ("loss (nats/token)", f"{result['loss']:.4f}"),
+            ("loss (nats/token)", f"{result['loss']:.4f}" + _scored(result)),
             ("perplexity", f"{result['perplexity']:.3f}" if math.isfinite(result["perplexity"]) else "inf"),
             ("bits per byte", f"{result['bits_per_byte']:.4f}" if result["bits_per_byte"] is not None else "-"),
             ("tokens scored", f"{result['tokens']:,}"),

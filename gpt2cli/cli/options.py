@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from gpt2cli.model.presets import PresetName
 from gpt2cli.settings.sections import DataSettings, ModelSettings
-from gpt2cli.settings.types import CONFIG_ENV_VAR, DEVICE_KINDS
+from gpt2cli.settings.types import CONFIG_ENV_VAR, DEVICE_KINDS, DataFormat, LossOn
 
 # The panels `--help` groups options into.
 MODEL, DATA, OPTIMIZER, SCHEDULE = "Model", "Data", "Optimizer", "Schedule"
@@ -154,6 +154,10 @@ BlockSizeOption = Annotated[int | None, setting(ModelSettings, "block_size", pan
 
 # The text inputs' flag of the commands that read .jsonl (tokenize, train, eval).
 TextFieldOption = Annotated[str | None, setting(DataSettings, "text_field", panel=DATA)]
+# The fine-tuning records' flags of the commands that read them (train, eval).
+FormatOption = Annotated[DataFormat | None, setting(DataSettings, "format", "--format", panel=DATA)]
+LossOnOption = Annotated[LossOn | None, setting(DataSettings, "loss_on", panel=DATA)]
+ChatTemplateOption = Annotated[str | None, setting(DataSettings, "chat_template", panel=DATA)]
 
 
 def profile_help(profile: Mapping[str, Mapping[str, Any]]) -> str:

@@ -19,11 +19,14 @@ from gpt2cli.cli.options import (
     SCHEDULE,
     SPEED,
     BlockSizeOption,
+    ChatTemplateOption,
     CompileOption,
     ConfigOption,
     DeviceOption,
     DtypeOption,
+    FormatOption,
     JsonOption,
+    LossOnOption,
     NEmbdOption,
     NHeadOption,
     NLayerOption,
@@ -47,8 +50,8 @@ def command(
         list[str] | None,
         typer.Argument(
             metavar="DATA",
-            help="Text, .jsonl, .gz or .parquet files, llm.c .bin shards, folders of shards (*_val_* left out) or "
-            "of .parquet files, or quoted globs. "
+            help="Text, .jsonl, .gz or .parquet files (text, prompt-completion or messages records), llm.c .bin "
+            "shards, folders of shards (*_val_* left out) or of .parquet files, or quoted globs. "
             "None: the bundled Shakespeare corpus with a small model (the default run).",
             show_default=False,
         ),
@@ -66,6 +69,9 @@ def command(
     seq_len: Annotated[int | None, _t("seq_len", DATA)] = None,
     total_batch_tokens: Annotated[int | None, _t("total_batch_tokens", DATA)] = None,
     text_field: TextFieldOption = None,
+    data_format: FormatOption = None,
+    loss_on: LossOnOption = None,
+    chat_template: ChatTemplateOption = None,
     optimizer: Annotated[OptimizerName | None, _t("optimizer", OPTIMIZER)] = None,
     lr: Annotated[float | None, _t("lr", OPTIMIZER)] = None,
     muon_lr: Annotated[float | None, _t("muon_lr", OPTIMIZER)] = None,
@@ -114,7 +120,9 @@ def command(
     With no DATA it trains a small model on the bundled Shakespeare corpus (about six minutes on two CPU cores;
     Muon with AdamW, warmup-stable-decay) and prints the command that samples from it.
     """
-    flags = overrides({**locals(), "paths": data}, model=ModelSettings, data=DataSettings, train=TrainSettings)
+    flags = overrides(
+        {**locals(), "paths": data, "format": data_format}, model=ModelSettings, data=DataSettings, train=TrainSettings
+    )
     run_training_command(config, flags, json_output)
 
 

@@ -126,3 +126,11 @@ def _split(column: Any, path: str, batch_bytes: int, pa: Any) -> Iterator[Docume
             path, data_buffer[begin:end].to_pybytes(), offsets[first : last + 1].astype(np.int64) - begin
         )
         first = last
+
+
+def parquet_records(path: str) -> Iterator[dict[str, Any]]:
+    """Every row of a Parquet file as a dict of Python values (lists of structs become lists of dicts): fine-tuning
+    records, which are few and small next to pretraining text."""
+    parquet = _open(path)
+    for record_batch in parquet.iter_batches(batch_size=ROWS_PER_READ, use_threads=False):
+        yield from record_batch.to_pylist()

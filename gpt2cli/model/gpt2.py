@@ -71,6 +71,25 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
 
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its example `(B, T)`, for example numbers `documents` `(B, T)` (runs of one
+    value, increasing along a row)."""
+    T = documents.size(1)
+    index = torch.arange(T, device=documents.device).expand_as(documents)  # (B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]  # (B, T): True at an example's first token
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): where each token's example starts
+    return index - first
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """`(B, 1, T, T)` True where a query may attend to a key: causal and within the same example (block-diagonal)."""
+    T = documents.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()  # (T, T)
+    same = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
 class KVCache:
     """Static, preallocated keys and values of every layer for `batch_size` rows (gpt-fast's design).
 
@@ -136,14 +155,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape  # batch, time (sequence length), channels (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cached is None:
+        if cached is None and mask is None:
             y = attention(q, k, v, dropout=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        elif cached is None:  # packed examples: causal within each example only (`document_mask`)
+            y = attention(q, k, v, mask=mask, causal=False, dropout=self.dropout if self.training else 0.0)
         else:  # generation: the new tokens attend to the row's cached ones through the call's mask
             k, v = cached.update(layer, k, v)  # (B, nh, L, hs)
             y = attention(q, k, v, mask=cached.mask, causal=False)  # (B, nh, T, hs)
@@ -179,15 +202,19 @@ class Block(nn.Module):
         # too, and FSDP2's unit around the block has gathered its weights when the recomputation runs.
         self.checkpointed = False
 
-    def forward(self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.checkpointed and cached is None and torch.is_grad_enabled():
             # Non-reentrant: it gives gradients to parameters even when the block's input needs none (LoRA's
             # frozen embeddings), and torch.compile traces it; dropout's masks are replayed (the RNG state is kept).
-            return torch.utils.checkpoint.checkpoint(self._residual_branches, x, use_reentrant=False)
-        return self._residual_branches(x, cached, layer)
+            return torch.utils.checkpoint.checkpoint(self._residual_branches, x, None, 0, mask, use_reentrant=False)
+        return self._residual_branches(x, cached, layer, mask)
 
-    def _residual_branches(self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cached, layer)  # (B, T, C)
+    def _residual_branches(
+        self, x: torch.Tensor, cached: CachedCall | None = None, layer: int = 0, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cached, layer, mask)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -257,29 +284,38 @@ class GPT2(nn.Module):
         for block in self.transformer.h:
             block.checkpointed = enabled
 
-    def hidden_states(self, idx: torch.Tensor, tok_emb: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, tok_emb: torch.Tensor | None = None, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The final LayerNorm's output `(B, T, C)` for token ids `(B, T)`: everything before the output projection.
 
         `tok_emb` `(B, T, C)` replaces the token-embedding lookup (training passes its own: `training/loss.py`).
+        `documents` `(B, T)` numbers the examples packed into each row (consecutive runs of one value): each token
+        then attends only within its example and counts positions from its example's start, as it would alone.
         """
         if idx.dim() != 2:
             raise UsageError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         if idx.size(1) > self.config.block_size:
             raise UsageError(f"sequence of {idx.size(1)} tokens is longer than the block size {self.config.block_size}")
-        pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+        mask = None
+        if documents is None:
+            pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            pos, mask = document_positions(documents), document_mask(documents)  # (B, T), (B, 1, T, T)
         if tok_emb is None:
             tok_emb = self.transformer.wte(idx)  # (B, T, C)
         x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)  # (B, T, C)
+            x = block(x, mask=mask)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, documents: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits `(B, T, vocab)` for token ids `idx` `(B, T)`; with `targets` `(B, T)`, also the mean cross-entropy
-        (targets equal to -1 are ignored). Training computes its loss without the logits: `training/loss.py`."""
-        x = self.hidden_states(idx)  # (B, T, C)
+        (targets equal to -1 are ignored). Training computes its loss without the logits: `training/loss.py`.
+        `documents`: packed examples kept apart, as in `hidden_states`."""
+        x = self.hidden_states(idx, documents=documents)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None

@@ -36,10 +36,12 @@ from gpt2cli.settings.sources import read_config_file
 from gpt2cli.settings.types import (
     CONFIG_ENV_VAR,
     CompileMode,
+    DataFormat,
     Device,
     Dtype,
     EncodingErrors,
     GroupSize,
+    LossOn,
     MuonAdjustLr,
     OptimizerName,
     OutputFormat,
@@ -135,6 +137,21 @@ class DataSettings(Section):
     allow_special: bool = Field(False, description="Encode '<|endoftext|>' in the text as the special token 50256.")
     cache_dir: str | None = Field(
         None, description="Where tokenized text is cached (default: $XDG_CACHE_HOME/gpt2cli or ~/.cache/gpt2cli)."
+    )
+    format: DataFormat = Field(
+        "auto",
+        description="Records of .jsonl/.parquet files: text (a text field), prompt-completion (prompt and completion "
+        "fields) or messages (a list of role/content turns); auto: from the records' fields.",
+    )
+    loss_on: LossOn = Field(
+        "completion",
+        description="Fine-tuning records: the loss on the completions (prompt-completion) or the assistant turns "
+        "(messages) only, or on all tokens.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template FILE (or 'default') rendering messages records; default: the one "
+        "--init-from carries, else the built-in one.",
     )
 
 

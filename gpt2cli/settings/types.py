@@ -21,6 +21,8 @@ OptimizerName = Literal["adamw", "muon"]
 MuonAdjustLr = Literal["original", "match_rms_adamw"]
 Quantize = Literal["none", "int8", "int4"]
 Task = Literal["lm", "hellaswag"]
+DataFormat = Literal["auto", "text", "prompt-completion", "messages"]  # TRL's dataset formats
+LossOn = Literal["completion", "all"]  # completion: the completion, or the assistant turns; all: every token
 
 
 # int4's group sizes (input features per scale and zero point); an int rather than a Literal of ints, because

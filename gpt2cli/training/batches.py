@@ -14,6 +14,23 @@ import torch
 from gpt2cli.runtime.devices import device_rules
 
 
+@dataclass
+class Batch:
+    """One micro-batch: inputs and targets `(B, T)` (IGNORE_INDEX where a target does not count) and, for packed
+    examples, each token's example number in its row `(B, T)` (None: one text runs through the whole row)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    documents: torch.Tensor | None = None
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device_rules(device).pin_memory:
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class Windows:
     """Non-overlapping windows of `seq_len + 1` tokens (inputs and shifted targets) over a list of segments."""
 
@@ -33,12 +50,15 @@ class Windows:
         for row, (window, segment) in enumerate(zip(indices, segment_of, strict=True)):
             offset = (int(window) - int(self.starts[segment])) * self.seq_len
             rows[row] = self.segments[segment][offset : offset + self.seq_len + 1]
-        tensor = torch.from_numpy(rows)
-        if device_rules(device).pin_memory:
-            tensor = tensor.pin_memory().to(device, non_blocking=True)
-        else:
-            tensor = tensor.to(device)
+        tensor = to_device(rows, device)
         return tensor[:, :-1], tensor[:, 1:]
+
+    def training_batch(self, indices: np.ndarray, device: torch.device) -> Batch:
+        return Batch(*self.batch(indices, device))
+
+    def target_count(self, indices: np.ndarray) -> int:
+        """Targets that count in these windows: all of them."""
+        return len(indices) * self.seq_len
 
 
 @dataclass

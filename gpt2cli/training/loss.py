@@ -152,6 +152,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype,
         kernel: BlockKernel,
         tied: TiedGradient | None,
+        normalizer: float | None,
     ) -> torch.Tensor:
         rows, vocab = hidden.size(0), weight.size(0)
         block = _block_rows(rows, vocab)
@@ -162,7 +163,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hidden_c = hidden.to(compute_dtype)
             weight_t = _transposed(weight, compute_dtype)  # (C, V): the layout the logits product streams fastest
             valid = (targets != IGNORE_INDEX).to(torch.float32)  # the rows' weights w: 1, or 0 if ignored
-            inverse_count = 1.0 / valid.sum().clamp(min=1.0)  # the mean, applied in float32 (see the kernels)
+            # The mean, applied in float32 (see the kernels): over these rows, or over a whole step's (`normalizer`;
+            # filled on the device, not copied from the host, which could wait for the GPU).
+            if normalizer is None:
+                inverse_count = 1.0 / valid.sum().clamp(min=1.0)
+            else:
+                inverse_count = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=hidden.device)
             safe_targets = targets.clamp(min=0)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             softmax_hidden = torch.empty_like(hidden_c) if needs_grad else None  # Σ_v softmax·w · W[v], (N, C)
@@ -212,8 +218,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         tied: TiedGradient | None = ctx.tied  # type: ignore[attr-defined]
         if tied is not None:  # the embedding's backward adds its rows and hands the sum to autograd
             tied.grad_weight = grad_weight
-            return grad_hidden, None, None, None, None, None
-        return grad_hidden, grad_weight, None, None, None, None
+            return grad_hidden, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -223,11 +229,14 @@ def fused_linear_cross_entropy(
     compute_dtype: torch.dtype | None = None,
     compiled: bool = False,
     tied: TiedGradient | None = None,
+    normalizer: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (-1 ignored), without storing the logits.
 
     `hidden` is (N, C), `weight` (V, C), `targets` (N,). `compute_dtype` defaults to the autocast dtype when
     autocast is on, else the hidden states' dtype. `tied` links the gradient to a `tied_embedding` of `weight`.
+    `normalizer`: divide the summed loss by this instead of the count of targets here (a step's mean over all of its
+    micro-batches and processes; 1 gives the sum).
     """
     if compute_dtype is None:
         device_type = hidden.device.type
@@ -235,7 +244,7 @@ def fused_linear_cross_entropy(
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast_on else hidden.dtype
     kernel = block_kernel(compiled)
     try:
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, kernel, tied)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, kernel, tied, normalizer)
     except Exception as error:
         # Only a compiler that cannot build the kernel (no C++ compiler on the CPU, no Triton) falls back; anything
         # else, out-of-memory first of all, is the caller's to see (`gpt2 bench` reports it as OOM).
@@ -246,7 +255,9 @@ def fused_linear_cross_entropy(
         )
         global _compiled_kernel, compiled_kernel_failure
         _compiled_kernel, compiled_kernel_failure = cross_entropy_block, compiler_failure(error)
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, cross_entropy_block, tied)
+        return _FusedLinearCrossEntropy.apply(
+            hidden, weight, targets, compute_dtype, cross_entropy_block, tied, normalizer
+        )
 
 
 # Why the compiled loss kernel fell back to the eager one in this process (None: it did not). Results that say
@@ -272,15 +283,26 @@ class TrainingModel(nn.Module):
         self.model = model
         self.compiled_loss = compiled_loss  # the loss kernel compiled by torch.compile (with --compile)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The mean cross-entropy of the next tokens `targets` `(B, T)` (-1 ignored) after `idx` `(B, T)`."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        documents: torch.Tensor | None = None,
+        normalizer: float | None = None,
+    ) -> torch.Tensor:
+        """The mean cross-entropy of the next tokens `targets` `(B, T)` (-1 ignored) after `idx` `(B, T)`.
+
+        `documents` `(B, T)`: the packed examples of each row, kept apart (`GPT2.hidden_states`). `normalizer`: the
+        summed loss is divided by it instead of by the count of targets here (see `fused_linear_cross_entropy`)."""
         model = self.model
         wte = model.transformer.wte
         tied_and_trained = model.lm_head.weight is wte.weight and wte.weight.requires_grad
         tied = TiedGradient() if tied_and_trained else None
         tok_emb = wte(idx) if tied is None else tied_embedding(idx, wte.weight, tied)  # (B, T, C)
-        x = model.hidden_states(idx, tok_emb=tok_emb)  # (B, T, C)
+        x = model.hidden_states(idx, tok_emb=tok_emb, documents=documents)  # (B, T, C)
         flat = x.view(-1, x.size(-1))  # (B*T, C)
         # Evaluation (no gradient) keeps the eager kernel: no second compilation for a few calls.
         compiled = self.compiled_loss and torch.is_grad_enabled()
-        return fused_linear_cross_entropy(flat, model.lm_head.weight, targets.reshape(-1), compiled=compiled, tied=tied)
+        return fused_linear_cross_entropy(
+            flat, model.lm_head.weight, targets.reshape(-1), compiled=compiled, tied=tied, normalizer=normalizer
+        )

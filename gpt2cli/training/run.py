@@ -131,24 +131,41 @@ def _train(
     should_stop: Callable[[], bool],
 ) -> TrainingSummary:
     from gpt2cli.data.encoding import EncodeOptions
-    from gpt2cli.data.inputs import bundled_corpus, load_token_data
+    from gpt2cli.data.examples import EXAMPLE_FORMATS, ExampleData, ExampleRecipe, data_format, load_example_data
+    from gpt2cli.data.inputs import TokenData, bundled_corpus, load_token_data, resolve_inputs
+    from gpt2cli.formats.chat_template import chat_template_metadata
     from gpt2cli.runtime.devices import resolve_precision
     from gpt2cli.runtime.files import default_cache_dir
     from gpt2cli.training.run_folder import RunFolder
-    from gpt2cli.training.setup import prepare_trainer, with_absolute_paths
+    from gpt2cli.training.setup import prepare_trainer, run_chat_template, with_absolute_paths
 
     precision = resolve_precision(settings.train.dtype, device)
     bundled = not settings.data.paths  # the default run: the corpus shipped with the package
     started = time.perf_counter()
-    data = load_token_data(
-        [str(bundled_corpus())] if bundled else settings.data.paths,
-        settings.train.val_data,
-        settings.train.val_fraction,
-        EncodeOptions.from_settings(settings.data),
-        Path(settings.data.cache_dir) if settings.data.cache_dir else default_cache_dir(),
-        settings.data.workers,
-        warn=lambda message: report("warning", {"message": message}),
-    )
+    train_patterns = [str(bundled_corpus())] if bundled else settings.data.paths
+    train_paths = resolve_inputs(train_patterns, skip_val_shards=True)
+    val_paths = resolve_inputs(settings.train.val_data) if settings.train.val_data else []
+    text_field = settings.data.text_field
+    kind = data_format(train_paths + val_paths, settings.data.format, text_field)
+    template = run_chat_template(settings, kind)
+    cache_dir = Path(settings.data.cache_dir) if settings.data.cache_dir else default_cache_dir()
+    warn = lambda message: report("warning", {"message": message})  # noqa: E731
+    data: TokenData | ExampleData
+    if kind in EXAMPLE_FORMATS:
+        recipe = ExampleRecipe(kind, settings.data.loss_on, template)
+        data = load_example_data(
+            train_paths, val_paths, settings.train.val_fraction, recipe, cache_dir, text_field, warn
+        )
+    else:
+        data = load_token_data(
+            train_patterns,
+            settings.train.val_data,
+            settings.train.val_fraction,
+            EncodeOptions.from_settings(settings.data),
+            cache_dir,
+            settings.data.workers,
+            warn=warn,
+        )
     settings = with_absolute_paths(settings, out)  # once found: errors name the paths as given
     if world.is_main:
         report(
@@ -160,6 +177,7 @@ def _train(
                 "bundled": bundled,
                 "load_s": time.perf_counter() - started,
                 "processes": world.world_size,
+                "format": kind,
             },
         )
     # One writer per run folder: rank 0 holds its lock from before the first file is touched until the process ends.
@@ -175,6 +193,7 @@ def _train(
             world=world,
             report=report,
             should_stop=lambda: interrupt.requested() or should_stop(),
+            model_metadata=chat_template_metadata(template),
         )
         try:
             return trainer.run()

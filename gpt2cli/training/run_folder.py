@@ -76,6 +76,7 @@ class RunFolder:
         self.metrics = path / "metrics.jsonl"
         self.model_file = path / "model.safetensors"
         self.trackers = Trackers()  # none until `start_trackers`
+        self.model_metadata: dict[str, str] = {}  # extra metadata of each checkpoint's weights (a chat template)
 
     # ------------------------------------------------------------ the one writer
 
@@ -282,7 +283,7 @@ class RunFolder:
             if adapters is None:
                 _link_or_copy(folder / "model.safetensors", self.model_file)
             else:  # the merged model: a link into a checkpoint holding only adapters could not be it
-                write_checkpoint(model_tensors, config, self.model_file)
+                write_checkpoint(model_tensors, config, self.model_file, metadata=self.model_metadata)
                 if keep_adapters:
                     _link_or_copy(folder / ADAPTERS, self.path / ADAPTERS)
         self.prune(keep, newest=name)
@@ -303,7 +304,7 @@ class RunFolder:
         try:
             staging.mkdir(parents=True)
             if model_tensors is not None:
-                write_checkpoint(model_tensors, config, staging / "model.safetensors")
+                write_checkpoint(model_tensors, config, staging / "model.safetensors", metadata=self.model_metadata)
             if adapters is not None:
                 save_file(adapters, staging / ADAPTERS, metadata={"format": "pt"})
             save_file(moments, staging / "optimizer.safetensors")

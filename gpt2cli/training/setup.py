@@ -14,9 +14,11 @@ from typing import Any, Literal
 
 import torch
 
+from gpt2cli.data.examples import MESSAGES, ExampleData
 from gpt2cli.data.inputs import TokenData
 from gpt2cli.errors import DataError, UsageError
 from gpt2cli.evaluation import read_multiple_choice
+from gpt2cli.formats.chat_template import ChatTemplate, read_chat_template
 from gpt2cli.formats.checkpoint import load_model
 from gpt2cli.model.gpt2 import GPT2, GPT2Config
 from gpt2cli.runtime.compile import choose_compile, compile_blocks, keep_compiled_code
@@ -29,6 +31,7 @@ from gpt2cli.training.lora import LoraRun, prepare_lora
 from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.memory import check_training_memory
 from gpt2cli.training.optim import Optimizer, build_muon, build_optimizer, load_optimizer_tensors, muon_available
+from gpt2cli.training.packing import PackedRows
 from gpt2cli.training.plan import plan_run
 from gpt2cli.training.run_folder import RunFolder, restore_rng
 from gpt2cli.training.trainer import Progress, Report, Trainer
@@ -52,13 +55,30 @@ def resolve_settings(config: str | os.PathLike[str] | None, flags: Mapping[str, 
     return load_settings(config, flags, profile=None if probe.data.paths else DEFAULT_RUN)
 
 
+def run_chat_template(settings: Settings, data_format: str) -> ChatTemplate | None:
+    """The chat template a run renders with and its checkpoints carry: --chat-template, else the one --init-from
+    carries, else (messages records) the built-in one; None for a run that has none to carry."""
+    option = settings.data.chat_template
+    if option is not None:
+        return ChatTemplate.from_option(option)
+    carried = read_chat_template(settings.train.init_from) if settings.train.init_from else None
+    if carried is not None:
+        return carried
+    return ChatTemplate.default() if data_format == MESSAGES else None
+
+
 def with_absolute_paths(settings: Settings, out: Path) -> Settings:
     """The settings the run saves: input paths and the run folder absolute, so a resume finds them anywhere."""
     data, train = settings.data, settings.train
     init_from = None if train.init_from is None else os.path.abspath(train.init_from)
     return settings.model_copy(
         update={
-            "data": data.model_copy(update={"paths": [os.path.abspath(path) for path in data.paths]}),
+            "data": data.model_copy(
+                update={
+                    "paths": [os.path.abspath(path) for path in data.paths],
+                    "chat_template": _absolute_template(data.chat_template),
+                }
+            ),
             "train": train.model_copy(
                 update={
                     "val_data": [os.path.abspath(path) for path in train.val_data],
@@ -69,6 +89,11 @@ def with_absolute_paths(settings: Settings, out: Path) -> Settings:
             ),
         }
     )
+
+
+def _absolute_template(option: str | None) -> str | None:
+    """A --chat-template FILE made absolute; `default` (the built-in template) and None as they are."""
+    return option if option in (None, "default") else os.path.abspath(option)  # type: ignore[arg-type]
 
 
 def _with_saved_schedule(settings: Settings, state: dict[str, Any]) -> Settings:
@@ -115,14 +140,17 @@ def build_model(
 
 def prepare_trainer(
     settings: Settings,
-    data: TokenData,
+    data: TokenData | ExampleData,
     out: Path,
     precision: Precision,
     world: World | None = None,
     report: Report | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    model_metadata: dict[str, str] | None = None,
 ) -> Trainer:
-    """Check the run, then build (or restore) everything it trains with. A refused run leaves nothing behind."""
+    """Check the run, then build (or restore) everything it trains with. A refused run leaves nothing behind.
+
+    `model_metadata`: extra safetensors metadata of every checkpoint's weights (the chat template the run used)."""
     world = world or World()
     device = precision.device
     folder = RunFolder(out)
@@ -138,7 +166,14 @@ def prepare_trainer(
     model = build_model(settings, device, resume_from, lora, precision)
     seq_len = train.seq_len or model.config.block_size
     # Built once here and handed to the Trainer: the plan, the sampler and the loop read the same windows.
-    train_windows, val_windows = Windows(data.train, seq_len), Windows(data.val, seq_len)
+    train_windows: Windows | PackedRows
+    val_windows: Windows | PackedRows
+    if isinstance(data, ExampleData):
+        train_windows, val_windows = PackedRows(data.train, seq_len), PackedRows(data.val, seq_len)
+        if report is not None and world.is_main:
+            report("notice", {"message": packing_summary(data, train_windows, val_windows)})
+    else:
+        train_windows, val_windows = Windows(data.train, seq_len), Windows(data.val, seq_len)
     plan = plan_run(train, model.config, len(train_windows), world.world_size)
     if data.val and len(val_windows) == 0:
         raise DataError(
@@ -166,6 +201,7 @@ def prepare_trainer(
     settings = settings.model_copy(update={"train": train.model_copy(update={"compile": compiled})})
     if world.is_main:
         folder.open_for_writing(new=resume_from is None)  # only once everything checked out
+    folder.model_metadata = model_metadata or {}  # in every checkpoint's model.safetensors (the chat template)
 
     if compiled:
         keep_compiled_code()
@@ -286,6 +322,24 @@ def _grad_scaler(device: torch.device, sharded: bool) -> torch.amp.GradScaler:
 
         return ShardedGradScaler(device.type)
     return torch.amp.GradScaler(device.type)
+
+
+def loss_scope(data_format: str, loss_on: str) -> str:
+    """What the loss of a fine-tune is over, in words."""
+    if loss_on == "all":
+        return "loss on all tokens"
+    return "loss on the completions" if data_format != MESSAGES else "loss on the assistant turns"
+
+
+def packing_summary(data: ExampleData, train: PackedRows, val: PackedRows) -> str:
+    """The start-up line of a fine-tune: examples, rows, fill, and the examples cut to fit a window."""
+    cut = train.cut + val.cut
+    return (
+        f"{data.recipe.format} records, {loss_scope(data.recipe.format, data.recipe.loss_on)}: "
+        f"{len(data.train):,} training examples packed into "
+        f"{len(train):,} windows ({train.fill:.0%} filled), {len(data.val):,} held out; "
+        + (f"{cut:,} longer than a window of {train.seq_len + 1} tokens were cut" if cut else "none cut")
+    )
 
 
 def _shape(config: GPT2Config) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2cli.data.examples import ExampleData
 from gpt2cli.data.inputs import TokenData
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.model import flops
@@ -40,6 +41,7 @@ from gpt2cli.training.lora import LoraRun
 from gpt2cli.training.loss import TrainingModel
 from gpt2cli.training.memory import NotEnoughMemory, out_of_memory_message
 from gpt2cli.training.optim import Optimizer, clip_gradients, clip_gradients_on_device, optimizer_tensors
+from gpt2cli.training.packing import PackedRows
 from gpt2cli.training.plan import RunPlan
 from gpt2cli.training.run_folder import RunFolder, gather_model_state, rng_state
 
@@ -106,9 +108,9 @@ class Trainer:
         self,
         *,
         settings: Settings,
-        data: TokenData,
-        train_windows: Windows,
-        val_windows: Windows,
+        data: TokenData | ExampleData,
+        train_windows: Windows | PackedRows,
+        val_windows: Windows | PackedRows,
         plan: RunPlan,
         model: GPT2,
         trained: torch.nn.Module,
@@ -127,7 +129,8 @@ class Trainer:
         self.settings = settings
         self.train_settings = settings.train
         self.data = data
-        self.train_windows = train_windows  # over data.train and data.val, windows of plan.seq_len tokens
+        # Over data.train and data.val, windows of plan.seq_len tokens (fine-tuning examples: packed rows).
+        self.train_windows = train_windows
         self.val_windows = val_windows
         self.plan = plan
         self.model = model  # the GPT2 itself: its parameter names are the checkpoint's
@@ -242,21 +245,26 @@ class Trainer:
         windows = self.sampler.take(plan.windows_per_step)  # the global batch: the same on every rank
         loss_sum = torch.zeros((), device=self.device)
         world = self.world
+        # The step's loss is the mean over every target that counts in it, on all micro-batches and ranks, so a
+        # token weighs the same however the step is split. Each rank divides its summed loss by the step's count
+        # (known everywhere: every rank draws the same global batch) over world_size, as DDP and FSDP average the
+        # ranks' gradients.
+        normalizer = max(1, self.train_windows.target_count(windows)) / world.world_size
         if world.distributed and self.model.config.dropout > 0:
             # Each rank its own dropout masks (one seed would drop the same units of every rank's slice), derived
             # from the step so that a resumed run draws the masks the uninterrupted one did.
             torch.manual_seed(dropout_seed(self.train_settings.seed, self.progress.step, world.rank))
         for micro in range(plan.grad_accum):
             first = (micro * world.world_size + world.rank) * plan.batch_size  # this rank's slice of the micro-step
-            inputs, targets = self.train_windows.batch(windows[first : first + plan.batch_size], self.device)
+            batch = self.train_windows.training_batch(windows[first : first + plan.batch_size], self.device)
             # Gradients are exchanged once per step, on the last micro-step; earlier ones accumulate locally.
             with gradient_sync(self.trained, enabled=micro == plan.grad_accum - 1):
                 with self.precision.autocast():
-                    loss = self.trained(inputs, targets)  # hidden states and the fused loss (training/loss.py)
-                scaled = loss / plan.grad_accum  # the step's loss is the mean over its micro-batches
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    # hidden states and the fused loss (training/loss.py): this micro-batch's share of the step's mean
+                    loss = self.trained(batch.inputs, batch.targets, batch.documents, normalizer)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
-        loss_sum = mean_across(loss_sum, world)
+        loss_sum = mean_across(loss_sum, world)  # each rank's share was scaled by world_size: the step's mean
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         parameters, max_norm = list(self.model.parameters()), self.train_settings.grad_clip or math.inf
@@ -265,13 +273,13 @@ class Trainer:
             # A non-finite step is still caught here, before anything is saved.
             norm = clip_gradients_on_device(parameters, max_norm)
             self._optimizer_step()
-            loss_value, norm_value = torch.stack([loss_sum / plan.grad_accum, norm.float()]).tolist()
+            loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()
             self._check_finite(loss_value, norm_value)
         else:
             # The CPU computes in order anyway: reading the norm first skips the clipping pass when it is below the
             # limit, and a non-finite step is refused before the update.
             norm_value = clip_gradients(parameters, max_norm)
-            loss_value = (loss_sum / plan.grad_accum).item()
+            loss_value = loss_sum.item()
             self._check_finite(loss_value, norm_value)
             self._optimizer_step()
         return loss_value, norm_value, lr
@@ -295,7 +303,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first `eval_tokens` of the validation data (the same windows every time).
+        """Mean loss over the first `eval_tokens` of the validation data (the same windows every time), over every
+        target that counts (fine-tuning examples: the completions or assistant turns).
 
         Under torchrun the windows are shared out across ranks. Every rank runs the same number of forward passes
         (FSDP gathers weights collectively); a rank with no windows left scores one with weight zero."""
@@ -306,19 +315,19 @@ class Trainer:
         for start in range(0, count, batch * world.world_size):
             first = start + world.rank * batch
             indices = np.arange(first, min(count, first + batch))
-            weight = len(indices)
+            weight = 1.0 if len(indices) else 0.0
             if weight == 0:
                 indices = np.arange(1)
-            inputs, targets = self.val_windows.batch(indices, self.device)
-            with self.precision.autocast():
-                loss = self.loss_model(inputs, targets)
+            scored = self.val_windows.training_batch(indices, self.device)
+            with self.precision.autocast():  # summed (normalizer 1): the mean is over every target that counts
+                loss = self.loss_model(scored.inputs, scored.targets, scored.documents, 1.0)
             total += loss.item() * weight
-            seen += weight
+            seen += self.val_windows.target_count(indices) * weight
         self.model.train()
         if world.distributed:
             totals = torch.tensor([total, seen], dtype=torch.float64, device=self.device)
             total, seen = sum_across(totals, world).tolist()
-        return total / seen
+        return total / max(seen, 1)
 
     # ------------------------------------------------------------ reporting
 

@@ -72,6 +72,8 @@ SPELLED = {
 }
 NOT_FLAGS = {"paths", "vocab_size", "cache_dir"}  # FIXTURES arguments, or settings only a file or the environment sets
 NOT_FLAGS_OF = {"chat": {"num_samples", "ignore_eot"}}  # inherited from sample; a chat has one value for them
+# Data settings of fine-tuning records: flags of train and eval, not of tokenize.
+RECORD_SETTINGS = {"format": ("train", "eval"), "loss_on": ("train", "eval"), "chat_template": ("train", "eval")}
 
 
 @pytest.mark.parametrize("command", SECTIONS)
@@ -79,8 +81,10 @@ def test_each_default_and_choice_is_shown_from_the_settings(capsys, command):
     text = help_text(capsys, command)
     for section in SECTIONS[command]:
         for field, info in section.model_fields.items():
-            if field in NOT_FLAGS | NOT_FLAGS_OF.get(command, set()) or (
-                section is DataSettings and command != "tokenize"
+            if (
+                field in NOT_FLAGS | NOT_FLAGS_OF.get(command, set())
+                or (section is DataSettings and command != "tokenize")
+                or field in RECORD_SETTINGS
             ):
                 continue
             line = option_line(text, SPELLED.get(field, _flag(field)))
@@ -219,3 +223,13 @@ def test_presets_are_one_table_that_settings_validate_against():
     for name, shape in PRESETS.items():
         assert ModelSettings(preset=name).preset == name
         assert shape.n_embd % shape.n_head == 0
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_the_fine_tuning_record_flags_show_their_settings(capsys, command):
+    text = help_text(capsys, command)
+    for field, commands in RECORD_SETTINGS.items():
+        assert command in commands
+        line = option_line(text, _flag(field))
+        default = DataSettings.model_fields[field].default
+        assert default is None or f"[default: {default}]" in line, line

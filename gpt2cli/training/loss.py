@@ -211,7 +211,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Out of place: the saved tensors stay valid for another backward pass (retain_graph=True).
         grad_hidden = (grad_hidden * scale).to(hidden_dtype)
         if softmax_weight is None:  # a frozen weight
-            return grad_hidden, None, None, None, None, None
+            return grad_hidden, None, None, None, None, None, None
         grad_weight = torch.mul(softmax_weight, scale)  # float32 (V, C), scaled and cast in one pass
         grad_weight.index_add_(0, safe_targets, target_rows * scale)
         grad_weight = grad_weight.to(weight_dtype)

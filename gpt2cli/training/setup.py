@@ -26,7 +26,7 @@ from gpt2cli.settings.sections import DEFAULT_RUN, Settings, load_settings
 from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.training.hellaswag import HellaSwag
 from gpt2cli.training.loss import TrainingModel
-from gpt2cli.training.memory import check_training_memory
+from gpt2cli.training.memory import check_training_memory, memory_remedies, parameter_bytes, run_step_shape
 from gpt2cli.training.optim import Optimizer, build_muon, build_optimizer, load_optimizer_tensors, muon_available
 from gpt2cli.training.plan import plan_run
 from gpt2cli.training.run_folder import RunFolder, restore_rng
@@ -133,16 +133,9 @@ def prepare_trainer(
     if saved_state is not None:
         _check_resumable(saved_state, data, plan.tokens_per_step, out)
     if device.type == "cpu" and train.memory_check:  # before the first step, not in it (the kernel's OOM killer)
-        check_training_memory(
-            model.config,
-            plan.batch_size,
-            plan.seq_len,
-            precision.compute_bytes,
-            precision.name,
-            already_resident=4 * model.num_parameters(),  # the weights just built (whole, before any sharding)
-            ddp=world.distributed and train.parallel == "ddp",
-            shards=world.world_size if world.distributed and train.parallel == "fsdp" else 1,
-        )
+        shape = run_step_shape(train, model, plan, precision, world)
+        # The weights just built (whole, before any sharding) are resident already.
+        check_training_memory(shape, already_resident=parameter_bytes(model), remedies=memory_remedies(train, shape))
     examples = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
     steps_left = plan.total_steps - (saved_state or {}).get("step", 0)
     flops = model.flops_per_token(plan.seq_len) * plan.tokens_per_step * steps_left / world.world_size

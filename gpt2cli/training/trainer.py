@@ -36,7 +36,7 @@ from gpt2cli.settings.sections import Settings
 from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.training.hellaswag import HellaSwag
 from gpt2cli.training.loss import TrainingModel
-from gpt2cli.training.memory import NotEnoughMemory, out_of_memory_message
+from gpt2cli.training.memory import NotEnoughMemory, out_of_memory_message, run_step_shape
 from gpt2cli.training.optim import Optimizer, clip_gradients, clip_gradients_on_device, optimizer_tensors
 from gpt2cli.training.plan import RunPlan
 from gpt2cli.training.run_folder import RunFolder, gather_model_state, rng_state
@@ -212,20 +212,8 @@ class Trainer:
             return self._train_step()
         except torch.OutOfMemoryError:
             total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-            plan = self.plan
-            raise NotEnoughMemory(
-                out_of_memory_message(
-                    self.model.config,
-                    plan.batch_size,
-                    plan.seq_len,
-                    self.precision.compute_bytes,
-                    self.precision.name,
-                    str(self.device),
-                    total,
-                    ddp=self.world.distributed and not self.sharded,
-                    shards=self.world.world_size if self.sharded else 1,
-                )
-            ) from None
+            shape = run_step_shape(self.train_settings, self.model, self.plan, self.precision, self.world)
+            raise NotEnoughMemory(out_of_memory_message(shape, str(self.device), total)) from None
 
     def _train_step(self) -> tuple[float, float, float]:
         """One optimizer step over the global batch; returns the mean loss, the gradient norm and the lr."""

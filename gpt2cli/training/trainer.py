@@ -217,7 +217,8 @@ class Trainer:
                 if evaluate and self.hellaswag:
                     self.hellaswag.score()
                 patience = self.train_settings.early_stop
-                stop_early = bool(evaluate and self.tracks_best and patience and progress.evals_since_best >= patience)
+                out_of_patience = bool(patience and progress.evals_since_best >= patience)
+                stop_early = bool(evaluate and self.tracks_best and out_of_patience and not last)
                 if self.world.is_main and (progress.step % self.train_settings.log_interval == 0 or last or evaluate):
                     self._log(
                         loss, grad_norm, lr, window_tokens / max(window_seconds, 1e-9), bool(evaluate), stop_early

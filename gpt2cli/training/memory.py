@@ -61,7 +61,10 @@ class TrainedParameters:
     trainable: int  # parameters with a gradient and optimizer state (float32)
     muon: int = 0  # of those, the ones Muon holds: one moment instead of AdamW's two
     frozen: int = 0  # parameters held without gradient or optimizer state (LoRA's base)
-    frozen_bytes: int = 4  # bytes per frozen parameter: 2 for a base held in bf16, 4 in float32
+    # Bytes per frozen parameter: 2 for 16-bit, 4 for float32, their mean where they mix (LoRA's base keeps its block
+    # matrices in the compute dtype and the rest in float32).
+    frozen_bytes: float = 4
+    head_trained: bool = True  # the output projection (the tied embedding) trains: the loss computes its gradient
 
     @classmethod
     def full(cls, config: GPT2Config, optimizer: OptimizerName = "adamw") -> TrainedParameters:
@@ -69,10 +72,13 @@ class TrainedParameters:
         return cls(parameter_count(config), muon=block_matrix_count(config) if optimizer == "muon" else 0)
 
     @classmethod
-    def adapters(cls, config: GPT2Config, adapter_parameters: int, base_bytes: int, muon: int = 0) -> TrainedParameters:
+    def adapters(
+        cls, config: GPT2Config, adapter_parameters: int, base_bytes: float, muon: int = 0
+    ) -> TrainedParameters:
         """LoRA: the whole base frozen in `base_bytes` per parameter, only `adapter_parameters` trained (`muon` of
         them by Muon)."""
-        return cls(adapter_parameters, muon=muon, frozen=parameter_count(config), frozen_bytes=base_bytes)
+        frozen = parameter_count(config)
+        return cls(adapter_parameters, muon=muon, frozen=frozen, frozen_bytes=base_bytes, head_trained=False)
 
     @classmethod
     def of_model(cls, model: GPT2, optimizer: OptimizerName = "adamw") -> TrainedParameters:
@@ -88,7 +94,8 @@ class TrainedParameters:
             trainable=sum(parameter.numel() for parameter in trained),
             muon=sum(parameter.numel() for parameter in muon_parameters(model)) if optimizer == "muon" else 0,
             frozen=frozen_count,
-            frozen_bytes=round(frozen_total / frozen_count) if frozen_count else 4,
+            frozen_bytes=frozen_total / frozen_count if frozen_count else 4,
+            head_trained=model.lm_head.weight.requires_grad,
         )
 
 
@@ -138,10 +145,12 @@ def block_matrix_count(config: GPT2Config) -> int:
 def training_memory(shape: StepShape) -> MemoryEstimate:
     """What one training step holds at its peak in one process."""
     config, trained, compute_bytes = shape.config, shape.trained, shape.compute_bytes
-    autocast_copy = 2 if compute_bytes < 4 else 0  # the 16-bit copy autocast makes of each float32 weight
-    per_trained = 4 + 4 + 8 + autocast_copy + (4 if shape.ddp else 0)  # weight, gradient, AdamW's moments, buckets
-    per_frozen = trained.frozen_bytes + (autocast_copy if trained.frozen_bytes == 4 else 0)
-    state = trained.trainable * per_trained - trained.muon * 4 + trained.frozen * per_frozen  # Muon: one moment
+    autocast = compute_bytes < 4
+    # Autocast's 16-bit copy of each float32 weight, cached (trained) or kept for the backward pass (frozen).
+    per_trained = 4 + 4 + 8 + (2 if autocast else 0) + (4 if shape.ddp else 0)  # weight, gradient, moments, buckets
+    float32_share = max(0.0, trained.frozen_bytes - 2) / 2  # of the frozen parameters (16- and 32-bit ones mixed)
+    per_frozen = trained.frozen_bytes + (2 * float32_share if autocast else 0)
+    state = trained.trainable * per_trained - trained.muon * 4 + round(trained.frozen * per_frozen)  # Muon: 1 moment
     state = -(-state // shape.shards)
     tokens = shape.batch_size * shape.seq_len
     kept_layers = 1 if shape.activation_checkpointing else config.n_layer
@@ -151,7 +160,9 @@ def training_memory(shape: StepShape) -> MemoryEstimate:
     # The fused loss: one block of logits (float32 statistics + the compute dtype's softmax) and the output
     # projection's gradient, computed during the forward pass and held until the backward.
     rows = max(1, min(tokens, BLOCK_ELEMENTS // config.vocab_size))
-    loss_bytes = rows * config.vocab_size * (4 + compute_bytes) + config.vocab_size * config.n_embd * 4
+    loss_bytes = rows * config.vocab_size * (4 + compute_bytes)
+    if trained.head_trained:  # a frozen head (LoRA) has no weight gradient to accumulate
+        loss_bytes += config.vocab_size * config.n_embd * 4
     return MemoryEstimate(state, tokens * per_token + loss_bytes + RUNTIME_BYTES, _state_label(shape))
 
 
@@ -159,7 +170,7 @@ def _state_label(shape: StepShape) -> str:
     trained = shape.trained
     optimizer = "Muon and AdamW" if trained.muon else "AdamW"
     if trained.frozen:
-        base = "bfloat16" if trained.frozen_bytes == 2 else f"{trained.frozen_bytes * 8}-bit"
+        base = {2.0: "16-bit", 4.0: "float32"}.get(float(trained.frozen_bytes), "16- and 32-bit")
         return f"frozen {base} base, trained weights with their gradients and {optimizer}"
     return f"weights, gradients and {optimizer}"
 
@@ -192,11 +203,11 @@ def _activation_checkpointing(train: TrainSettings) -> bool:
 
 
 def memory_remedies(train: TrainSettings, shape: StepShape) -> tuple[str, ...]:
-    """The flags of this tool that would shrink the step, beyond a smaller batch: LoRA for a run that trains every
-    weight, block recomputation for one that keeps every block's activations."""
+    """The flags of this tool that would shrink the step, beyond a smaller batch: LoRA for a fine-tune that trains
+    every weight, block recomputation for a run that keeps every block's activations."""
     fields = type(train).model_fields
     remedies = []
-    if "lora_rank" in fields and not shape.trained.frozen:
+    if "lora_rank" in fields and not shape.trained.frozen and train.init_from is not None:
         remedies.append("train adapters only with --lora-rank 16")
     if "activation_checkpointing" in fields and not shape.activation_checkpointing:
         remedies.append("--activation-checkpointing")

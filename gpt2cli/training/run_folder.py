@@ -314,9 +314,11 @@ class RunFolder:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def keep_as_best(self, checkpoint: Path) -> Path:
+    def keep_as_best(self, checkpoint: Path, weights: Path | None = None) -> Path:
         """Make `checkpoints/best` a copy of the complete checkpoint folder `checkpoint`: its files hard-linked (copied
-        where the filesystem has no hard links) into a staging folder, which then takes the place of the old best."""
+        where the filesystem has no hard links) into a staging folder, which then takes the place of the old best.
+        `weights`: the model of the same step, for a checkpoint that holds no `model.safetensors` of its own (a LoRA
+        run's holds its adapters; the merged model is the run's `model.safetensors`), so that best/ always has one."""
         best, previous = self.checkpoints / BEST, self.checkpoints / BEST_PREVIOUS
         staging = self.checkpoints / f".{BEST}.{os.getpid()}.tmp"
         kept = "the best checkpoint before it is kept" if best.exists() else "no best checkpoint was kept"
@@ -325,6 +327,8 @@ class RunFolder:
             try:
                 staging.mkdir()
                 # state.json last: a folder with it is complete (`best_checkpoint`).
+                if weights is not None and not (checkpoint / "model.safetensors").exists():
+                    _link_or_copy_file(weights, staging / "model.safetensors")
                 for path in sorted(checkpoint.iterdir(), key=lambda path: path.name == "state.json"):
                     _link_or_copy_file(path, staging / path.name)
                 if best.exists():

@@ -265,7 +265,8 @@ class Trainer:
         """`checkpoints/best` := this step's checkpoint (saved here if this is no save step)."""
         checkpoint = self.save_checkpoint()  # under FSDP every rank takes part
         if self.world.is_main and checkpoint is not None:
-            best = self.folder.keep_as_best(checkpoint)
+            # The run's model.safetensors is this step's too: best/'s model where the checkpoint holds adapters only.
+            best = self.folder.keep_as_best(checkpoint, weights=self.folder.model_file)
             self.report(
                 "best", {"step": self.progress.step, "val_loss": self.progress.best_val_loss, "path": str(best)}
             )

@@ -117,3 +117,17 @@ def test_a_best_swap_cut_short_is_finished_by_the_next_writer(tmp_path):
     (checkpoints / BEST_PREVIOUS).mkdir()
     with folder.writer_lock():  # killed after the new best was in place: the old one goes
         assert (checkpoints / BEST).is_dir() and not (checkpoints / BEST_PREVIOUS).exists()
+
+
+def test_a_checkpoint_without_weights_gets_the_runs_model_of_its_step(tmp_path):
+    """A LoRA run's checkpoints hold adapters; its merged model is the run's model.safetensors: best/ links both."""
+    folder = RunFolder(tmp_path / "run")
+    step = folder.checkpoints / "step-000004"
+    step.mkdir(parents=True)
+    (step / "adapters.safetensors").write_bytes(b"adapters")
+    (step / "state.json").write_text('{"format": 1, "step": 4}')
+    folder.model_file.write_bytes(b"merged")
+    best = folder.keep_as_best(step, weights=folder.model_file)
+    assert (best / "model.safetensors").read_bytes() == b"merged"
+    assert (best / "adapters.safetensors").read_bytes() == b"adapters"
+    assert folder.best_checkpoint() == best

@@ -64,16 +64,21 @@ def test_lora_holds_the_base_in_its_dtype_and_trains_the_adapters_only():
         GPT2_XL, 1, 1024, 2, "bfloat16", parameters=TrainedParameters.adapters(GPT2_XL, adapters, base_bytes=2)
     )
     estimate = training_memory(shape)
-    # The bf16 base (no autocast copy: it is already 16-bit) and 18 bytes per adapter weight.
+    # The bf16 base (no autocast copy: it is already 16-bit) and 18 bytes per adapter weight; no head gradient.
     assert estimate.state_bytes == 2 * parameter_count(GPT2_XL) + 18 * adapters
+    full_activations = training_memory(StepShape(GPT2_XL, 1, 1024, 2)).activation_bytes
+    assert full_activations - estimate.activation_bytes == GPT2_XL.vocab_size * GPT2_XL.n_embd * 4
     full = training_memory(StepShape(GPT2_XL, 1, 1024, 2, "bfloat16"))
     assert full.state_bytes > 8 * estimate.state_bytes
-    assert estimate.state_label.startswith("frozen bfloat16 base")
+    assert estimate.state_label.startswith("frozen 16-bit base")
     # A float32 base under autocast gets its 16-bit copies.
     float32_base = TrainedParameters.adapters(GPT2_XL, adapters, base_bytes=4)
     assert training_memory(StepShape(GPT2_XL, 1, 1024, 2, parameters=float32_base)).state_bytes == (
         6 * parameter_count(GPT2_XL) + 18 * adapters
     )
+    # Half 16-bit, half float32 (3 bytes on average): copies of the float32 half only.
+    mixed = TrainedParameters(adapters, frozen=1000, frozen_bytes=3)
+    assert training_memory(StepShape(GPT2_XL, 1, 1024, 2, parameters=mixed)).state_bytes == 18 * adapters + 4000
 
 
 def test_checkpointing_keeps_one_block_and_the_block_inputs():
@@ -91,11 +96,15 @@ def test_the_parameters_are_read_off_a_built_model():
     model = GPT2(SMALL)
     assert TrainedParameters.of_model(model) == TrainedParameters.full(SMALL)
     assert TrainedParameters.of_model(model, "muon") == TrainedParameters.full(SMALL, "muon")
-    # A LoRA-like model: the base frozen in bf16 (the tied embedding once), a float32 adapter trained.
-    model.requires_grad_(False).to(torch.bfloat16)
+    # A LoRA-like model: the base frozen, its blocks in bf16 and the rest in float32 (the tied embedding once), a
+    # float32 adapter trained.
+    model.requires_grad_(False).transformer.h.to(torch.bfloat16)
     model.transformer.h[0].attn.adapter = torch.nn.Linear(64, 4, bias=False)
     read = TrainedParameters.of_model(model)
-    assert read == TrainedParameters(trainable=256, frozen=parameter_count(SMALL), frozen_bytes=2)
+    in_blocks = sum(parameter.numel() for parameter in model.transformer.h.parameters()) - 256
+    total = parameter_count(SMALL)
+    frozen_bytes = (2 * in_blocks + 4 * (total - in_blocks)) / total
+    assert read == TrainedParameters(256, frozen=total, frozen_bytes=frozen_bytes, head_trained=False)
 
 
 def test_the_check_allows_lora_and_refuses_full_fine_tuning_of_gpt2_xl_on_24_gib(monkeypatch):
@@ -129,3 +138,25 @@ def test_the_cli_refusal_names_the_runs_optimizer(tmp_path, corpus, exact_env, m
     refused = run_cli("train", corpus, *TINY, *EXACT, "--optimizer", "muon", "--out", out, env=exact_env)
     assert_one_line_error(refused, 1, "needs about", "weights, gradients and Muon and AdamW", "--no-memory-check")
     assert not out.exists()
+
+
+def test_the_remedies_offered_are_the_flags_that_would_help():
+    from gpt2cli.settings.sections import TrainSettings
+    from gpt2cli.training.memory import memory_remedies
+
+    class WithBoth(TrainSettings):  # the settings as they are once LoRA and checkpointing are in
+        lora_rank: int | None = None
+        activation_checkpointing: bool = False
+
+    full = StepShape(GPT2_124M, 1, 1024)
+    lora = StepShape(GPT2_124M, 1, 1024, parameters=TrainedParameters.adapters(GPT2_124M, 1000, 2))
+    recomputed = StepShape(GPT2_124M, 1, 1024, activation_checkpointing=True)
+    assert memory_remedies(WithBoth(init_from="base.safetensors"), full) == (
+        "train adapters only with --lora-rank 16",
+        "--activation-checkpointing",
+    )
+    assert memory_remedies(WithBoth(), full) == ("--activation-checkpointing",)  # from scratch: no base to adapt
+    assert memory_remedies(WithBoth(init_from="base.safetensors"), lora) == ("--activation-checkpointing",)
+    assert memory_remedies(WithBoth(init_from="base.safetensors"), recomputed) == (
+        "train adapters only with --lora-rank 16",
+    )

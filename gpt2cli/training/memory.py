@@ -6,11 +6,13 @@ In bytes:
     trained parameters     4 (float32 weight) + 4 (gradient) + the optimizer's state: AdamW 8 (two moments), Muon 4
                            (one momentum, on the blocks' matrices; AdamW's two on the rest); +2 with autocast (the
                            16-bit copy of each float32 weight); +4 under DDP (its gradient buckets)
-    frozen parameters      their own size only (LoRA's base: 2 in bf16, 4 in float32), no gradient or state
+    frozen parameters      their own size (LoRA's base: 2 for its 16-bit matrices, 4 for float32 ones, +2 for
+                           each float32 one under autocast: its 16-bit copy, kept for the backward pass); no gradient
+                           or optimizer state
     activations            batch × sequence × (per layer ACTIVATION_WIDTHS × n_embd values + the embeddings') in
                            the compute dtype's size; with activation checkpointing one block's worth plus each
                            block's float32 input, recomputed one block at a time in the backward pass; plus one block
-                           of the fused loss's logits
+                           of the fused loss's logits and, where the head trains, its float32 weight gradient
     RUNTIME_BYTES          what the first step adds whatever the shape (thread pools, kernel scratch buffers)
 Measured against the peak resident memory of real CPU steps in `benchmarks/memory_estimate.py`: within -11% and
 +19% over six shapes from 7M to 124M parameters, float32 and bf16 (docs/reliability.md); the LoRA, Muon and

@@ -8,8 +8,13 @@ own decode rate for the same model, prompt length and token count (its stderr re
 
 Targets (#17): 16 clients ≥ 4× one client's generated tokens/s; one client ≥ 90% of `gpt2 sample`'s decode speed.
 
+With `--prompt-lookup N` the same rounds run again against a second server started with `--prompt-lookup N`: its
+tokens/s against the plain server's per round (ratio > 1: drafting pays), and whether every client's greedy text is
+the same on both (it must be).
+
   python benchmarks/serve.py              # table
   python benchmarks/serve.py --json
+  python benchmarks/serve.py --prompt-lookup 4
 """
 
 from __future__ import annotations
@@ -79,9 +84,10 @@ def sample_decode_rate(checkpoint: Path) -> float:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, max_batch: int) -> None:
+    def __init__(self, checkpoint: Path, max_batch: int, *flags: str) -> None:
+        command = [sys.executable, "-m", "gpt2cli", "serve", str(checkpoint), "--port", "0"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gpt2cli", "serve", str(checkpoint), "--port", "0", "--max-batch", str(max_batch)],
+            [*command, "--max-batch", str(max_batch), *flags],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -104,8 +110,8 @@ class Server:
         self.process.wait(30)
 
 
-def stream_one(url: str, ids: list[int]) -> dict[str, float]:
-    """One streamed completion: seconds to the first token, total seconds, tokens received."""
+def stream_one(url: str, ids: list[int]) -> dict[str, Any]:
+    """One streamed completion: seconds to the first token, total seconds, tokens received, its text."""
     body = {
         "prompt": ids,
         "max_tokens": NEW_TOKENS,
@@ -115,7 +121,7 @@ def stream_one(url: str, ids: list[int]) -> dict[str, float]:
         "stream_options": {"include_usage": True},
     }
     started = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, text = None, 0, ""
     with httpx.Client(timeout=600) as client, client.stream("POST", f"{url}/v1/completions", json=body) as response:
         for line in response.iter_lines():
             if not line.startswith("data: {"):
@@ -123,9 +129,11 @@ def stream_one(url: str, ids: list[int]) -> dict[str, float]:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):  # the last chunk: the count of generated tokens
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None:
-                first = time.perf_counter() - started
-    return {"ttft": first or 0.0, "total": time.perf_counter() - started, "tokens": tokens}
+            else:
+                text += chunk["choices"][0]["text"]
+                if first is None:
+                    first = time.perf_counter() - started
+    return {"ttft": first or 0.0, "total": time.perf_counter() - started, "tokens": tokens, "text": text}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -147,6 +155,7 @@ def run_round(url: str, clients: int) -> dict[str, Any]:
         "tokens_per_s": round(tokens / wall, 2),
         "ttft_p50_s": round(percentile(ttfts, 0.5), 3),
         "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
+        "texts": [r["text"] for r in results],
     }
     if clients == 1:
         only = results[0]
@@ -157,6 +166,7 @@ def run_round(url: str, clients: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="also time --prompt-lookup N")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = build_checkpoint(Path(folder))
@@ -171,6 +181,16 @@ def main() -> None:
                 rounds.append(run_round(server.url, clients))
         finally:
             server.stop()
+        drafted = []
+        if args.prompt_lookup is not None:
+            server = Server(checkpoint, max(CONCURRENCY), "--prompt-lookup", str(args.prompt_lookup))
+            try:
+                stream_one(server.url, prompt(99))
+                for clients in CONCURRENCY:
+                    print(f"{clients} client(s), --prompt-lookup {args.prompt_lookup} ...", file=sys.stderr)
+                    drafted.append(run_round(server.url, clients))
+            finally:
+                server.stop()
     one, many = rounds[0], rounds[-1]
     report = {
         "machine": {
@@ -183,6 +203,15 @@ def main() -> None:
         "scaling_16_vs_1": round(many["tokens_per_s"] / one["tokens_per_s"], 2),
         "one_client_vs_sample": round(one["decode_tokens_per_s"] / reference, 3),
     }
+    if drafted:
+        report["prompt_lookup"] = {
+            "n": args.prompt_lookup,
+            "rounds": drafted,
+            "vs_plain": [round(d["tokens_per_s"] / r["tokens_per_s"], 2) for d, r in zip(drafted, rounds, strict=True)],
+            "same_text": all(d["texts"] == r["texts"] for d, r in zip(drafted, rounds, strict=True)),
+        }
+    for row in [*rounds, *drafted]:
+        del row["texts"]  # compared above; not part of the report
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -199,6 +228,13 @@ def main() -> None:
         f"{one['decode_tokens_per_s']:.1f} tokens/s = {report['one_client_vs_sample']:.0%} of gpt2 sample "
         "(target >= 90%)"
     )
+    if drafted:
+        lookup = report["prompt_lookup"]
+        ratios = ", ".join(
+            f"{row['clients']} client(s) {row['tokens_per_s']:.1f} tokens/s ({ratio}x)"
+            for row, ratio in zip(drafted, lookup["vs_plain"], strict=True)
+        )
+        print(f"--prompt-lookup {lookup['n']}: {ratios}; same greedy text as plain: {lookup['same_text']}")
 
 
 if __name__ == "__main__":

@@ -25,3 +25,7 @@ class CheckpointError(Gpt2Error):
 
 class DataError(Gpt2Error):
     """Input data that cannot be read, decoded or tokenized."""
+
+
+class ChatTemplateError(UsageError):
+    """A chat template that cannot be compiled or rendered, or messages it cannot render."""

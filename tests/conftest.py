@@ -314,9 +314,10 @@ def shared_hf_model_factory(tmp_path_factory: pytest.TempPathFactory):
     return build
 
 
-def biased_model(path: Path, tokens: set[int], block_size: int = 64) -> Path:
+def biased_model(path: Path, tokens: set[int], block_size: int = 64, metadata: dict[str, str] | None = None) -> Path:
     """A tiny model whose every prediction strongly favours `tokens`: a constant final hidden state (LayerNorm gain
-    zero, bias fixed) aligned with those tokens' embeddings, so their logits dwarf the others'."""
+    zero, bias fixed) aligned with those tokens' embeddings, so their logits dwarf the others'. `metadata`: more
+    safetensors metadata (a chat template)."""
     import torch
 
     from gpt2cli import save_model
@@ -330,4 +331,4 @@ def biased_model(path: Path, tokens: set[int], block_size: int = 64) -> Path:
         model.transformer.ln_f.bias.copy_(direction)
         for token in tokens:
             model.transformer.wte.weight[token] = direction * 40.0
-    return save_model(model, path)
+    return save_model(model, path, metadata=metadata)

@@ -203,7 +203,7 @@ def command_path(words: tuple[str, ...]) -> tuple[str, ...]:
 
 def test_the_docs_show_every_command():
     # the parser found the tour's commands (nothing found would let the next test pass without checking anything)
-    expected = {"tokenize", "train", "eval", "sample", "convert", "bench", "serve", "plot", "cache"}
+    expected = {"tokenize", "train", "eval", "sample", "chat", "convert", "bench", "serve", "plot", "cache"}
     assert expected <= set(CALLS), expected - set(CALLS)
 
 

@@ -103,8 +103,8 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="TOML settings file with tables \\[model], \\[data], \\[train], \\[sample], \\[eval], \\[bench], "
-        f"\\[plot], \\[serve] (or the seed YAML); also ${CONFIG_ENV_VAR}.",
+        help="TOML settings file with tables \\[model], \\[data], \\[train], \\[sample], \\[chat], \\[eval], "
+        f"\\[bench], \\[plot], \\[serve] (or the seed YAML); also ${CONFIG_ENV_VAR}.",
         show_default=False,
         rich_help_panel=RUN,
     ),

@@ -34,13 +34,15 @@ def command(
     quantize: Annotated[Quantize | None, _s("quantize", SPEED)] = None,
     group_size: Annotated[int | None, _s("group_size", SPEED)] = None,
     compile: CompileOption[ServeSettings] = None,
+    prompt_lookup: Annotated[int | None, _s("prompt_lookup", SPEED, "--prompt-lookup", metavar="N")] = None,
     max_n: Annotated[int | None, _s("max_n", LIMITS)] = None,
     max_prompts: Annotated[int | None, _s("max_prompts", LIMITS)] = None,
     max_body_bytes: Annotated[int | None, _s("max_body_bytes", LIMITS)] = None,
     json_logs: Annotated[bool | None, _s("json_logs", OUTPUT, "--json-logs/--text-logs")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Serve a checkpoint over OpenAI's completions API (and llama.cpp's /health, /tokenize, /detokenize).
+    """Serve a checkpoint over OpenAI's completions API, and its chat API for a checkpoint with a chat template
+    (plus llama.cpp's /health, /tokenize, /detokenize and vLLM's /tokenizer_info).
 
     Concurrent requests are batched continuously, up to --max-batch sequences per decode step. Listens on
     127.0.0.1 unless --host says otherwise; --api-key (or GPT2_SERVE__API_KEY) requires a Bearer token. One log

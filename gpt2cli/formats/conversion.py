@@ -19,6 +19,7 @@ import torch
 
 from gpt2cli.data.tokenizer import EOT_ID
 from gpt2cli.errors import CheckpointError, UsageError
+from gpt2cli.formats.chat_template import ChatTemplate, chat_template_metadata, read_chat_template
 from gpt2cli.formats.checkpoint import (
     CONV1D_WEIGHTS,
     WEIGHTS_NAME,
@@ -134,13 +135,13 @@ def _read_nanogpt(path: Path) -> tuple[dict[str, torch.Tensor], GPT2Config]:
 # ---------------------------------------------------------------- writing
 
 
-def _write_hf(model: GPT2, folder: Path, dtype: torch.dtype | None) -> None:
+def _write_hf(model: GPT2, folder: Path, dtype: torch.dtype | None, template: ChatTemplate | None) -> None:
     folder.mkdir()
-    save_model(model, folder / WEIGHTS_NAME, dtype=dtype)
+    save_model(model, folder / WEIGHTS_NAME, dtype=dtype, metadata=chat_template_metadata(template))
     write_hf_config(model.config, folder, dtype or model.transformer.wte.weight.dtype)
     generation = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    write_tokenizer_files(folder, model.config.block_size)
+    write_tokenizer_files(folder, model.config.block_size, template.source if template is not None else None)
 
 
 def target_format(destination: Path, requested: str | None) -> str:
@@ -170,6 +171,7 @@ class ConversionSummary:
     dtype: str
     tensors: int
     bytes: int
+    chat_template: str | None  # "default", the template's file, "from SRC", or None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -183,19 +185,31 @@ def convert(
     dtype: torch.dtype | None = None,
     quant: str | None = None,
     force: bool = False,
+    chat_template: str | Path | None = None,
 ) -> ConversionSummary:
-    """Convert `source` to `destination`; nothing is left at `destination` after an error."""
+    """Convert `source` to `destination`; nothing is left at `destination` after an error.
+
+    The chat template `source` carries goes along to native and transformers targets; `chat_template` (a file or
+    "default") attaches another one. llm.c and GGUF files have no place for ours.
+    """
     fmt = target_format(destination, to)
+    template = ChatTemplate.from_option(chat_template) if chat_template is not None else None
+    if template is not None and fmt in ("llmc", "gguf"):
+        raise UsageError(f"--chat-template: {fmt} files cannot carry a chat template (convert to native or hf)")
     if destination.exists() and not force:
         raise UsageError(f"{destination} exists; use --force to replace it")
     if not destination.parent.is_dir():
         raise UsageError(f"{destination.parent}: folder does not exist")
     loaded = load_any(source, source_format)
     model = loaded.model
+    template_origin = None if template is None else "default" if str(chat_template) == "default" else str(chat_template)
+    if template is None and fmt in ("native", "hf") and loaded.source_format in ("native", "hf"):
+        template = read_chat_template(source)
+        template_origin = None if template is None else f"from {source}"
     temporary = temporary_sibling(destination)
     _remove(temporary)
     with storage_errors(str(destination), "nothing was written"):
-        _write_converted(model, temporary, destination, fmt, dtype, quant)
+        _write_converted(model, temporary, destination, fmt, dtype, quant, template)
     written = _size(destination)
     stored = dtype or loaded.dtype
     return ConversionSummary(
@@ -207,18 +221,25 @@ def convert(
         dtype=quant or str(stored).removeprefix("torch."),
         tensors=len(model.state_dict()) - 1,  # the tied output projection is stored once
         bytes=written,
+        chat_template=template_origin,
     )
 
 
 def _write_converted(
-    model: GPT2, temporary: Path, destination: Path, fmt: str, dtype: torch.dtype | None, quant: str | None
+    model: GPT2,
+    temporary: Path,
+    destination: Path,
+    fmt: str,
+    dtype: torch.dtype | None,
+    quant: str | None,
+    template: ChatTemplate | None,
 ) -> None:
     """Write `model` in `fmt` under `temporary`, then move it onto `destination`; on any error, remove it."""
     try:
         if fmt == "native":
-            save_model(model, temporary, dtype=dtype)
+            save_model(model, temporary, dtype=dtype, metadata=chat_template_metadata(template))
         elif fmt == "hf":
-            _write_hf(model, temporary, dtype)
+            _write_hf(model, temporary, dtype, template)
         elif fmt == "llmc":
             write_llmc(model, temporary, dtype)
         else:

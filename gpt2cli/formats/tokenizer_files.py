@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gpt2cli.data.tokenizer import EOT_TEXT, get_tokenizer
 from gpt2cli.errors import CheckpointError
+from gpt2cli.formats.chat_template import TEMPLATE_FILE
 
 
 @cache
@@ -62,12 +63,16 @@ def vocabulary_and_merges() -> tuple[list[str], list[tuple[str, str]]]:
     return tokens, merges
 
 
-def write_tokenizer_files(folder: Path, context: int) -> None:
-    """vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json for transformers' GPT-2 tokenizer."""
+def write_tokenizer_files(folder: Path, context: int, chat_template: str | None = None) -> None:
+    """vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json for transformers' GPT-2 tokenizer;
+    a chat template goes into tokenizer_config.json (older transformers) and chat_template.jinja (transformers 5)."""
     tokens, merges = vocabulary_and_merges()
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {**special, "tokenizer_class": "GPT2Tokenizer", "model_max_length": context, "add_prefix_space": False}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+        (folder / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")

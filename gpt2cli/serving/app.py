@@ -1,6 +1,7 @@
-"""The HTTP layer of `gpt2 serve` on FastAPI: OpenAI's `/v1/completions` and `/v1/models`, llama.cpp's `/health`,
-`/tokenize` and `/detokenize`. Generation itself is the engine's (`engine.py`); this module turns requests into
-sequences and engine events into OpenAI's JSON or server-sent events.
+"""The HTTP layer of `gpt2 serve` on FastAPI: OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`,
+llama.cpp's `/health`, and `/tokenize`, `/detokenize` in llama.cpp's and vLLM's shapes with vLLM's
+`/tokenizer_info` (lm-evaluation-harness finds the server's tokenizer there). Generation itself is the engine's
+(`engine.py`); this module turns requests into sequences and engine events into OpenAI's JSON or server-sent events.
 """
 
 from __future__ import annotations
@@ -11,31 +12,41 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt2cli.data.tokenizer import Tokenizer
+from gpt2cli.formats.chat_template import reply_prefix
 from gpt2cli.serving.engine import Engine, Event, Finished, PromptScored, Sequence, TokenGenerated
+from gpt2cli.serving.page import PAGE_HEADERS, page_html
 from gpt2cli.serving.protocol import (
     ApiError,
+    ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     Limits,
     Logprobs,
     Plan,
     TokenizeRequest,
+    chat_completion_object,
+    chat_prompt,
+    chat_token_logprob,
     completion_object,
     parse,
+    plan_chat,
     plan_completion,
     token_text,
     top_dict,
     usage,
 )
 from gpt2cli.settings.sections import ServeSettings
+
+if TYPE_CHECKING:
+    from gpt2cli.formats.chat_template import ChatTemplate
 
 
 @dataclass
@@ -45,6 +56,7 @@ class ServerState:
     tokenizer: Tokenizer
     engine: Engine | None = None  # None while the model loads
     limits: Limits | None = None
+    chat_template: ChatTemplate | None = None  # the checkpoint's; None: no chat route
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -79,6 +91,11 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
             raise ApiError(503, "the model is loading; try again shortly", code="model_loading")
         return state.engine
 
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        """The chat and completion page: static, so no key; the routes it calls ask for one."""
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         engine = ready()
@@ -102,25 +119,58 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(request: Request) -> dict[str, Any]:
         body = parse(TokenizeRequest, await read_json(request, state.settings.max_body_bytes))
-        tokens = tokenizer.encode(body.content)
-        if body.with_pieces:
-            return {"tokens": [{"id": token, "piece": token_text(tokenizer, token)} for token in tokens]}
-        return {"tokens": tokens}
+        tokens = tokenizer.encode(body.text(), allow_special=True)  # <|endoftext|> is the one special token
+        answer: dict[str, Any] = {"tokens": tokens}
+        if body.with_pieces:  # llama.cpp's
+            answer["tokens"] = [{"id": token, "piece": token_text(tokenizer, token)} for token in tokens]
+        if body.return_token_strs:  # vLLM's
+            answer["token_strs"] = [token_text(tokenizer, token) for token in tokens]
+        return {**answer, "count": len(tokens), "max_model_len": state.limits.context if state.limits else None}
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
     async def detokenize(request: Request) -> dict[str, Any]:
         body = parse(DetokenizeRequest, await read_json(request, state.settings.max_body_bytes))
         if any(token >= tokenizer.vocab_size for token in body.tokens):
             raise ApiError(400, f"token ids must be below the vocabulary size {tokenizer.vocab_size}", "tokens")
-        return {"content": tokenizer.decode(body.tokens)}
+        text = tokenizer.decode(body.tokens)
+        return {"content": text, "prompt": text}  # llama.cpp's name and vLLM's
+
+    @app.get("/tokenizer_info", dependencies=[Depends(authorize)])
+    async def tokenizer_info() -> dict[str, Any]:
+        """vLLM's route, as transformers' GPT-2 tokenizer describes itself (<|endoftext|> begins and ends text)."""
+        return {
+            "tokenizer_class": "GPT2Tokenizer",
+            "bos_token": tokenizer.eot_text,
+            "eos_token": tokenizer.eot_text,
+            "unk_token": tokenizer.eot_text,
+            "pad_token": None,
+            "model_max_length": state.limits.context if state.limits else None,
+            "chat_template": state.chat_template.source if state.chat_template is not None else None,
+        }
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat() -> None:
-        raise ApiError(
-            404,
-            "GPT-2 has no chat format, so /v1/chat/completions is not served: send plain text to /v1/completions",
-            code="chat_not_supported",
-        )
+    async def chat(request: Request) -> Any:
+        template = state.chat_template
+        if template is None:
+            raise ApiError(
+                404,
+                "this checkpoint has no chat template, so /v1/chat/completions is not served: attach one with "
+                "'gpt2 convert CHECKPOINT OUT --chat-template default' (or a Jinja file), or send plain text to "
+                "/v1/completions",
+                code="chat_template_missing",
+            )
+        engine = ready()
+        body = parse(ChatCompletionRequest, await read_json(request, state.settings.max_body_bytes))
+        if body.model is not None:
+            check_model(state, body.model)
+        assert state.limits is not None
+        prompt_ids = chat_prompt(template, body.messages)
+        end_of_turn = None if template.end_of_turn == tokenizer.eot_text else template.end_of_turn
+        plan = plan_chat(body, prompt_ids, end_of_turn, state.limits)
+        run = ChatRun(plan, engine, tokenizer, request, reply_prefix(template))
+        if plan.stream:
+            return StreamingResponse(run.stream(state.model_name), media_type="text/event-stream")
+        return await run.collect(state.model_name)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request) -> Any:
@@ -244,7 +294,8 @@ class CompletionRun:
         def emit(event: Event) -> None:
             loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
-        self.sequences, self.choices = [], []
+        self.sequences: list[Sequence] = []
+        self.choices: list[Any] = []
         for prompt_index, ids in enumerate(plan.prompts):
             for sample in range(plan.n):
                 index = prompt_index * plan.n + sample
@@ -256,8 +307,11 @@ class CompletionRun:
                 self.sequences.append(
                     Sequence(index, ids, plan.options[prompt_index], rng, emit, plan.logprobs, plan.echo)
                 )
-                self.choices.append(Choice(index, ids, tokenizer, plan.logprobs is not None))
+                self.choices.append(self.make_choice(index, ids, tokenizer))
         self.prompt_tokens = sum(len(ids) for ids in plan.prompts)
+
+    def make_choice(self, index: int, prompt_ids: list[int], tokenizer: Tokenizer) -> Any:
+        return Choice(index, prompt_ids, tokenizer, self.plan.logprobs is not None)
 
     async def events(self) -> AsyncIterator[tuple[Event, dict[str, Any]]]:
         """Each event with the delta of its choice, until every choice has finished; cancels on disconnect."""
@@ -308,6 +362,101 @@ class CompletionRun:
                 yield sse(completion_object(self.plan, model, [delta], None))
         if self.plan.include_usage:
             yield sse(completion_object(self.plan, model, [], self._usage()))
+        yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------- one chat request
+
+
+class ChatChoice:
+    """The message and log-probabilities (chat's shape) of one chat choice, built from its engine events.
+
+    `prefix`: what the template writes between its generation prompt and the reply (`chat_template.reply_prefix`),
+    taken off the start of the reply; streamed text that could still be it is held back until it is known."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, logprobs: bool, prefix: str) -> None:
+        self.index, self.tokenizer = index, tokenizer
+        self.content = ""
+        self.logprobs: list[dict[str, Any]] | None = [] if logprobs else None
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._prefix, self._held = prefix, ""
+
+    def apply(self, event: Event) -> dict[str, Any]:
+        """Take an event in; return the choice's part of a stream chunk."""
+        tokens = []
+        if isinstance(event, TokenGenerated):
+            self.completion_tokens += 1
+            ended = event.token == self.tokenizer.eot_id  # the end of a reply, not a token of its message
+            if self.logprobs is not None and event.logprob is not None and not ended:
+                tokens.append(chat_token_logprob(self.tokenizer, event.token, event.logprob, event.top))
+        elif isinstance(event, Finished):
+            self.finish_reason = "length" if event.finish_reason == "cancelled" else event.finish_reason
+            self.error = event.error
+        text = self._without_prefix(getattr(event, "text", ""), final=isinstance(event, Finished))
+        self.content += text
+        if self.logprobs is not None:
+            self.logprobs.extend(tokens)
+        return {
+            "index": self.index,
+            "delta": {"content": text} if text else {},
+            "logprobs": {"content": tokens, "refusal": None} if tokens else None,
+            "finish_reason": self.finish_reason if isinstance(event, Finished) else None,
+        }
+
+    def _without_prefix(self, text: str, final: bool) -> str:
+        if not self._prefix:
+            return text
+        held, prefix = self._held + text, self._prefix
+        if prefix.startswith(held) and len(held) < len(prefix) and not final:
+            self._held = held
+            return ""
+        self._prefix = self._held = ""
+        return held.removeprefix(prefix)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "message": {"role": "assistant", "content": self.content, "refusal": None},
+            "logprobs": {"content": self.logprobs, "refusal": None} if self.logprobs is not None else None,
+            "finish_reason": self.finish_reason,
+        }
+
+
+class ChatRun(CompletionRun):
+    """A chat request: the completion run's sequences and events, in chat's response shapes."""
+
+    def __init__(self, plan: Plan, engine: Engine, tokenizer: Tokenizer, request: Request, prefix: str) -> None:
+        self.prefix = prefix
+        super().__init__(plan, engine, tokenizer, request)
+
+    def make_choice(self, index: int, prompt_ids: list[int], tokenizer: Tokenizer) -> Any:
+        return ChatChoice(index, tokenizer, self.plan.logprobs is not None, self.prefix)
+
+    async def collect(self, model: str) -> Any:
+        async for _event, _delta in self.events():
+            pass
+        errors = [choice.error for choice in self.choices if choice.error]
+        if errors:
+            return JSONResponse(ApiError(500, f"generation failed: {errors[0]}").body(), status_code=500)
+        choices = [choice.as_dict() for choice in self.choices]
+        return chat_completion_object(self.plan, model, choices, self._usage(), chunk=False)
+
+    async def stream(self, model: str) -> AsyncIterator[str]:
+        """OpenAI's order: a chunk with each choice's role, content deltas, a last chunk per choice with its
+        `finish_reason`, the usage chunk (empty `choices`) under `stream_options.include_usage`, `[DONE]`."""
+        for choice in self.choices:
+            role = {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+            yield sse(chat_completion_object(self.plan, model, [{**role, "finish_reason": None}], None, chunk=True))
+        async for event, delta in self.events():
+            if isinstance(event, Finished) and event.error:
+                yield sse(ApiError(500, f"generation failed: {event.error}").body())
+                continue
+            if delta["delta"] or delta["logprobs"] or delta["finish_reason"]:
+                yield sse(chat_completion_object(self.plan, model, [delta], None, chunk=True))
+        if self.plan.include_usage:
+            yield sse(chat_completion_object(self.plan, model, [], self._usage(), chunk=True))
         yield "data: [DONE]\n\n"
 
 

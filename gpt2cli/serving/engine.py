@@ -11,6 +11,11 @@ is a CUDA graph, it also pads the `n` active rows up to a power of two: a few gr
 all compiled and recorded when the engine starts (`StepBuckets`), so that one client neither reads the whole batch's
 cache every step nor pays for a compilation.
 
+With prompt lookup (`--prompt-lookup N`), each row drafts up to N tokens from its own text (`drafting.py`); a step
+where any row has a draft is one verification pass over every active row (`GPT2.verify_logits`, eager), and each
+row keeps its agreeing draft tokens plus the model's own. A row without a draft chooses its token as a plain step
+does, so a seeded row's text depends on its own text alone, never on whether its neighbours drafted.
+
 The sampler, the cache and the decode step are those of `gpt2 sample` (`generation/generator.py`): greedy output
 is the same.
 No FastAPI here; events go to whoever submitted the sequence through its `emit` callback (called from this thread).
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2cli.data.tokenizer import Tokenizer
+from gpt2cli.generation.drafting import Draft, LookupHistory, choose_with_drafts
 from gpt2cli.generation.generator import DecodeStep, TextGenerator, compile_decode_step
 from gpt2cli.generation.logit_filters import choose_next_per_row
 from gpt2cli.generation.records import Completion, SamplingOptions
@@ -51,6 +57,8 @@ class PromptScored:
 
 @dataclass
 class TokenGenerated:
+    """A generated token, the end-of-text token that finishes a sequence included."""
+
     choice: int
     token: int
     text: str  # text this token releases now ("" while it could still be part of a stop string)
@@ -85,6 +93,7 @@ class Sequence:
     cancelled: bool = False  # set by the client's side (disconnected); the scheduler drops the sequence
     completion: Completion = field(init=False)
     tracker: TextTracker | None = field(default=None, init=False)
+    lookup: LookupHistory | None = field(default=None, init=False)  # its whole text, for prompt lookup
     steps: int = field(default=0, init=False)  # tokens chosen so far (the end-of-text token included)
     last_token: int = field(default=0, init=False)
 
@@ -149,7 +158,8 @@ def compile_serve_step(model: GPT2, compile: bool) -> DecodeStep:
 class Engine:
     """Owns the model on its own thread; `submit` sequences from any thread.
 
-    `buckets`: the step's shapes (default: `step_buckets` for the device and `compile`)."""
+    `buckets`: the step's shapes (default: `step_buckets` for the device and `compile`). `prompt_lookup`: the most
+    tokens a row drafts per step (None: no drafting)."""
 
     def __init__(
         self,
@@ -158,7 +168,11 @@ class Engine:
         max_batch: int,
         compile: bool = False,
         buckets: StepBuckets | None = None,
+        prompt_lookup: int | None = None,
     ) -> None:
+        if prompt_lookup is not None and prompt_lookup < 1:
+            raise ValueError("prompt lookup needs a draft length of at least 1")
+        self.prompt_lookup = prompt_lookup
         self.generator = TextGenerator(model, tokenizer)  # the cache and the eager prefill, as `gpt2 sample`
         self.model, self.tokenizer, self.max_batch = self.generator.model, tokenizer, max_batch
         self.device = self.generator.device
@@ -284,6 +298,8 @@ class Engine:
 
     def _prefill(self, sequence: Sequence) -> None:
         sequence.tracker = TextTracker(self.tokenizer, sequence.options.stop)
+        if self.prompt_lookup is not None:
+            sequence.lookup = LookupHistory(sequence.prompt_ids)
         ids = torch.tensor([sequence.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
         if sequence.echo:
             self._score_prompt(sequence, ids)
@@ -309,6 +325,11 @@ class Engine:
 
     def _decode(self) -> None:
         """One step for every active sequence: each row at its own position."""
+        if self.prompt_lookup is not None:
+            drafts = [self._draft(sequence) for sequence in self.active]
+            if any(drafts):
+                self._decode_drafted(drafts)
+                return
         n = len(self.active)
         end = max(len(s.prompt_ids) + s.steps for s in self.active) + 1
         rows, length = self.buckets.pick(n, end)
@@ -326,10 +347,64 @@ class Engine:
         for row in reversed(finished):  # from the end, so each move keeps the earlier rows in place
             self._release(row)
 
-    def _choose(self, logits: torch.Tensor, sequences: list[Sequence], width: int, first_row: int = 0) -> torch.Tensor:
-        """The next token `(n,)` of the sequences in rows `first_row...`, chosen as one batch: each row with its own
-        options and one draw from its own generator when it samples, so its text depends on its seed alone.
-        `width`: the longest row's tokens so far."""
+    def _draft(self, sequence: Sequence) -> list[int]:
+        """Up to `prompt_lookup` tokens that may follow the sequence, no more than it may still take after the
+        step's own token."""
+        assert sequence.lookup is not None and self.prompt_lookup is not None
+        return sequence.lookup.draft(min(self.prompt_lookup, sequence.options.max_new_tokens - sequence.steps - 1))
+
+    def _decode_drafted(self, drafts: list[list[int]]) -> None:
+        """One verification pass `(n, N + 1)` over every active row's pending token and draft (padded with the
+        pending token: what padding computes is never read, its cache slots are overwritten before they are)."""
+        assert self.prompt_lookup is not None
+        n, width = len(self.active), self.prompt_lookup + 1
+        rows = [
+            [sequence.last_token, *draft] + [sequence.last_token] * (width - 1 - len(draft))
+            for sequence, draft in zip(self.active, drafts, strict=True)
+        ]
+        end = max(len(s.prompt_ids) + s.steps + len(d) for s, d in zip(self.active, drafts, strict=True)) + 1
+        length = self.cache.attend_length(min(end, self.cache.capacity))
+        tokens = torch.tensor(rows, device=self.device)  # (n, N + 1)
+        logits = self.model.verify_logits(tokens, self.cache, self.positions[:n], length)  # (n, N + 1, V)
+        # Rows without a draft choose as a plain step does (one batch, their own draws); the others verify theirs.
+        plain = [row for row in range(n) if not drafts[row]]
+        gains: list[list[int]] = [[] for _ in range(n)]
+        if plain:
+            chosen = self._choose(logits[plain, 0], [self.active[row] for row in plain], end - 1, rows=plain)
+            for row, token in zip(plain, chosen.tolist(), strict=True):
+                gains[row] = [token]
+        for row, draft in enumerate(drafts):
+            if draft:
+                sequence = self.active[row]
+                assert sequence.lookup is not None
+                history = [sequence.lookup.tokens]
+                row_logits = logits[row : row + 1, : len(draft) + 1]
+                gains[row] = choose_with_drafts(row_logits, history, [Draft(draft)], sequence.options, sequence.rng)[0]
+        finished = []
+        for row, (sequence, gained) in enumerate(zip(self.active, gains, strict=True)):
+            position = len(sequence.prompt_ids) + sequence.steps - 1  # of its pending token (`positions[row]`)
+            for index, token in enumerate(gained):
+                alive = self._accept(sequence, token, logits[row, index])
+                if not alive:
+                    finished.append(row)
+                    break
+            else:
+                self.positions[row] = position + len(gained)
+                self.history[row, position + 1 : position + 1 + len(gained)] = torch.tensor(gained, device=self.device)
+        for row in reversed(finished):
+            self._release(row)
+
+    def _choose(
+        self,
+        logits: torch.Tensor,
+        sequences: list[Sequence],
+        width: int,
+        first_row: int = 0,
+        rows: list[int] | None = None,
+    ) -> torch.Tensor:
+        """The next token `(n,)` of the sequences in rows `first_row...` (or in `rows`), chosen as one batch: each
+        row with its own options and one draw from its own generator when it samples, so its text depends on its
+        seed alone. `width`: the longest row's tokens so far."""
         draws = [
             torch.rand(1, generator=s.rng, device=s.rng.device) if s.options.temperature != 0.0 else None
             for s in sequences
@@ -338,7 +413,10 @@ class Engine:
         if any(draw is not None for draw in draws):
             zero = torch.zeros(1, device=self.device)
             uniforms = torch.cat([zero if draw is None else draw.to(self.device) for draw in draws])  # (n,)
-        history = self.history[first_row : first_row + len(sequences), :width]
+        if rows is None:
+            history = self.history[first_row : first_row + len(sequences), :width]
+        else:
+            history = self.history[rows, :width]
         return choose_next_per_row(logits, history, [s.options for s in sequences], uniforms)
 
     def _accept(self, sequence: Sequence, token: int, logits: torch.Tensor) -> bool:
@@ -357,11 +435,16 @@ class Engine:
         )
         sequence.steps += 1
         sequence.last_token = token
+        if sequence.lookup is not None:
+            sequence.lookup.extend([token])
         text = "".join(pieces)
-        if len(completion.token_ids) > before and completion.finish_reason != "stop":  # a stop string ends it instead
+        # A stop string ends the text instead of a token. The end-of-text token is reported (with no text): scoring
+        # clients read one log-probability per generated token, lm-evaluation-harness dropping the last one.
+        ended = completion.finish_reason == "eot"
+        if (len(completion.token_ids) > before and completion.finish_reason != "stop") or ended:
             logprob, top = self._logprobs(logits, token, sequence.logprobs)
-            self._emit(sequence, TokenGenerated(sequence.choice, token, text, logprob, top))
-            text = ""
+            self._emit(sequence, TokenGenerated(sequence.choice, token, "" if ended else text, logprob, top))
+            text = text if ended else ""
         if not alive:
             self._finish(sequence, _FINISH_REASONS[completion.finish_reason or "length"], text=text)
         return alive

@@ -1,4 +1,5 @@
-"""OpenAI's completion schema and its checks, without FastAPI: requests in, sequences and response pieces out.
+"""OpenAI's completion and chat schemas and their checks, without FastAPI: requests in, sequences and response
+pieces out. The tokenizer routes' requests speak llama.cpp's shape and vLLM's (what lm-evaluation-harness sends).
 
 Errors are `ApiError`s: an HTTP status and OpenAI's error object (`{"error": {"message", "type", "param",
 "code"}}`). Bad input is always a 4xx.
@@ -9,14 +10,18 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from gpt2cli.data.tokenizer import EOT_ID, Tokenizer
 from gpt2cli.generation.records import SamplingOptions
 
-MAX_LOGPROBS = 5  # OpenAI's cap on alternatives per token
+if TYPE_CHECKING:
+    from gpt2cli.formats.chat_template import ChatTemplate
+
+MAX_LOGPROBS = 5  # OpenAI's cap on alternatives per token (completions)
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap on alternatives per token (chat)
 MAX_STOPS = 4  # OpenAI's cap on stop sequences
 
 
@@ -49,7 +54,8 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = "<|endoftext|>"
+    # None: the one <|endoftext|> token, what GPT-2 saw before every document (OpenAI's default prompt)
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] | None = None
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16  # None: up to the context window
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -73,16 +79,61 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
 
 
-class TokenizeRequest(BaseModel):
+class ChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions`: OpenAI's fields, plus `top_k`, `min_p` and `repetition_penalty`.
+
+    `messages` are checked by the chat template's `validate_messages` (roles, text content)."""
+
     model_config = ConfigDict(extra="forbid")
-    content: StrictStr
-    add_special: StrictBool = False  # llama.cpp's field; GPT-2 adds nothing at the start, so it changes nothing
+
+    model: StrictStr | None = None
+    messages: list[Any]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # None: up to the context window
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # OpenAI's newer name of max_tokens
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_k: StrictInt | None = None
+    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    user: StrictStr | None = None
+    # OpenAI's, accepted at their neutral values only:
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` in llama.cpp's shape (`content`, `add_special`, `with_pieces`) or vLLM's (`prompt`,
+    `add_special_tokens`, `model`, `return_token_strs`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    content: StrictStr | None = None
+    prompt: StrictStr | None = None
+    # GPT-2 adds no token at the start, so these change nothing:
+    add_special: StrictBool = False
+    add_special_tokens: StrictBool = False
     with_pieces: StrictBool = False
+    return_token_strs: StrictBool = False
+    model: StrictStr | None = None
+
+    def text(self) -> str:
+        """The text to tokenize: exactly one of `content` and `prompt`."""
+        if (self.content is None) == (self.prompt is None):
+            raise ApiError(400, "give the text as 'content' (llama.cpp) or 'prompt' (vLLM), one of them", "content")
+        return self.content if self.content is not None else self.prompt or ""
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tokens: TokenIds
+    model: StrictStr | None = None  # vLLM's field
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:
@@ -111,13 +162,13 @@ class Limits:
 
 @dataclass
 class Plan:
-    """A checked completion request: the prompts as token ids and how to generate from each."""
+    """A checked completion or chat request: the prompts as token ids and how to generate from each."""
 
     prompts: list[list[int]]
     options: list[SamplingOptions]  # per prompt (max_tokens depends on the prompt's length when not given)
     n: int
     seed: int | None
-    logprobs: int | None
+    logprobs: int | None  # alternatives per token to report (None: no log-probabilities)
     echo: bool
     stream: bool
     include_usage: bool
@@ -126,49 +177,66 @@ class Plan:
 
 
 def plan_completion(request: CompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Plan:
-    _check_unsupported(request)
-    if request.n > limits.max_n:
-        raise ApiError(400, f"n must be at most {limits.max_n}", param="n")
-    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if len(stops) > MAX_STOPS or any(not stop for stop in stops):
-        raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
+    if request.best_of is not None and request.best_of != request.n:
+        raise ApiError(400, "best_of is not supported (leave it unset or equal to n)", param="best_of")
+    _check_shared(request, limits)
     prompts = _prompt_ids(request.prompt, tokenizer, limits)
-    top_k = request.top_k if request.top_k not in (None, 0, -1) else None
-    if top_k is not None and not 1 <= top_k <= limits.vocab_size:
-        raise ApiError(400, f"top_k must be between 1 and {limits.vocab_size} (or -1 for off)", param="top_k")
-    options = []
-    for ids in prompts:
-        max_tokens = limits.context - len(ids) if request.max_tokens is None else request.max_tokens
-        if len(ids) + max_tokens > limits.context:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limits.context} tokens. However, you requested "
-                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion). "
-                "Please reduce the prompt or max_tokens.",
-                param="max_tokens" if request.max_tokens else "prompt",
-                code="context_length_exceeded",
-            )
-        options.append(
-            SamplingOptions(
-                max_new_tokens=max_tokens,
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_k=top_k,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                min_p=request.min_p,
-                repetition_penalty=request.repetition_penalty,
-                stop=tuple(stops),
-                ignore_eot=request.ignore_eos,
-            )
-        )
-    include_usage = request.stream_options is not None and request.stream_options.include_usage
+    options = [
+        _sampling_options(request, ids, request.max_tokens, "max_tokens", _stops(request), limits) for ids in prompts
+    ]
     return Plan(
-        prompts, options, request.n, request.seed, request.logprobs, request.echo, request.stream, include_usage
+        prompts,
+        options,
+        request.n,
+        request.seed,
+        request.logprobs,
+        request.echo,
+        request.stream,
+        _include_usage(request),
     )
 
 
-def _check_unsupported(request: CompletionRequest) -> None:
-    if request.best_of is not None and request.best_of != request.n:
-        raise ApiError(400, "best_of is not supported (leave it unset or equal to n)", param="best_of")
+def plan_chat(request: ChatCompletionRequest, prompt_ids: list[int], end_of_turn: str | None, limits: Limits) -> Plan:
+    """A chat request whose messages rendered to `prompt_ids` (with the generation prompt); generation also stops
+    at `end_of_turn`, the text that ends an assistant turn (None: `<|endoftext|>`, where generation stops anyway)."""
+    _check_shared(request, limits)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    both = request.max_tokens is not None and request.max_completion_tokens is not None
+    if both and request.max_tokens != request.max_completion_tokens:
+        raise ApiError(400, "give max_completion_tokens or max_tokens, not both", param="max_tokens")
+    if not prompt_ids:
+        raise ApiError(400, "the messages rendered to no tokens", param="messages")
+    if any(token >= limits.vocab_size for token in prompt_ids):
+        raise ApiError(400, f"token ids must be below the vocabulary size {limits.vocab_size}", param="messages")
+    max_tokens, name = request.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, name = request.max_tokens, "max_tokens"
+    stops = _stops(request) + ([end_of_turn] if end_of_turn else [])
+    options = _sampling_options(request, prompt_ids, max_tokens, name, stops, limits, prompt_param="messages")
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return Plan(
+        [prompt_ids],
+        [options],
+        request.n,
+        request.seed,
+        logprobs,
+        False,
+        request.stream,
+        _include_usage(request),
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+    )
+
+
+def _check_shared(request: CompletionRequest | ChatCompletionRequest, limits: Limits) -> None:
+    """The checks completions and chat share: n, stop, and OpenAI's fields served at their neutral values only."""
+    if request.n > limits.max_n:
+        raise ApiError(400, f"n must be at most {limits.max_n}", param="n")
+    stops = _stops(request)
+    if len(stops) > MAX_STOPS or any(not stop for stop in stops):
+        raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
+    if request.top_k not in (None, 0, -1) and not 1 <= request.top_k <= limits.vocab_size:
+        raise ApiError(400, f"top_k must be between 1 and {limits.vocab_size} (or -1 for off)", param="top_k")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(request, name) != 0.0:
             raise ApiError(400, f"{name} is not supported; use repetition_penalty", param=name)
@@ -176,9 +244,53 @@ def _check_unsupported(request: CompletionRequest) -> None:
         raise ApiError(400, "logit_bias is not supported", param="logit_bias")
 
 
+def _stops(request: CompletionRequest | ChatCompletionRequest) -> list[str]:
+    return [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+
+
+def _include_usage(request: CompletionRequest | ChatCompletionRequest) -> bool:
+    return request.stream_options is not None and request.stream_options.include_usage
+
+
+def _sampling_options(
+    request: CompletionRequest | ChatCompletionRequest,
+    ids: list[int],
+    max_tokens: int | None,
+    max_tokens_param: str,
+    stops: list[str],
+    limits: Limits,
+    prompt_param: str = "prompt",
+) -> SamplingOptions:
+    """How to generate from one prompt of `ids`; its tokens and `max_tokens` (None: the rest of the context) must
+    fit the context."""
+    if max_tokens is None:
+        max_tokens = max(0, limits.context - len(ids))
+    if len(ids) + max_tokens > limits.context:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limits.context} tokens. However, you requested "
+            f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion). "
+            f"Please reduce the {'prompt' if prompt_param == 'prompt' else 'messages'} or {max_tokens_param}.",
+            param=max_tokens_param if max_tokens else prompt_param,
+            code="context_length_exceeded",
+        )
+    return SamplingOptions(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_k=request.top_k if request.top_k not in (None, 0, -1) else None,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
+        stop=tuple(stops),
+        ignore_eot=getattr(request, "ignore_eos", False),
+    )
+
+
 def _prompt_ids(prompt: Any, tokenizer: Tokenizer, limits: Limits) -> list[list[int]]:
     """The prompt(s) as token ids: a string, a list of strings, a list of ids, or a list of such lists."""
-    if isinstance(prompt, str):
+    if prompt is None:
+        prompts = [[EOT_ID]]
+    elif isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt) or [EOT_ID]]  # an empty prompt starts from <|endoftext|>
     elif prompt and isinstance(prompt[0], str):
         prompts = [tokenizer.encode(text) or [EOT_ID] for text in prompt]
@@ -193,6 +305,29 @@ def _prompt_ids(prompt: Any, tokenizer: Tokenizer, limits: Limits) -> list[list[
     if any(token >= limits.vocab_size for ids in prompts for token in ids):
         raise ApiError(400, f"token ids must be below the vocabulary size {limits.vocab_size}", param="prompt")
     return prompts
+
+
+# ---------------------------------------------------------------- chat templates
+
+
+def chat_prompt(template: ChatTemplate, messages: list[Any]) -> list[int]:
+    """The messages rendered with the generation prompt, as tokens (`<|endoftext|>` as the special token); bad
+    messages, or a template that refuses them, are a 400 on `messages`."""
+    from gpt2cli.errors import ChatTemplateError
+    from gpt2cli.formats.chat_template import validate_messages
+
+    try:
+        checked = validate_messages([_openai_roles(message) for message in messages], "request")
+        return template.encode(checked, add_generation_prompt=True).ids
+    except ChatTemplateError as error:
+        raise ApiError(400, str(error).removeprefix("request: "), param="messages") from None
+
+
+def _openai_roles(message: Any) -> Any:
+    """OpenAI's `developer` role is its newer name of `system`."""
+    if isinstance(message, dict) and message.get("role") == "developer":
+        return {**message, "role": "system"}
+    return message
 
 
 # ---------------------------------------------------------------- responses
@@ -253,6 +388,38 @@ def completion_object(
         "choices": choices,
     }
     if usage is not None:
+        document["usage"] = usage
+    return document
+
+
+def chat_token_logprob(
+    tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None
+) -> dict[str, Any]:
+    """One token of chat's `logprobs.content`: its text, log-probability, UTF-8 bytes and likeliest alternatives."""
+
+    def entry(token_id: int, value: float) -> dict[str, Any]:
+        return {
+            "token": token_text(tokenizer, token_id),
+            "logprob": value,
+            "bytes": list(tokenizer.decode_bytes([token_id])),
+        }
+
+    return {**entry(token, logprob), "top_logprobs": [entry(other, value) for other, value in top or []]}
+
+
+def chat_completion_object(
+    plan: Plan, model: str, choices: list[dict[str, Any]], usage: dict[str, int] | None, chunk: bool
+) -> dict[str, Any]:
+    """A chat response (`chat.completion`) or one event of its stream (`chat.completion.chunk`)."""
+    document: dict[str, Any] = {
+        "id": plan.id,
+        "object": "chat.completion.chunk" if chunk else "chat.completion",
+        "created": plan.created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if usage is not None or (chunk and plan.include_usage):  # OpenAI: null on every chunk but the usage one
         document["usage"] = usage
     return document
 

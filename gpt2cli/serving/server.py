@@ -59,7 +59,9 @@ def load_engine(checkpoint: str, settings: ServeSettings, state: ServerState) ->
     if settings.compile:
         keep_compiled_code()  # the next start loads the compiled step rather than compiling it again
     model = load_generation_model(checkpoint, settings, say)
-    engine = Engine(model, state.tokenizer, settings.max_batch, compile=settings.compile)
+    engine = Engine(
+        model, state.tokenizer, settings.max_batch, compile=settings.compile, prompt_lookup=settings.prompt_lookup
+    )
     seconds = engine.start()  # every decode shape compiled (and recorded) before the first request
     shapes = engine.buckets.shapes
     if shapes:
@@ -75,7 +77,12 @@ def run_server(checkpoint: str, settings: ServeSettings) -> None:
     """Serve until interrupted; a model that fails to load ends the server and raises its error."""
     import uvicorn
 
-    state = ServerState(settings, settings.model_name or default_model_name(checkpoint), get_tokenizer())
+    from gpt2cli.formats.chat_template import read_chat_template
+
+    template = read_chat_template(checkpoint)  # a broken one stops the server here, before anything loads
+    state = ServerState(
+        settings, settings.model_name or default_model_name(checkpoint), get_tokenizer(), chat_template=template
+    )
     app = create_app(state, request_logger(settings.json_logs))
     config = uvicorn.Config(
         app,
@@ -112,7 +119,7 @@ def run_server(checkpoint: str, settings: ServeSettings) -> None:
             port = server.servers[0].sockets[0].getsockname()[1]
             print(
                 f"gpt2 serve: {state.model_name} on http://{settings.host}:{port} (max batch {settings.max_batch}, "
-                "Ctrl-C to stop)",
+                f"{'chat template' if template is not None else 'no chat template'}, Ctrl-C to stop)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -266,6 +266,21 @@ class SampleSettings(GenerationWeights):
         return stops
 
 
+class ChatSettings(SampleSettings):
+    """`gpt2 chat`: `gpt2 sample`'s decoding and weights, one reply per turn, and the system message."""
+
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens in one reply.")
+    system: str | None = Field(None, min_length=1, description="A system message that opens the conversation.")
+
+    @model_validator(mode="after")
+    def _one_reply_to_the_end_of_turn(self) -> ChatSettings:
+        if self.num_samples != 1:
+            raise ValueError("num_samples: a chat answers each message once")
+        if self.ignore_eot:
+            raise ValueError("ignore_eot: a chat reply ends at the template's end of turn")
+        return self
+
+
 class EvalSettings(Section):
     """Evaluation for `gpt2 eval`."""
 
@@ -347,6 +362,12 @@ class ServeSettings(GenerationWeights):
     max_prompts: int = Field(64, ge=1, description="Most prompts in one request.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body in bytes (else 413).")
     json_logs: bool = Field(False, description="Request logs on stderr as JSON lines.")
+    prompt_lookup: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt-lookup decoding per sequence: draft up to N tokens from earlier text and verify them in "
+        "one pass (as gpt2 sample --prompt-lookup); greedy float32 output is unchanged.",
+    )
 
 
 class Settings(BaseSettings):
@@ -360,6 +381,7 @@ class Settings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     sample: SampleSettings = Field(default_factory=SampleSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     bench: BenchSettings = Field(default_factory=BenchSettings)
     plot: PlotSettings = Field(default_factory=PlotSettings)

@@ -13,6 +13,7 @@ from gpt2cli.model.presets import PRESETS
 from gpt2cli.settings.sections import (
     DEFAULT_RUN,
     BenchSettings,
+    ChatSettings,
     DataSettings,
     EvalSettings,
     ModelSettings,
@@ -56,6 +57,7 @@ def _shown(value: object) -> str:
 SECTIONS = {
     "train": (TrainSettings, ModelSettings),
     "sample": (SampleSettings,),
+    "chat": (ChatSettings,),
     "eval": (EvalSettings,),
     "bench": (BenchSettings,),
     "tokenize": (DataSettings,),
@@ -69,6 +71,7 @@ SPELLED = {
     "token_limit": "--max-tokens",  # tokenize's; train and eval have their own max_tokens
 }
 NOT_FLAGS = {"paths", "vocab_size", "cache_dir"}  # FIXTURES arguments, or settings only a file or the environment sets
+NOT_FLAGS_OF = {"chat": {"num_samples", "ignore_eot"}}  # inherited from sample; a chat has one value for them
 
 
 @pytest.mark.parametrize("command", SECTIONS)
@@ -76,7 +79,9 @@ def test_each_default_and_choice_is_shown_from_the_settings(capsys, command):
     text = help_text(capsys, command)
     for section in SECTIONS[command]:
         for field, info in section.model_fields.items():
-            if field in NOT_FLAGS or (section is DataSettings and command != "tokenize"):
+            if field in NOT_FLAGS | NOT_FLAGS_OF.get(command, set()) or (
+                section is DataSettings and command != "tokenize"
+            ):
                 continue
             line = option_line(text, SPELLED.get(field, _flag(field)))
             default = info.get_default(call_default_factory=True)

@@ -239,6 +239,66 @@ def test_greedy_with_a_repetition_penalty_equals_gpt2_sample(model, checkpoint, 
         assert tokens == expected[prompt][:n], prompt
 
 
+# ---------------------------------------------------------------- prompt lookup
+
+
+def test_greedy_with_prompt_lookup_equals_gpt2_sample(model, checkpoint, tmp_path, monkeypatch):
+    """Each row drafts from its own text and the drafts are verified in one pass beside rows without one (CUDA's
+    buckets, eagerly on the CPU); every row's tokens are still `gpt2 sample`'s greedy ones, and some passes gained
+    a row several tokens."""
+    import gpt2cli.serving.engine as engine_module
+
+    prompts = ["one two three one two three one two three one two", *PROMPTS]
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    flags = ["--prompts-file", prompts_file, "--temperature", "0", "--max-new-tokens", "40", "--ignore-eot"]
+    result = run_cli("sample", checkpoint, *flags, "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    expected = {record["prompt"]: record["token_ids"] for record in map(json.loads, result.stdout.splitlines())}
+
+    gains: list[int] = []  # tokens each verified draft gained its row
+    verify = engine_module.choose_with_drafts
+
+    def recording_verify(*args):
+        gained = verify(*args)
+        gains.append(len(gained[0]))
+        return gained
+
+    monkeypatch.setattr(engine_module, "choose_with_drafts", recording_verify)
+    tokenizer = get_tokenizer()
+    engine = Engine(model, tokenizer, max_batch=4, buckets=step_buckets("cuda", True, 4, 128), prompt_lookup=3)
+    engine.start()
+    try:
+        lengths = [40, 30, 15, 40, 7]  # five sequences in four rows: one waits, rows leave and move
+        requests = [
+            (tokenizer.encode(prompt), SamplingOptions(max_new_tokens=n, temperature=0.0, ignore_eot=True), 0)
+            for prompt, n in zip(prompts, lengths, strict=True)
+        ]
+        served = generate(engine, requests)
+    finally:
+        engine.stop()
+    for prompt, n, tokens in zip(prompts, lengths, served, strict=True):
+        assert tokens == expected[prompt][:n], prompt
+    assert gains and max(gains) == 4  # a whole draft of 3 kept, and the model's own token
+
+
+def test_a_seeded_sequence_with_prompt_lookup_does_not_depend_on_its_neighbours(model):
+    """A row draws from its own generator whether or not a neighbour drafted in the same pass."""
+    tokenizer = get_tokenizer()
+    sampled = SamplingOptions(max_new_tokens=30, temperature=0.8, top_k=20, ignore_eot=True)
+    once = (tokenizer.encode("a b a b a b a b"), sampled, 3)
+    engine = Engine(model, tokenizer, max_batch=4, prompt_lookup=2)
+    engine.start()
+    try:
+        (alone,) = generate(engine, [once])
+        greedy = SamplingOptions(max_new_tokens=40, temperature=0.0, ignore_eot=True)
+        neighbours = [(tokenizer.encode("x y z x y z x y z"), greedy, 0), (tokenizer.encode(PROMPTS[0]), sampled, 4)]
+        crowded = generate(engine, [*neighbours, once])
+    finally:
+        engine.stop()
+    assert len(alone) == 30 and crowded[2] == alone
+
+
 @pytest.mark.slow
 def test_the_cuda_compilation_covers_every_bucket_in_a_few_compilations():
     """`serve_compile_arguments("cuda")` without its CUDA graphs, on the CPU: Dynamo's automatic dynamic shapes

@@ -103,6 +103,8 @@ def command(
     hellaswag_limit: Annotated[int | None, _t("hellaswag_limit", OUTPUT)] = None,
     save_interval: Annotated[int | None, _t("save_interval", OUTPUT)] = None,
     keep: Annotated[int | None, _t("keep", OUTPUT)] = None,
+    keep_best: Annotated[bool | None, _t("keep_best", OUTPUT, "--keep-best/--no-keep-best")] = None,
+    early_stop: Annotated[int | None, _t("early_stop", OUTPUT)] = None,
     log_to: Annotated[str | None, _t("log_to", OUTPUT)] = None,
     memory_check: Annotated[bool | None, _t("memory_check", RUN, "--memory-check/--no-memory-check")] = None,
     activation_checkpointing: Annotated[

@@ -142,8 +142,15 @@ def print_summary(summary: TrainingSummary) -> None:
             if summary.hellaswag_acc_norm is not None
             else []
         ),
+        *(
+            [("best val loss", f"{summary.best_val_loss:.4f} at step {summary.best_step:,}")]
+            if summary.best_val_loss is not None and summary.best_step is not None
+            else []
+        ),
+        *([("stopped early", f"at step {summary.steps:,} (--early-stop)")] if summary.stopped_early else []),
         ("mean tokens/s", f"{summary.tokens_per_s:,.0f}"),
         ("weights", str(summary.model)),
+        *([("best weights", str(summary.best / "model.safetensors"))] if summary.best is not None else []),
     ]
     for name, value in rows:
         table.add_row(name, value)

@@ -45,7 +45,7 @@ def tracker_scalars(record: Mapping[str, Any]) -> dict[str, float]:
             continue
         if key.startswith("val_"):
             scalars[f"val/{key.removeprefix('val_')}"] = float(value)
-        elif key.startswith("hellaswag"):
+        elif key.startswith(("hellaswag", "best_")) or key == "evals_since_best":  # evaluation's (--keep-best)
             scalars[f"val/{key}"] = float(value)
         else:
             scalars[f"train/{key}"] = float(value)

@@ -209,6 +209,12 @@ class TrainSettings(Section):
     hellaswag_limit: int | None = Field(None, ge=1, description="Score only the first N HellaSwag examples.")
     save_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
     keep: int = Field(1, ge=1, description="Checkpoints to keep.")
+    keep_best: bool = Field(
+        False, description="Also keep the checkpoint with the lowest validation loss, as checkpoints/best."
+    )
+    early_stop: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without a lower validation loss (saving first)."
+    )
     seed: int = Field(1337, ge=0, description="Random seed.")
     log_to: Annotated[list[Tracker], NoDecode, BeforeValidator(comma_list)] = Field(
         default_factory=list, description="Also log to these trackers: tensorboard, wandb (comma list)."
@@ -258,6 +264,15 @@ class TrainSettings(Section):
             raise ValueError("lora_rank needs init_from: the model the adapters fine-tune")
         if self.save_adapters and self.lora_rank is None:
             raise ValueError("save_adapters needs lora_rank")
+        return self
+
+    @model_validator(mode="after")
+    def _best_needs_validation(self) -> TrainSettings:
+        wanted = [name for name in ("keep_best", "early_stop") if getattr(self, name)]
+        if wanted and self.val_fraction == 0 and not self.val_data:
+            flags = " and ".join("--" + name.replace("_", "-") for name in wanted)
+            verb = "need" if len(wanted) > 1 else "needs"
+            raise ValueError(f"{flags} {verb} validation data: give --val-data or a --val-fraction above 0")
         return self
 
 

@@ -51,7 +51,8 @@ def train(
     `train={"resume": True, "out": FOLDER}` continues a run with its saved settings, as `--resume` does.
 
     `report(event, payload)` receives the progress: "data", "start", "log" (each metrics.jsonl record), "checkpoint",
-    "notice", "warning"; without it they go to the "gpt2cli.training" logger. `should_stop()`, asked after every step,
+    "best" (a new lowest validation loss kept as checkpoints/best, with --keep-best), "notice", "warning"; without it
+    they go to the "gpt2cli.training" logger. `should_stop()`, asked after every step,
     stops the run as Ctrl-C does. Called from the main thread, Ctrl-C and SIGTERM stop gracefully while the run lasts
     (a second Ctrl-C at once); from another thread no signal handler is installed.
 
@@ -257,6 +258,8 @@ def log_event(event: str, payload: dict[str, Any]) -> None:
         logger.info("step %d/%d: loss %.4f%s", payload["step"], payload["total_steps"], payload["loss"], evaluated)
     elif event == "checkpoint":
         logger.info("checkpoint at step %d: %s", payload["step"], payload["path"])
+    elif event == "best":
+        logger.info("best so far at step %d (val %.4f): %s", payload["step"], payload["val_loss"], payload["path"])
 
 
 def _ignore(event: str, payload: dict[str, Any]) -> None:

@@ -10,10 +10,14 @@
 A LoRA run's checkpoints hold `adapters.safetensors` (with their optimizer state) instead of the model, and its
 state.json the base's path and SHA-256; its `model.safetensors` is then the merged model, written as a file of its own.
     checkpoints/latest    the name of the newest complete checkpoint folder
+    checkpoints/best/     with --keep-best: the checkpoint of the lowest validation loss so far (hard links to the
+                          step's files where the filesystem has them, so it costs no space while that step is kept)
     .lock                 the writer's lock (its PID inside): one `gpt2 train` at a time writes here
 
 A checkpoint folder is written under a temporary name and renamed when complete, then `latest` is replaced
-atomically: killing the process at any instant leaves the previous checkpoint intact and pointed to. A failed
+atomically: killing the process at any instant leaves the previous checkpoint intact and pointed to. A new `best`
+is staged whole before the old one steps aside as `best.previous`, which the next writer puts back if the process
+died between the two renames. A failed
 write (full disk, lost permission) removes what it had written and leaves `latest` where it was.
 """
 
@@ -46,6 +50,8 @@ from gpt2cli.runtime.files import atomic_path, atomic_write_bytes, storage_error
 STATE_FORMAT = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
+BEST_PREVIOUS = "best.previous"
 LOCK = ".lock"
 ADAPTERS = "adapters.safetensors"
 
@@ -95,6 +101,7 @@ class RunFolder:
             raise
         try:
             self._remove_stale_temporaries()  # only the writer may: they could be a live writer's save in progress
+            self._recover_best()
             yield
         finally:
             unused = created is not None and {path.name for path in self.path.iterdir()} <= {LOCK}
@@ -154,6 +161,17 @@ class RunFolder:
             else:
                 stale.unlink(missing_ok=True)
 
+    def _recover_best(self) -> None:
+        """Finish a swap of `best` that a killed process left half done: the old best back if no new one is in place,
+        else the old one removed."""
+        previous, best = self.checkpoints / BEST_PREVIOUS, self.checkpoints / BEST
+        if not previous.is_dir():
+            return
+        if best.is_dir():
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(previous, best)
+
     # ------------------------------------------------------------ reading
 
     def latest_checkpoint(self) -> Path | None:
@@ -175,6 +193,11 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {self.path}: exists and is not a folder")
         return None
+
+    def best_checkpoint(self) -> Path | None:
+        """`checkpoints/best` where one is kept (complete: its state.json is the last file it gets)."""
+        best = self.checkpoints / BEST
+        return best if (best / "state.json").is_file() else None
 
     @staticmethod
     def read_state(checkpoint: Path) -> dict[str, Any]:
@@ -318,6 +341,33 @@ class RunFolder:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def keep_as_best(self, checkpoint: Path, weights: Path | None = None) -> Path:
+        """Make `checkpoints/best` a copy of the complete checkpoint folder `checkpoint`: its files hard-linked (copied
+        where the filesystem has no hard links) into a staging folder, which then takes the place of the old best.
+        `weights`: the model of the same step, for a checkpoint that holds no `model.safetensors` of its own (a LoRA
+        run's holds its adapters; the merged model is the run's `model.safetensors`), so that best/ always has one."""
+        best, previous = self.checkpoints / BEST, self.checkpoints / BEST_PREVIOUS
+        staging = self.checkpoints / f".{BEST}.{os.getpid()}.tmp"
+        kept = "the best checkpoint before it is kept" if best.exists() else "no best checkpoint was kept"
+        with storage_errors(f"the best checkpoint ({checkpoint.name}) in {self.checkpoints}", kept):
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                staging.mkdir()
+                # state.json last: a folder with it is complete (`best_checkpoint`).
+                if weights is not None and not (checkpoint / "model.safetensors").exists():
+                    _link_or_copy_file(weights, staging / "model.safetensors")
+                for path in sorted(checkpoint.iterdir(), key=lambda path: path.name == "state.json"):
+                    _link_or_copy_file(path, staging / path.name)
+                if best.exists():
+                    shutil.rmtree(previous, ignore_errors=True)
+                    os.replace(best, previous)
+                os.replace(staging, best)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        shutil.rmtree(previous, ignore_errors=True)
+        return best
 
     def prune(self, keep: int, newest: str) -> None:
         folders = sorted(path for path in self.checkpoints.glob("step-*") if path.is_dir())
@@ -486,6 +536,15 @@ def _link_or_copy(source: Path, destination: Path) -> None:
             os.link(source, temporary)
         except OSError:  # no hard links on this filesystem
             shutil.copyfile(source, temporary)
+
+
+def _link_or_copy_file(source: Path, destination: Path) -> None:
+    """A hard link (the same bytes, no space used), or a copy fsynced to disk."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
+        _fsync_file(destination)
 
 
 def _json_or_none(line: str) -> Any:

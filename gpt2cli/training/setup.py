@@ -24,12 +24,12 @@ from gpt2cli.model.gpt2 import GPT2, GPT2Config
 from gpt2cli.runtime.compile import choose_compile, compile_blocks, keep_compiled_code
 from gpt2cli.runtime.devices import Precision, keep_freed_memory
 from gpt2cli.runtime.distributed import World, is_sharded, parallelize
-from gpt2cli.settings.sections import DEFAULT_RUN, Settings, load_settings
+from gpt2cli.settings.sections import DEFAULT_RUN, Settings, TrainSettings, load_settings
 from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.training.hellaswag import HellaSwag
 from gpt2cli.training.lora import LoraRun, prepare_lora
 from gpt2cli.training.loss import TrainingModel
-from gpt2cli.training.memory import check_training_memory
+from gpt2cli.training.memory import check_training_memory, memory_remedies, parameter_bytes, run_step_shape
 from gpt2cli.training.optim import Optimizer, build_muon, build_optimizer, load_optimizer_tensors, muon_available
 from gpt2cli.training.packing import PackedRows
 from gpt2cli.training.plan import plan_run
@@ -182,17 +182,11 @@ def prepare_trainer(
         )
     if saved_state is not None:
         _check_resumable(saved_state, data, plan.tokens_per_step, out)
+    _check_early_stop(train, plan.total_steps)
     if device.type == "cpu" and train.memory_check:  # before the first step, not in it (the kernel's OOM killer)
-        check_training_memory(
-            model.config,
-            plan.batch_size,
-            plan.seq_len,
-            precision.compute_bytes,
-            precision.name,
-            already_resident=4 * model.num_parameters(),  # the weights just built (whole, before any sharding)
-            ddp=world.distributed and train.parallel == "ddp",
-            shards=world.world_size if world.distributed and train.parallel == "fsdp" else 1,
-        )
+        shape = run_step_shape(train, model, plan, precision, world)
+        # The weights just built (whole, before any sharding) are resident already.
+        check_training_memory(shape, already_resident=parameter_bytes(model), remedies=memory_remedies(train, shape))
     examples = read_multiple_choice(train.hellaswag, train.hellaswag_limit) if train.hellaswag else None
     steps_left = plan.total_steps - (saved_state or {}).get("step", 0)
     flops = model.flops_per_token(plan.seq_len) * plan.tokens_per_step * steps_left / world.world_size
@@ -254,6 +248,17 @@ def _choose_compile(
     return choice.enabled
 
 
+def _check_early_stop(train: TrainSettings, total_steps: int) -> None:
+    """--early-stop N that can never stop the run (N or fewer evaluations in all) is a mistake, said before starting."""
+    patience = train.early_stop
+    evaluations = -(-total_steps // train.eval_interval)  # every eval_interval steps, and at the last step
+    if patience is not None and evaluations <= patience:
+        raise UsageError(
+            f"--early-stop {patience} can never stop this run: it evaluates {evaluations} time(s) in {total_steps} "
+            f"steps (--eval-interval {train.eval_interval}); lower --eval-interval or --early-stop"
+        )
+
+
 def _check_optimizer(settings: Settings, world: World) -> None:
     if settings.train.optimizer != "muon":
         return
@@ -312,6 +317,9 @@ def _restore(
         train_s=state.get("train_s", 0.0),  # absent from checkpoints written before it was recorded
         sampler=SamplerState(**state["sampler"]),
         last_val_loss=state.get("last_val_loss"),
+        best_val_loss=state.get("best_val_loss"),  # absent from checkpoints written before --keep-best
+        best_step=state.get("best_step"),
+        evals_since_best=state.get("evals_since_best", 0),
     )
 
 

@@ -39,7 +39,7 @@ from gpt2cli.training.batches import SamplerState, Windows, WindowSampler
 from gpt2cli.training.hellaswag import HellaSwag
 from gpt2cli.training.lora import LoraRun
 from gpt2cli.training.loss import TrainingModel
-from gpt2cli.training.memory import NotEnoughMemory, out_of_memory_message
+from gpt2cli.training.memory import NotEnoughMemory, out_of_memory_message, run_step_shape
 from gpt2cli.training.optim import Optimizer, clip_gradients, clip_gradients_on_device, optimizer_tensors
 from gpt2cli.training.packing import PackedRows
 from gpt2cli.training.plan import RunPlan
@@ -68,6 +68,11 @@ class Progress:
     train_s: float = 0.0  # time in training steps only (compilation included; evaluation and saving excluded)
     sampler: SamplerState = field(default_factory=SamplerState)
     last_val_loss: float | None = None
+    # --keep-best, --early-stop: the lowest validation loss so far, its step, and the evaluations since it (the
+    # patience count); saved with the rest, so a resume continues the count where it was.
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,25 @@ class TrainingSummary:
     tokens_per_s: float
     device: str
     dtype: str
+    best_val_loss: float | None = None  # the lowest validation loss: with --keep-best or --early-stop
+    best_step: int | None = None  # the step it was reached at
+    best: Path | None = None  # the checkpoint kept for it (out/checkpoints/best): with --keep-best
+    stopped_early: bool | None = None  # with --early-stop: whether it ended the run before the planned step
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: paths as strings, the HellaSwag keys only where HellaSwag was scored."""
+        """JSON-ready: paths as strings, the HellaSwag keys only where HellaSwag was scored, the best's and the early
+        stop's only where the run tracked them."""
         document = {**dataclasses.asdict(self), "out": str(self.out), "model": str(self.model)}
         if self.hellaswag_acc is None:
             del document["hellaswag_acc"], document["hellaswag_acc_norm"]
+        if self.best_step is None:
+            del document["best_val_loss"], document["best_step"]
+        if self.best is None:
+            del document["best"]
+        else:
+            document["best"] = str(self.best)
+        if self.stopped_early is None:
+            del document["stopped_early"]
         return document
 
 
@@ -158,6 +176,11 @@ class Trainer:
             self.flops_per_token -= 2 * model.num_parameters(exclude_positions=True)
         self.hellaswag = hellaswag  # scored with the validation loss, at every evaluation
         self.lora = lora  # checkpoints hold the adapters; model.safetensors is the merged model
+        # --keep-best / --early-stop follow the lowest validation loss (settings refuse them without validation data).
+        self.tracks_best = bool(self.data.val) and (
+            self.train_settings.keep_best or bool(self.train_settings.early_stop)
+        )
+        self.stopped_early = False
 
     # ------------------------------------------------------------ the loop
 
@@ -168,6 +191,7 @@ class Trainer:
             settings = self.settings.model_dump(mode="json")
             self.folder.write_run_files(settings, self.model.config)
             self.folder.start_trackers(self.train_settings.log_to, settings, progress.step or None)
+            self.restore_best()
         try:
             return self._loop(plan, progress)
         finally:
@@ -195,15 +219,34 @@ class Trainer:
                 evaluate = (self.data.val or self.hellaswag) and (
                     progress.step % self.train_settings.eval_interval == 0 or last
                 )
+                improved = False
                 if evaluate and self.data.val:
                     progress.last_val_loss = self.evaluate()
+                    improved = self._track_best(progress.last_val_loss)
                 if evaluate and self.hellaswag:
                     self.hellaswag.score()
+                patience = self.train_settings.early_stop
+                out_of_patience = bool(patience and progress.evals_since_best >= patience)
+                stop_early = bool(evaluate and self.tracks_best and out_of_patience and not last)
                 if self.world.is_main and (progress.step % self.train_settings.log_interval == 0 or last or evaluate):
-                    self._log(loss, grad_norm, lr, window_tokens / max(window_seconds, 1e-9), bool(evaluate))
+                    self._log(
+                        loss, grad_norm, lr, window_tokens / max(window_seconds, 1e-9), bool(evaluate), stop_early
+                    )
                     window_seconds, window_tokens = 0.0, 0
-                if progress.step % self.train_settings.save_interval == 0 or last:
+                if progress.step % self.train_settings.save_interval == 0 or last or stop_early:
                     self.save_checkpoint()
+                if improved and self.train_settings.keep_best:
+                    self._keep_best()
+                if stop_early:
+                    self.stopped_early = True
+                    self.report(
+                        "notice",
+                        {
+                            "message": f"early stop at step {progress.step}: no lower validation loss in {patience} "
+                            f"evaluations (best {progress.best_val_loss:.4f} at step {progress.best_step})"
+                        },
+                    )
+                    break
                 # Ctrl-C: every rank stops after the same step, with its state saved.
                 if self.stop_poll.agreed_stop(progress.step, self.should_stop()) and not last:
                     self.save_checkpoint()
@@ -215,26 +258,46 @@ class Trainer:
                     )
         return self._summary(losses)
 
+    def _track_best(self, val_loss: float) -> bool:
+        """Follow the lowest validation loss; True when `val_loss` is a new one. Every rank computes the same (the
+        loss is averaged across ranks), so every rank stops early at the same step."""
+        progress = self.progress
+        if not self.tracks_best:
+            return False
+        if progress.best_val_loss is None or val_loss < progress.best_val_loss:
+            progress.best_val_loss, progress.best_step, progress.evals_since_best = val_loss, progress.step, 0
+            return True
+        progress.evals_since_best += 1
+        return False
+
+    def _keep_best(self) -> None:
+        """`checkpoints/best` := this step's checkpoint (saved here if this is no save step)."""
+        checkpoint = self.save_checkpoint()  # under FSDP every rank takes part
+        if self.world.is_main and checkpoint is not None:
+            # The run's model.safetensors is this step's too: best/'s model where the checkpoint holds adapters only.
+            best = self.folder.keep_as_best(checkpoint, weights=self.folder.model_file)
+            self.report(
+                "best", {"step": self.progress.step, "val_loss": self.progress.best_val_loss, "path": str(best)}
+            )
+
+    def restore_best(self) -> None:  # rank 0
+        """After a resume: if the process that saved the best step died before `best` pointed at it, point it now."""
+        step = self.progress.best_step
+        if not (self.world.is_main and self.train_settings.keep_best and step is not None):
+            return
+        kept = self.folder.best_checkpoint()
+        checkpoint = self.folder.checkpoints / f"step-{step:06d}"
+        if (kept is None or RunFolder.read_state(kept)["step"] != step) and (checkpoint / "state.json").is_file():
+            self.folder.keep_as_best(checkpoint)
+
     def _first_step(self) -> tuple[float, float, float]:
         """The first step of this process: an out-of-memory here is the shape's fault, said as one line."""
         try:
             return self._train_step()
         except torch.OutOfMemoryError:
             total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
-            plan = self.plan
-            raise NotEnoughMemory(
-                out_of_memory_message(
-                    self.model.config,
-                    plan.batch_size,
-                    plan.seq_len,
-                    self.precision.compute_bytes,
-                    self.precision.name,
-                    str(self.device),
-                    total,
-                    ddp=self.world.distributed and not self.sharded,
-                    shards=self.world.world_size if self.sharded else 1,
-                )
-            ) from None
+            shape = run_step_shape(self.train_settings, self.model, self.plan, self.precision, self.world)
+            raise NotEnoughMemory(out_of_memory_message(shape, str(self.device), total)) from None
 
     def _train_step(self) -> tuple[float, float, float]:
         """One optimizer step over the global batch; returns the mean loss, the gradient norm and the lr."""
@@ -335,7 +398,9 @@ class Trainer:
         # `tokens_per_s` counts every rank's tokens: they were computed on world_size devices.
         return flops.mfu(self.flops_per_token, tokens_per_s, self.peak, self.world.world_size)
 
-    def _log(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float, evaluated: bool) -> None:
+    def _log(
+        self, loss: float, grad_norm: float, lr: float, tokens_per_s: float, evaluated: bool, stop_early: bool = False
+    ) -> None:
         progress = self.progress
         record: dict[str, Any] = {
             "step": progress.step,
@@ -351,6 +416,12 @@ class Trainer:
         if evaluated and self.data.val:
             record["val_loss"] = round(progress.last_val_loss, 6)  # type: ignore[arg-type]
         record.update(self.hellaswag.metrics() if evaluated and self.hellaswag else {})
+        if evaluated and self.tracks_best:
+            record.update(best_val_loss=round(progress.best_val_loss, 6), best_step=progress.best_step)  # type: ignore[arg-type]
+            if self.train_settings.early_stop:
+                record.update(evals_since_best=progress.evals_since_best)
+            if stop_early:
+                record.update(stopped_early=True)
         self.folder.append_metrics(record)
         self.report("log", {**record, "total_steps": self.plan.total_steps, "epoch": self.sampler.epochs_done})
 
@@ -375,6 +446,7 @@ class Trainer:
         progress = self.progress
         tail = losses[-max(1, min(len(losses), self.train_settings.log_interval)) :] if losses else []
         hellaswag = self.hellaswag.metrics() if self.hellaswag else {}
+        best_val_loss = progress.best_val_loss if self.tracks_best else None
         return TrainingSummary(
             out=self.out,
             model=self.folder.model_file,
@@ -389,6 +461,10 @@ class Trainer:
             tokens_per_s=round(progress.tokens / max(progress.elapsed_s, 1e-9), 1),
             device=str(self.device),
             dtype=self.precision.name,
+            best_val_loss=None if best_val_loss is None else round(best_val_loss, 6),
+            best_step=progress.best_step if self.tracks_best else None,
+            best=self.folder.best_checkpoint() if self.tracks_best and self.train_settings.keep_best else None,
+            stopped_early=self.stopped_early if self.train_settings.early_stop and self.tracks_best else None,
         )
 
     # ------------------------------------------------------------ checkpoints
@@ -418,6 +494,9 @@ class Trainer:
             "train_s": progress.train_s,
             "sampler": dataclasses.asdict(self.sampler.state),
             "last_val_loss": progress.last_val_loss,
+            "best_val_loss": progress.best_val_loss,
+            "best_step": progress.best_step,
+            "evals_since_best": progress.evals_since_best,
             "rng": rng_state(self.device),
             "plan": dataclasses.asdict(self.plan),
             "data": self.data.fingerprint(),

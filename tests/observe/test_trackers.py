@@ -120,6 +120,20 @@ def test_unknown_tracker_is_a_usage_error(tmp_path, corpus):
 def test_records_and_settings_as_tracker_values():
     record = {"step": 7, "loss": 3.5, "lr": 1e-3, "mfu": None, "val_loss": 3.75, "hellaswag_acc": 0.3}
     assert tracker_scalars(record) == {"train/loss": 3.5, "train/lr": 1e-3, "val/loss": 3.75, "val/hellaswag_acc": 0.3}
+    best = {
+        "step": 9,
+        "val_loss": 3.8,
+        "best_val_loss": 3.75,
+        "best_step": 7,
+        "evals_since_best": 1,
+        "stopped_early": True,
+    }
+    assert tracker_scalars(best) == {
+        "val/loss": 3.8,
+        "val/best_val_loss": 3.75,
+        "val/best_step": 7.0,
+        "val/evals_since_best": 1.0,
+    }
     flat = hyperparameters(
         {"model": {"n_layer": 2, "vocab_size": None}, "train": {"val_data": ["a", "b"]}, "sample": {"top_k": 5}}
     )

@@ -57,9 +57,9 @@ def test_the_warm_up_calls_the_step_as_often_as_the_rules_say(monkeypatch, rules
     made = []
     generator.step = lambda tokens, cache, positions, length: made.append(length)
     generator.full_length = rules.cuda_graphs
-    generator._warm_batch_sizes = set()  # as a compiled generator starts
+    generator.compiled = True  # as a compiled generator starts
     cache = KVCache(generator.model.config, 1, "cpu", torch.float32)
-    generator._warm_up(torch.zeros(1, 1, dtype=torch.long), cache, torch.zeros(1, dtype=torch.long), 5)
+    generator._warm_up(torch.zeros(1, 1, dtype=torch.long), cache, torch.zeros(1, dtype=torch.long), 5, 1)
     assert made == [cache.capacity if rules.cuda_graphs else cache.attend_length(5)] * calls
 
 

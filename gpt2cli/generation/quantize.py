@@ -13,6 +13,7 @@ build lacks even for fake tensors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -177,6 +178,16 @@ def quantize_int8(model: GPT2, rules: DeviceRules | None = None) -> GPT2:
     return model
 
 
+@functools.cache
+def inductor_streams_int8() -> bool:
+    """Whether Inductor's one-row int8 reduction (`compiled_matvec` of int8 weights) is fast on this CPU. With
+    AVX-512 it read the weights at 20-30 GB/s (a 2-core EPYC, issue #18). With AVX2 only, Inductor converts 8 int8
+    values at a time through a slow partial vector load: 10.6 ms against 0.28 ms for `_weight_int8pack_mm` for
+    768 -> 2304 on a 2-core EPYC without AVX-512 (`benchmarks/decode_kernels.py`), so a compiled step calls that
+    kernel instead."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def int8_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -188,12 +199,13 @@ def int8_matmul(
     """`x` `(M, K)` times the int8 `weight` `(N, K)` scaled per row, as the kernel of `device_type` computes it.
 
     The CPU: `_weight_int8pack_mm` with bf16 activations and scales (fast with bf16 only: 44 us against 478 us in
-    float32 for a 768 -> 2304 projection), or inside a compiled step one row as a streaming reduction. Elsewhere
+    float32 for a 768 -> 2304 projection), or inside a compiled step one row as a streaming reduction where
+    Inductor makes that fast (`inductor_streams_int8`). Elsewhere
     `int8pack`: the device's `_weight_int8pack_mm` (CUDA's computes in float32 whatever it is given; MPS's wants
     the scales in the activations' dtype); `dequant`/`fused`: the matmul of a float copy of the weights, which
     Inductor fuses into the product only on CUDA's `fused` path, compiled, one row."""
     if device_type == "cpu":
-        if x.size(0) == 1 and torch.compiler.is_compiling():  # the bf16 scales, as the kernel below
+        if x.size(0) == 1 and torch.compiler.is_compiling() and inductor_streams_int8():  # bf16 scales, as below
             return (compiled_matvec(weight, x) * scales_bf16.float()).to(x.dtype).unsqueeze(0)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales_bf16).to(x.dtype)
     if kernel == "int8pack":

@@ -400,6 +400,8 @@ def ensure_llama_cpp() -> str | None:
 
 def peer_ggufs(folder: Path, target: Path) -> dict[str, Path]:
     """The float32 GGUF (`gpt2 convert`) and llama.cpp's own q8_0 and q4_0 of it."""
+    import ctypes
+
     import llama_cpp
 
     files = {"f32": target / "model-f32.gguf"}
@@ -409,7 +411,8 @@ def peer_ggufs(folder: Path, target: Path) -> dict[str, Path]:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, ftype)
         params.nthread = os.cpu_count() or 1
-        if llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(files[name]).encode(), params) != 0:
+        source, target_file = str(files["f32"]).encode(), str(files[name]).encode()
+        if llama_cpp.llama_model_quantize(source, target_file, ctypes.byref(params)) != 0:
             raise RuntimeError(f"llama.cpp could not quantize to {name}")
     return files
 

@@ -17,7 +17,7 @@ import torch
 from gpt2cli.data.tokenizer import EOT_ID, Tokenizer
 from gpt2cli.generation.drafting import Draft, Drafter, DraftingStrategy, choose_with_drafts, count_draft
 from gpt2cli.generation.logit_filters import choose_next
-from gpt2cli.generation.quantize import use_matvec_for_decode
+from gpt2cli.generation.quantize import inductor_streams_rows, use_matvec_for_decode
 from gpt2cli.generation.records import Completion, SamplingOptions, Timing
 from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
@@ -51,7 +51,7 @@ def compile_decode_step(model: GPT2, compile: bool, step: DecodeStep | None = No
     if not compile:
         return step, False
     rules = device_rules(next(model.parameters()).device)
-    if rules.streaming_matvec:
+    if rules.streaming_matvec and inductor_streams_rows():
         use_matvec_for_decode(model)  # one-row products as streaming reductions (`quantize.compiled_matvec`)
     return torch.compile(step, **decode_compile_arguments(rules)), rules.cuda_graphs
 

@@ -179,12 +179,13 @@ def quantize_int8(model: GPT2, rules: DeviceRules | None = None) -> GPT2:
 
 
 @functools.cache
-def inductor_streams_int8() -> bool:
-    """Whether Inductor's one-row int8 reduction (`compiled_matvec` of int8 weights) is fast on this CPU. With
-    AVX-512 it read the weights at 20-30 GB/s (a 2-core EPYC, issue #18). With AVX2 only, Inductor converts 8 int8
-    values at a time through a slow partial vector load: 10.6 ms against 0.28 ms for `_weight_int8pack_mm` for
-    768 -> 2304 on a 2-core EPYC without AVX-512 (`benchmarks/decode_kernels.py`), so a compiled step calls that
-    kernel instead."""
+def inductor_streams_rows() -> bool:
+    """Whether Inductor's one-row reductions (`compiled_matvec`) beat the library kernels on this CPU: with AVX-512
+    (a 2-core EPYC, issues #18 and #30) float32 ones ran 2.4x faster than `F.linear` and int8 ones read the weights
+    at 20-30 GB/s. With AVX2 only they lose: the float32 loop ran at 0.23-0.9x of `F.linear` per product and a
+    whole 124M decode step at 0.64x (one thread); int8 is converted 8 values at a time through a slow partial
+    vector load, 10.6 ms against 0.28 ms for `_weight_int8pack_mm` for 768 -> 2304 (`benchmarks/decode_kernels.py`).
+    There a compiled step keeps `F.linear` and `_weight_int8pack_mm`."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
@@ -201,7 +202,7 @@ def int8_matmul(
 
     The CPU: `_weight_int8pack_mm` with bf16 activations and scales (fast with bf16 only: 44 us against 478 us in
     float32 for a 768 -> 2304 projection), or inside a compiled step one row as a streaming reduction where
-    Inductor makes that fast (`stream_rows`: `inductor_streams_int8`, asked outside the trace). Elsewhere
+    Inductor makes that fast (`stream_rows`: `inductor_streams_rows`, asked outside the trace). Elsewhere
     `int8pack`: the device's `_weight_int8pack_mm` (CUDA's computes in float32 whatever it is given; MPS's wants
     the scales in the activations' dtype); `dequant`/`fused`: the matmul of a float copy of the weights, which
     Inductor fuses into the product only on CUDA's `fused` path, compiled, one row."""
@@ -236,7 +237,7 @@ class Int8Linear(torch.nn.Module):
         self.kernel = kernel
         self.out_features = weight.size(0) if out_features is None else out_features
         # Decided here, not while a step is traced (asking the CPU there breaks the graph): a constant to Dynamo.
-        self.stream_rows = weight.device.type != "cpu" or inductor_streams_int8()
+        self.stream_rows = weight.device.type != "cpu" or inductor_streams_rows()
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, rules: DeviceRules | None = None) -> Int8Linear:

@@ -100,7 +100,7 @@ def test_a_compiled_cpu_step_streams_int8_rows_only_where_inductor_makes_that_fa
     `_weight_int8pack_mm` where Inductor's int8 loop is slow (AVX2 only)."""
     from gpt2cli.generation import quantize
 
-    monkeypatch.setattr(quantize, "inductor_streams_int8", lambda: streams)
+    monkeypatch.setattr(quantize, "inductor_streams_rows", lambda: streams)
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 48, bias=False))  # decides when it is made
     x = torch.randn(1, 64)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

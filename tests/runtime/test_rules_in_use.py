@@ -44,10 +44,12 @@ def test_a_cuda_decode_step_attends_to_the_whole_cache_and_keeps_its_linears(mon
     assert not any(isinstance(module, MatVecLinear) for module in model.modules())
 
 
-def test_a_cpu_decode_step_attends_to_a_bucket_through_streaming_products():
+@pytest.mark.parametrize("streams", [True, False])
+def test_a_cpu_decode_step_attends_to_a_bucket_through_streaming_products_where_they_are_fast(monkeypatch, streams):
+    monkeypatch.setattr(generator_module, "inductor_streams_rows", lambda: streams)  # AVX-512 or AVX2 only
     model = tiny_model()
     _, whole_cache = compile_decode_step(model, True)
-    assert whole_cache is False and isinstance(model.lm_head, MatVecLinear)
+    assert whole_cache is False and isinstance(model.lm_head, MatVecLinear) is streams
 
 
 @pytest.mark.parametrize(("rules", "calls"), [(rules_for("cuda", (8, 0)), 3), (rules_for("cpu"), 1)])

@@ -48,12 +48,31 @@ COMPILED = "-compiled"
 MODES = [mode for name, *rest in WEIGHT_MODES for mode in [(name, *rest), (name + COMPILED, *rest)]]
 
 
-def build_checkpoint(folder: Path) -> Path:
+def machine() -> dict[str, Any]:
+    """The CPU model, its SIMD features that matter to the kernels, cores, and versions."""
+    import platform
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_kernels import cpu_flags, cpu_model
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_checkpoint(folder: Path, tiny: bool = False) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder / "hf")
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64) if tiny else GPT2Config()  # tiny: to check the script
+    GPT2LMHeadModel(config).save_pretrained(folder / "hf")
     return folder / "hf"
 
 
@@ -165,12 +184,22 @@ def worker(args: argparse.Namespace) -> None:
         result = measure_bandwidth()
     elif args.worker.startswith("ppl-"):
         result = perplexity(folder, args.worker.removeprefix("ppl-"), args.ppl_tokens)
+    elif args.worker == "llama-files":
+        result = {name: str(path) for name, path in peer_ggufs(folder, Path(args.gguf_dir)).items()}
+    elif args.worker == "llama-time":
+        result = time_llama(folder, args.reps, args.threads)
+    elif args.worker.startswith("seen-"):
+        result = time_ours_as_seen(folder, args.worker.removeprefix("seen-"), args.reps, args.threads)
+    elif args.worker.startswith("steady-"):
+        result = time_ours_steady(folder, args.reps, args.worker.removeprefix("steady-"))
     else:
         result = time_ours(folder, args.reps, args.worker, args.rows)
     print(json.dumps(result))
 
 
-def run_worker(name: str, folder: Path, args: argparse.Namespace, rows: int = 1) -> dict[str, Any]:
+def run_worker(
+    name: str, folder: Path, args: argparse.Namespace, rows: int = 1, extra: list[str] | None = None
+) -> dict[str, Any]:
     print(f"running {name}{f' (batch {rows})' if rows > 1 else ''} ...", file=sys.stderr, flush=True)
     command = [
         sys.executable,
@@ -185,8 +214,12 @@ def run_worker(name: str, folder: Path, args: argparse.Namespace, rows: int = 1)
         str(rows),
         "--ppl-tokens",
         str(args.ppl_tokens),
+        "--threads",
+        str(args.threads),
+        *(extra or []),
     ]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -327,7 +360,196 @@ def print_prompt_lookup(report: dict[str, Any]) -> None:
         )
 
 
-SECTIONS = [section_modes, section_perplexity, section_batch, section_prompt_lookup]
+# ---------------------------------------------------------------- llama.cpp, the CPU peer (issue #30)
+#
+# The same random 124M weights, converted to GGUF by `gpt2 convert` (float32) and quantized by llama.cpp's own
+# quantizer (q8_0, q4_0), decoded by llama-cpp-python, batch 1, greedy, the same 16-token prompt, 128 new tokens,
+# `--threads` threads on both sides. Ours as the user sees it: `tokens_per_s` and `compile_s` of `gpt2 sample --json`
+# (a fresh process each run, the Inductor cache warm after the first); and ours and llama.cpp in steady state: the
+# time of a 144-token run minus that of a 16-token run, prefill included in both, so 128 steps of decoding alone.
+
+PEER_PROMPT = " x" * 16  # 16 tokens of " x"
+STEADY_LONG, STEADY_SHORT = 144, 16
+# (our mode, its `gpt2 sample` flags, llama.cpp's format): each against the peer of the same bits per weight
+PEER_MODES = [
+    ("fp32-compiled", ["--compile"], "f32"),
+    ("fp32", [], "f32"),
+    ("int8-compiled", ["--quantize", "int8", "--compile"], "q8_0"),
+    ("int8", ["--quantize", "int8"], "q8_0"),
+    ("int4-g32-compiled", ["--quantize", "int4", "--group-size", "32", "--compile"], "q4_0"),
+    ("int4-g64-compiled", ["--quantize", "int4", "--group-size", "64", "--compile"], "q4_0"),
+    ("int4-g64", ["--quantize", "int4", "--group-size", "64"], "q4_0"),
+]
+LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+
+
+def ensure_llama_cpp() -> str | None:
+    """llama-cpp-python's version, installing it (pip builds llama.cpp from source: minutes) where it is missing;
+    None where it cannot be had. The benchmark's own dependency: neither the tool nor CI installs it."""
+    probe = [sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"]
+    found = subprocess.run(probe, capture_output=True, text=True)
+    if found.returncode != 0:
+        print("installing llama-cpp-python (builds llama.cpp: minutes) ...", file=sys.stderr, flush=True)
+        installed = subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], capture_output=True)
+        if installed.returncode != 0:
+            print(installed.stderr.decode(errors="replace")[-2000:], file=sys.stderr)
+            return None
+        found = subprocess.run(probe, capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
+def peer_ggufs(folder: Path, target: Path) -> dict[str, Path]:
+    """The float32 GGUF (`gpt2 convert`) and llama.cpp's own q8_0 and q4_0 of it."""
+    import ctypes
+
+    import llama_cpp
+
+    files = {"f32": target / "model-f32.gguf"}
+    subprocess.run([sys.executable, "-m", "gpt2cli", "convert", str(folder), str(files["f32"])], check=True)
+    for name, ftype in LLAMA_FTYPES.items():
+        files[name] = target / f"model-{name}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, ftype)
+        params.nthread = os.cpu_count() or 1
+        source, target_file = str(files["f32"]).encode(), str(files[name]).encode()
+        if llama_cpp.llama_model_quantize(source, target_file, ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize to {name}")
+    return files
+
+
+def time_llama(gguf: Path, reps: int, threads: int) -> dict[str, Any]:
+    """llama.cpp's decode rate in steady state (best of `reps` of each length), greedy, EOS ignored."""
+    import llama_cpp
+
+    from gpt2cli import get_tokenizer
+
+    model = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
+    prompt = get_tokenizer().encode(PEER_PROMPT)
+
+    def run(new_tokens: int) -> float:
+        model.reset()
+        started = time.perf_counter()
+        for count, _ in enumerate(model.generate(prompt, temp=0.0, top_k=1, reset=True), start=1):
+            if count == new_tokens:
+                break
+        return time.perf_counter() - started
+
+    run(STEADY_LONG)  # warm-up
+    long_s = min(run(STEADY_LONG) for _ in range(reps))
+    short_s = min(run(STEADY_SHORT) for _ in range(reps))
+    return {"steady_tokens_per_s": (STEADY_LONG - STEADY_SHORT) / (long_s - short_s), "file_bytes": gguf.stat().st_size}
+
+
+def time_ours_steady(folder: Path, reps: int, mode: str) -> dict[str, Any]:
+    """Our decode rate in steady state, measured as llama.cpp's is (a 144-token run minus a 16-token run)."""
+    import torch
+
+    from gpt2cli import get_tokenizer, load_model
+    from gpt2cli.generation.generator import TextGenerator
+    from gpt2cli.generation.quantize import quantize_model
+    from gpt2cli.generation.records import SamplingOptions, Timing
+    from gpt2cli.runtime.devices import keep_freed_memory
+
+    keep_freed_memory(torch.device("cpu"))
+    flags = next(flags for name, flags, _ in PEER_MODES if name == mode)
+    quantize = flags[flags.index("--quantize") + 1] if "--quantize" in flags else "none"
+    group_size = int(flags[flags.index("--group-size") + 1]) if "--group-size" in flags else 32
+    model = load_model(folder, dtype=torch.float32)
+    quantize_model(model, quantize, group_size)
+    tokenizer = get_tokenizer()
+    generator = TextGenerator(model, tokenizer, compile="--compile" in flags)
+    prompt = [tokenizer.encode(PEER_PROMPT)]
+
+    def run(new_tokens: int) -> float:
+        timing = Timing()
+        options = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0, ignore_eot=True)
+        generator.generate(prompt, options, timing=timing)
+        return timing.prefill_s + timing.decode_s  # the warm-up of the step apart, as `gpt2 sample` reports it
+
+    run(STEADY_LONG)  # compiles and warms up every length
+    long_s = min(run(STEADY_LONG) for _ in range(reps))
+    short_s = min(run(STEADY_SHORT) for _ in range(reps))
+    return {"steady_tokens_per_s": (STEADY_LONG - STEADY_SHORT) / (long_s - short_s)}
+
+
+def time_ours_as_seen(folder: Path, mode: str, reps: int, threads: int) -> dict[str, Any]:
+    """`gpt2 sample --json`'s own numbers, a fresh process each run: the median tokens_per_s, and compile_s."""
+    flags = next(flags for name, flags, _ in PEER_MODES if name == mode)
+    command = [sys.executable, "-m", "gpt2cli", "sample", str(folder), "--prompt", PEER_PROMPT, "--max-new-tokens"]
+    command += [str(NEW_TOKENS), "--temperature", "0", "--ignore-eot", "--dtype", "float32", "--json", *flags]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    records = []
+    for _ in range(reps):
+        output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
+        records.append(json.loads(output.strip().splitlines()[-1]))
+    rates = [record["tokens_per_s"] for record in records]
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "runs": rates,
+        "compile_s": [record["compile_s"] for record in records],
+    }
+
+
+def section_llama_cpp(folder: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Each mode as `gpt2 sample --json` reports it and in steady state, against llama.cpp of the same bits."""
+    version = ensure_llama_cpp()
+    if version is None:
+        report["llama_cpp"] = {"error": "llama-cpp-python could not be installed: no peer measured"}
+        return
+    peer: dict[str, Any] = {"llama_cpp_python": version, "threads": args.threads, "formats": {}, "modes": {}}
+    report["llama_cpp"] = peer
+    with tempfile.TemporaryDirectory(prefix="gpt2-sample-gguf-") as temporary:
+        files = run_worker("llama-files", folder, args, extra=["--gguf-dir", temporary])
+        for name, path in files.items():
+            peer["formats"][name] = run_worker("llama-time", Path(path), args)
+    for mode, _, peer_format in PEER_MODES:
+        seen = run_worker(f"seen-{mode}", folder, args)
+        steady = run_worker(f"steady-{mode}", folder, args)["steady_tokens_per_s"]
+        llama = peer["formats"][peer_format]["steady_tokens_per_s"]
+        peer["modes"][mode] = {
+            **seen,
+            "steady_tokens_per_s": steady,
+            "peer": peer_format,
+            "vs_llama_cpp_as_seen": seen["tokens_per_s"] / llama,
+            "vs_llama_cpp_steady": steady / llama,
+            "as_seen_of_steady": seen["tokens_per_s"] / steady,
+        }
+
+
+def print_llama_cpp(report: dict[str, Any]) -> None:
+    peer = report.get("llama_cpp")
+    if peer is None:
+        return
+    if "error" in peer:
+        print(f"\nllama.cpp: {peer['error']}")
+        return
+    print(
+        f"\nagainst llama.cpp (llama-cpp-python {peer['llama_cpp_python']}), {peer['threads']} threads, batch 1, "
+        f"greedy, 16-token prompt, {NEW_TOKENS} new tokens; steady state = ({STEADY_LONG} - {STEADY_SHORT}) tokens / "
+        f"(t{STEADY_LONG} - t{STEADY_SHORT})"
+    )
+    for name, result in peer["formats"].items():
+        rate, megabytes = result["steady_tokens_per_s"], result["file_bytes"] / 1e6
+        print(f"llama.cpp {name:<5} steady {rate:8.1f} tok/s ({megabytes:.0f} MB)")
+    print(
+        f"{'mode':<18} {'as seen':>8} {'steady':>8} {'seen/steady':>11} {'peer':>5} {'x peer seen':>11} "
+        f"{'x peer steady':>13}  compile_s (each run)"
+    )
+    for name, r in peer["modes"].items():
+        compile_s = ", ".join(f"{value:.1f}" for value in r["compile_s"])
+        print(
+            f"{name:<18} {r['tokens_per_s']:>8.1f} {r['steady_tokens_per_s']:>8.1f} {r['as_seen_of_steady']:>10.0%} "
+            f"{r['peer']:>5} {r['vs_llama_cpp_as_seen']:>10.2f}x {r['vs_llama_cpp_steady']:>12.2f}x  {compile_s}"
+        )
+
+
+SECTION_NAMES = {
+    "modes": section_modes,
+    "perplexity": section_perplexity,
+    "batch": section_batch,
+    "lookup": section_prompt_lookup,
+    "llama": section_llama_cpp,
+}
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -366,24 +588,42 @@ def main() -> None:
         "into runs/ if missing).",
     )
     parser.add_argument("--ppl-tokens", type=int, default=16384, help="Held-out tokens scored for perplexity.")
+    parser.add_argument("--threads", type=int, default=2, help="Threads for every contender (OMP_NUM_THREADS).")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTION_NAMES),
+        help=f"Which parts to run, comma-separated, of {', '.join(SECTION_NAMES)} (default: all).",
+    )
+    parser.add_argument("--tiny", action="store_true", help="A 2-layer, 64-wide model: checks the script runs.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--gguf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "new_tokens": NEW_TOKENS}
+    sections = [SECTION_NAMES[name] for name in args.sections.split(",")]
+    if {section_batch, section_perplexity} & set(sections) and section_modes not in sections:
+        parser.error("--sections batch and perplexity need modes (they add to its table)")
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "new_tokens": NEW_TOKENS, **machine()}
     with tempfile.TemporaryDirectory(prefix="gpt2-sample-bench-") as temporary:
-        folder = build_checkpoint(Path(temporary))
-        for section in SECTIONS:
+        folder = build_checkpoint(Path(temporary), args.tiny)
+        for section in sections:
             section(folder, args, report)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
+        return
+    print(
+        f"{report['cpu']} ({', '.join(report['cpu_flags'])}), {report['cores']} cores, torch {report['torch']}, "
+        f"Python {report['python']}"
+    )
+    if "modes" in report:
         print_table(report)
+    if "prompt_lookup" in report:
         print_prompt_lookup(report)
+    print_llama_cpp(report)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
                 "token_ids": completion.token_ids,
                 "finish_reason": completion.finish_reason,
                 "tokens_per_s": round(batch_timing.decode_tokens_per_s, 2),
+                "compile_s": round(batch_timing.warmup_s, 3),  # before the decode clock: not in tokens_per_s
             }
             if settings.prompt_lookup is not None:  # the batch's draft statistics
                 record.update(_lookup_summary(batch_timing))
@@ -176,6 +177,8 @@ def run_sampling(checkpoint: str, prompts: list[str], settings: Any, json_output
         f"decode: {timing.decode_tokens} tokens in {timing.decode_s:.2f} s ({timing.decode_tokens_per_s:,.1f} tok/s)"
         + lookup
     )
+    if timing.warmup_s:
+        info(f"compile and warm-up: {timing.warmup_s:.2f} s before decoding (not counted in the decode rate)")
 
 
 def _lookup_summary(timing: Any) -> dict[str, Any]:

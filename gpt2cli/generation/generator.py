@@ -17,7 +17,7 @@ import torch
 from gpt2cli.data.tokenizer import EOT_ID, Tokenizer
 from gpt2cli.generation.drafting import Draft, Drafter, DraftingStrategy, choose_with_drafts, count_draft
 from gpt2cli.generation.logit_filters import choose_next
-from gpt2cli.generation.quantize import use_matvec_for_decode
+from gpt2cli.generation.quantize import inductor_streams_rows, use_matvec_for_decode
 from gpt2cli.generation.records import Completion, SamplingOptions, Timing
 from gpt2cli.generation.sequences import TextTracker, accept_token
 from gpt2cli.model.gpt2 import GPT2, KVCache
@@ -51,7 +51,7 @@ def compile_decode_step(model: GPT2, compile: bool, step: DecodeStep | None = No
     if not compile:
         return step, False
     rules = device_rules(next(model.parameters()).device)
-    if rules.streaming_matvec:
+    if rules.streaming_matvec and inductor_streams_rows():
         use_matvec_for_decode(model)  # one-row products as streaming reductions (`quantize.compiled_matvec`)
     return torch.compile(step, **decode_compile_arguments(rules)), rules.cuda_graphs
 
@@ -84,7 +84,8 @@ class TextGenerator:
         self.step, self.full_length = compile_decode_step(model, compile)
         self.verify, _ = compile_decode_step(model, compile, model.verify_logits)  # compiled on first use only
         self._cache: KVCache | None = None
-        self._warm_batch_sizes: set[int] = set() if compile else {0}  # {0}: eager, nothing to warm up
+        self.compiled = compile  # eager: nothing to warm up
+        self._warm_shapes: set[tuple[int, int]] = set()  # (rows, attended length) the decode step has run at
         self._warm_verify_sizes: set[int] = set()
 
     def prepare_prompt(self, prompt: str) -> tuple[list[int], bool]:
@@ -110,19 +111,33 @@ class TextGenerator:
         """The whole cache where CUDA graphs need one shape, else a power-of-two bucket (less to read)."""
         return cache.capacity if self.full_length else cache.attend_length(end)
 
-    def _warm_up(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, end: int) -> None:
-        """Compile (and record the CUDA graph of) the decode step before timing starts. It writes the slot the
-        first real step writes next with the same values, so it changes nothing."""
-        if tokens.size(0) in self._warm_batch_sizes or 0 in self._warm_batch_sizes:
+    def attend_lengths(self, cache: KVCache, first_end: int, steps: int) -> list[int]:
+        """Every length `steps` decode steps attend to when the first ends at `first_end` (they end one further
+        each, and start again after half a block once the window is full, as `generate` does)."""
+        ends = range(first_end, min(first_end + steps, self.block_size + 1))
+        if first_end + steps > self.block_size + 1:  # re-encoded at half a block, then on from there
+            ends = range(min(first_end, self.block_size // 2 + 1), self.block_size + 1)
+        return sorted({self.attend_length(cache, end) for end in ends})
+
+    def _warm_up(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, end: int, steps: int) -> None:
+        """Compile (and record the CUDA graph of) the decode step, and run it once at every attended length the
+        `steps` steps to come will use, before timing starts: the first call at a new length is not the steady
+        state (a compilation, a recording, buffers of a new size). Each call writes only the slot the first real step
+        writes again before anything reads it, so it changes nothing."""
+        if not self.compiled:
             return
-        for _ in range(self.rules.decode_warmup_calls):  # CUDA graph trees: warm up, record, replay
-            self.step(tokens, cache, positions, self.attend_length(cache, end))
-        self._warm_batch_sizes.add(tokens.size(0))
+        rows = tokens.size(0)
+        for length in self.attend_lengths(cache, end, steps):
+            if (rows, length) in self._warm_shapes:
+                continue
+            for _ in range(self.rules.decode_warmup_calls):  # CUDA graph trees: warm up, record, replay
+                self.step(tokens, cache, positions, length)
+            self._warm_shapes.add((rows, length))
 
     def _warm_up_verify(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor, length: int) -> None:
         """The same for drafting: its verification pass `(B, N + 1)`, and the one-token step it takes when
         nothing was drafted (writes past the rows' positions are masked)."""
-        if tokens.size(0) in self._warm_verify_sizes or 0 in self._warm_batch_sizes:
+        if tokens.size(0) in self._warm_verify_sizes or not self.compiled:
             return
         for step, step_tokens in ((self.verify, tokens), (self.step, tokens[:, :1])):
             for _ in range(self.rules.decode_warmup_calls):
@@ -164,7 +179,9 @@ class TextGenerator:
         timing.prefill_s += time.perf_counter() - started
 
         if cache is not None and options.max_new_tokens > 1 and position < self.block_size:
-            self._warm_up(next_tokens[:, None], cache, positions, position + 1)
+            warm_up_started = time.perf_counter()
+            self._warm_up(next_tokens[:, None], cache, positions, position + 1, options.max_new_tokens - 1)
+            timing.warmup_s += time.perf_counter() - warm_up_started
         decode_started = time.perf_counter()
         for generated in range(options.max_new_tokens):
             for row, token in enumerate(tokens_host):
@@ -221,7 +238,9 @@ class TextGenerator:
         for row in range(rows):
             batch.accept(row, [first[row]], on_text)
         if any(batch.active):
+            warm_up_started = time.perf_counter()
             self._warm_up_verify(*self._pass_inputs(batch, [Draft([]) for _ in range(rows)], drafting.width))
+            timing.warmup_s += time.perf_counter() - warm_up_started
 
         decode_started = time.perf_counter()
         while any(batch.active):

@@ -13,6 +13,7 @@ build lacks even for fake tensors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -177,6 +178,17 @@ def quantize_int8(model: GPT2, rules: DeviceRules | None = None) -> GPT2:
     return model
 
 
+@functools.cache
+def inductor_streams_rows() -> bool:
+    """Whether Inductor's one-row reductions (`compiled_matvec`) beat the library kernels on this CPU: with AVX-512
+    (a 2-core EPYC, issues #18 and #30) float32 ones ran 2.4x faster than `F.linear` and int8 ones read the weights
+    at 20-30 GB/s. With AVX2 only they lose: the float32 loop ran at 0.23-0.9x of `F.linear` per product and a
+    whole 124M decode step at 0.64x (one thread); int8 is converted 8 values at a time through a slow partial
+    vector load, 10.6 ms against 0.28 ms for `_weight_int8pack_mm` for 768 -> 2304 (`benchmarks/decode_kernels.py`).
+    There a compiled step keeps `F.linear` and `_weight_int8pack_mm`."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def int8_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -184,16 +196,18 @@ def int8_matmul(
     scales_bf16: torch.Tensor,
     kernel: str,
     device_type: str,
+    stream_rows: bool = True,
 ) -> torch.Tensor:
     """`x` `(M, K)` times the int8 `weight` `(N, K)` scaled per row, as the kernel of `device_type` computes it.
 
     The CPU: `_weight_int8pack_mm` with bf16 activations and scales (fast with bf16 only: 44 us against 478 us in
-    float32 for a 768 -> 2304 projection), or inside a compiled step one row as a streaming reduction. Elsewhere
+    float32 for a 768 -> 2304 projection), or inside a compiled step one row as a streaming reduction where
+    Inductor makes that fast (`stream_rows`: `inductor_streams_rows`, asked outside the trace). Elsewhere
     `int8pack`: the device's `_weight_int8pack_mm` (CUDA's computes in float32 whatever it is given; MPS's wants
     the scales in the activations' dtype); `dequant`/`fused`: the matmul of a float copy of the weights, which
     Inductor fuses into the product only on CUDA's `fused` path, compiled, one row."""
     if device_type == "cpu":
-        if x.size(0) == 1 and torch.compiler.is_compiling():  # the bf16 scales, as the kernel below
+        if x.size(0) == 1 and torch.compiler.is_compiling() and stream_rows:  # the bf16 scales, as below
             return (compiled_matvec(weight, x) * scales_bf16.float()).to(x.dtype).unsqueeze(0)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), weight, scales_bf16).to(x.dtype)
     if kernel == "int8pack":
@@ -222,6 +236,8 @@ class Int8Linear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.kernel = kernel
         self.out_features = weight.size(0) if out_features is None else out_features
+        # Decided here, not while a step is traced (asking the CPU there breaks the graph): a constant to Dynamo.
+        self.stream_rows = weight.device.type != "cpu" or inductor_streams_rows()
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, rules: DeviceRules | None = None) -> Int8Linear:
@@ -256,7 +272,9 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        out = int8_matmul(flat, self.weight, self.scales, self.scales_bf16, self.kernel, flat.device.type)
+        out = int8_matmul(
+            flat, self.weight, self.scales, self.scales_bf16, self.kernel, flat.device.type, self.stream_rows
+        )
         if self.out_features != out.size(-1):
             out = out.narrow(-1, 0, self.out_features)
         if self.bias is not None:

@@ -46,6 +46,9 @@ class Timing:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    # Compiling and warming up the decode step at every length it will attend to, before the clock of decode_s
+    # starts (0 eager): apart, so that the decode rate is the steady state a longer run keeps.
+    warmup_s: float = 0.0
     # Drafting: draft tokens proposed and accepted (not those past where a row finished:
     # `drafting.count_draft`), (row, forward pass) pairs of the decode, and how many drafts kept 0, 1, 2, ...
     # of their tokens.
@@ -78,6 +81,7 @@ class Timing:
         self.prefill_s += other.prefill_s
         self.decode_tokens += other.decode_tokens
         self.decode_s += other.decode_s
+        self.warmup_s += other.warmup_s
         self.drafted += other.drafted
         self.accepted += other.accepted
         self.row_passes += other.row_passes

@@ -286,7 +286,7 @@ class GenerationWeights(Section):
     compile: bool = Field(
         False,
         description="Compile the decode step: CUDA graphs on GPU; on the CPU ~2.5x faster float32 decoding (one-row "
-        "products as streaming loops) after a first compile of ~25 s, cached for later runs.",
+        "products as streaming loops with AVX-512) after a first compile of ~25 s, cached for later runs.",
     )
 
 

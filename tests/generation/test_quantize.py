@@ -94,6 +94,23 @@ def test_quantized_greedy_decoding_with_and_without_the_cache_agree(hf_model, mo
     assert cached == uncached and len(cached) == 24
 
 
+@pytest.mark.parametrize("streams", [True, False])
+def test_a_compiled_cpu_step_streams_int8_rows_only_where_inductor_makes_that_fast(monkeypatch, streams):
+    """Inside a compiled step (simulated), one int8 row is Inductor's reduction with AVX-512, and
+    `_weight_int8pack_mm` where Inductor's int8 loop is slow (AVX2 only)."""
+    from gpt2cli.generation import quantize
+
+    monkeypatch.setattr(quantize, "inductor_streams_rows", lambda: streams)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 48, bias=False))  # decides when it is made
+    x = torch.randn(1, 64)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    if streams:
+        expected = (quantize.compiled_matvec(layer.weight, x) * layer.scales_bf16.float()).unsqueeze(0)
+    else:
+        expected = torch._weight_int8pack_mm(x.to(torch.bfloat16), layer.weight, layer.scales_bf16).float()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize(("mode", "tolerance"), [("none", 1e-4), ("int8", 2e-2), ("int4", 2e-2)])
 def test_the_compiled_cpu_decode_step_matches_eager_for_rows_at_different_positions(hf_model, mode, tolerance):

@@ -54,10 +54,11 @@ def test_cli_greedy_matches_transformers(hf_model):
     )
     assert result.returncode == 0, result.stderr.decode()
     record = json.loads(result.stdout)
-    assert set(record) == {"prompt", "completion", "token_ids", "finish_reason", "tokens_per_s"}
+    assert set(record) == {"prompt", "completion", "token_ids", "finish_reason", "tokens_per_s", "compile_s"}
     assert record["token_ids"] == reference_greedy(reference, get_tokenizer().encode(PROMPT), 40)
     assert record["completion"] == get_tokenizer().decode(record["token_ids"])
     assert record["prompt"] == PROMPT and record["finish_reason"] == "length" and record["tokens_per_s"] > 0
+    assert record["compile_s"] == 0  # eager: nothing compiled or warmed up
     assert b"generated 40 tokens" in result.stderr and b"time to first token" in result.stderr
 
 
@@ -106,6 +107,17 @@ def test_attend_length_is_a_power_of_two_bucket_within_the_cache(hf_model):
     assert [cache.attend_length(end) for end in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
 
 
+def test_the_warm_up_covers_every_length_the_steps_will_attend_to():
+    generator = TextGenerator(GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=128)), get_tokenizer())
+    cache = generator.cache_for(1)
+    assert generator.attend_lengths(cache, 5, 1) == [16]
+    assert generator.attend_lengths(cache, 5, 100) == [16, 32, 64, 128]  # ends 5..104
+    assert generator.attend_lengths(cache, 120, 9) == [128]  # ends 120..128: the last fills the window
+    # Past the window: re-encoded at 64 tokens, the steps go on from an end of 65
+    assert generator.attend_lengths(cache, 120, 20) == [128]
+    assert generator.attend_lengths(cache, 30, 200) == [32, 64, 128]
+
+
 @pytest.mark.slow  # torch.compile
 def test_compiled_decode_step_compiles_once_and_matches_eager():
     from torch._dynamo.utils import counters
@@ -118,8 +130,14 @@ def test_compiled_decode_step_compiles_once_and_matches_eager():
     torch._dynamo.reset()
     counters.clear()
     compiled = TextGenerator(model, get_tokenizer(), compile=True)  # on the CPU: bucketed lengths, one compilation
-    assert compiled.generate(prompt, options)[0].token_ids == eager
+    step, lengths = compiled.step, []
+    compiled.step = lambda *arguments: lengths.append(arguments[3]) or step(*arguments)
+    timing = Timing()
+    assert compiled.generate(prompt, options, timing=timing)[0].token_ids == eager
     assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1
+    # Every length the 100 steps attend to (ends 5..104) ran once before the clock started, and that time is apart.
+    assert lengths[:4] == [16, 32, 64, 128] and len(lengths) == 4 + 100
+    assert timing.warmup_s > 0 and timing.decode_tokens == 100
 
     # The CUDA-graph shape (the whole cache, static shapes): positions are data, so it too compiles once.
     torch._dynamo.reset()

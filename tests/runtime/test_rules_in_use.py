@@ -44,10 +44,12 @@ def test_a_cuda_decode_step_attends_to_the_whole_cache_and_keeps_its_linears(mon
     assert not any(isinstance(module, MatVecLinear) for module in model.modules())
 
 
-def test_a_cpu_decode_step_attends_to_a_bucket_through_streaming_products():
+@pytest.mark.parametrize("streams", [True, False])
+def test_a_cpu_decode_step_attends_to_a_bucket_through_streaming_products_where_they_are_fast(monkeypatch, streams):
+    monkeypatch.setattr(generator_module, "inductor_streams_rows", lambda: streams)  # AVX-512 or AVX2 only
     model = tiny_model()
     _, whole_cache = compile_decode_step(model, True)
-    assert whole_cache is False and isinstance(model.lm_head, MatVecLinear)
+    assert whole_cache is False and isinstance(model.lm_head, MatVecLinear) is streams
 
 
 @pytest.mark.parametrize(("rules", "calls"), [(rules_for("cuda", (8, 0)), 3), (rules_for("cpu"), 1)])
@@ -57,9 +59,9 @@ def test_the_warm_up_calls_the_step_as_often_as_the_rules_say(monkeypatch, rules
     made = []
     generator.step = lambda tokens, cache, positions, length: made.append(length)
     generator.full_length = rules.cuda_graphs
-    generator._warm_batch_sizes = set()  # as a compiled generator starts
+    generator.compiled = True  # as a compiled generator starts
     cache = KVCache(generator.model.config, 1, "cpu", torch.float32)
-    generator._warm_up(torch.zeros(1, 1, dtype=torch.long), cache, torch.zeros(1, dtype=torch.long), 5)
+    generator._warm_up(torch.zeros(1, 1, dtype=torch.long), cache, torch.zeros(1, dtype=torch.long), 5, 1)
     assert made == [cache.capacity if rules.cuda_graphs else cache.attend_length(5)] * calls
 
 

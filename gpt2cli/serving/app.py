@@ -350,7 +350,9 @@ class CompletionRun:
         errors = [choice.error for choice in self.choices if choice.error]
         if errors:
             return JSONResponse(ApiError(500, f"generation failed: {errors[0]}").body(), status_code=500)
-        choices = [choice.as_dict() for choice in self.choices]
+        return self.response_object(model, [choice.as_dict() for choice in self.choices])
+
+    def response_object(self, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return completion_object(self.plan, model, choices, self._usage())
 
     async def stream(self, model: str) -> AsyncIterator[str]:
@@ -434,13 +436,7 @@ class ChatRun(CompletionRun):
     def make_choice(self, index: int, prompt_ids: list[int], tokenizer: Tokenizer) -> Any:
         return ChatChoice(index, tokenizer, self.plan.logprobs is not None, self.prefix)
 
-    async def collect(self, model: str) -> Any:
-        async for _event, _delta in self.events():
-            pass
-        errors = [choice.error for choice in self.choices if choice.error]
-        if errors:
-            return JSONResponse(ApiError(500, f"generation failed: {errors[0]}").body(), status_code=500)
-        choices = [choice.as_dict() for choice in self.choices]
+    def response_object(self, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return chat_completion_object(self.plan, model, choices, self._usage(), chunk=False)
 
     async def stream(self, model: str) -> AsyncIterator[str]:

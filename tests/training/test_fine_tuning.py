@@ -345,17 +345,22 @@ def test_bad_records_stop_before_training_with_one_line(tmp_path, env, lines, fl
 
 
 @pytest.mark.slow  # a torchrun job of two processes
-def test_two_processes_fine_tune_as_one(tmp_path):
+def test_two_processes_fine_tune_as_one_with_lora(tmp_path):
     """The masks are sharded with the rows, and the step's mean counts every rank's targets: DDP on two processes
-    gives the losses of one process with the same global batch."""
+    gives the losses of one process with the same global batch. LoRA's adapters (the only trained weights) are
+    averaged across the ranks, so the merged models are equal too."""
     import subprocess
     import sys
 
     from conftest import exact_environment
+    from gpt2cli import load_model, save_model
 
     data = write_jsonl(tmp_path / "d.jsonl", sums(60))
     env = exact_environment(tmp_path)
-    args = [data, *TINY, *EXACT, "--max-steps", "3", "--log-interval", "1", "--val-fraction", "0.1"]
+    torch.manual_seed(0)
+    base = save_model(GPT2(GPT2Config(**TINY_MODEL)), tmp_path / "base.safetensors")
+    args = [data, "--init-from", base, "--lora-rank", "4", "--lr", "1e-2", "--batch-size", "4", *EXACT]
+    args += ["--max-steps", "3", "--log-interval", "1", "--val-fraction", "0.1"]
     single = run_cli("train", *args, "--out", tmp_path / "one", env=env)
     assert single.returncode == 0, single.stderr.decode()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gpt2cli"]
@@ -378,3 +383,6 @@ def test_two_processes_fine_tune_as_one(tmp_path):
         assert (two_val is None) == (one_val is None) and (
             one_val is None or two_val == pytest.approx(one_val, abs=1e-5)
         )
+    merged = [load_model(tmp_path / name).state_dict() for name in ("one", "two")]
+    for name, tensor in merged[0].items():
+        torch.testing.assert_close(merged[1][name], tensor, rtol=0, atol=1e-5, msg=name)

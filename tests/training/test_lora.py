@@ -161,3 +161,15 @@ def test_targets_resolve_to_full_paths():
     assert resolve_targets(["c_fc", "attn.c_proj", "c_attn"]) == ("attn.c_attn", "attn.c_proj", "mlp.c_fc")
     with pytest.raises(ValueError, match="ambiguous"):
         resolve_targets(["c_proj"])
+
+
+def test_fsdp_is_refused_under_torchrun_and_one_process_has_nothing_to_shard():
+    from gpt2cli.errors import UsageError
+    from gpt2cli.runtime.distributed import World
+    from gpt2cli.settings.sections import load_settings
+    from gpt2cli.training.setup import _check_lora
+
+    settings = load_settings(None, {"train": {"init_from": "base", "lora_rank": 4, "parallel": "fsdp"}})
+    with pytest.raises(UsageError, match="--lora-rank does not support --parallel fsdp"):
+        _check_lora(settings, World(rank=1, world_size=2))
+    _check_lora(settings, World())

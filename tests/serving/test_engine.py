@@ -60,6 +60,40 @@ def generate(engine: Engine, requests: list[tuple[list[int], SamplingOptions, in
     return tokens
 
 
+def sampled_greedily(checkpoint: Path, tmp_path: Path, prompts: list[str], *flags: str) -> dict[str, list[int]]:
+    """`gpt2 sample`'s greedy token ids for each prompt (past <|endoftext|>), with `flags` added."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    result = run_cli(
+        "sample", checkpoint, "--prompts-file", prompts_file, "--temperature", "0", "--ignore-eot", *flags, "--json"
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return {record["prompt"]: record["token_ids"] for record in map(json.loads, result.stdout.splitlines())}
+
+
+def assert_served_greedily(
+    engine: Engine, prompts: list[str], lengths: list[int], expected: dict[str, list[int]], **options: float
+) -> None:
+    """Serve every prompt at once, greedily for its length, on a started-then-stopped `engine`; each sequence's
+    tokens are the first of `expected`'s."""
+    tokenizer = engine.tokenizer
+    engine.start()
+    try:
+        requests = [
+            (
+                tokenizer.encode(prompt),
+                SamplingOptions(max_new_tokens=n, temperature=0.0, ignore_eot=True, **options),
+                0,
+            )
+            for prompt, n in zip(prompts, lengths, strict=True)
+        ]
+        served = generate(engine, requests)
+    finally:
+        engine.stop()
+    for prompt, n, tokens in zip(prompts, lengths, served, strict=True):
+        assert tokens == expected[prompt][:n], prompt
+
+
 # ---------------------------------------------------------------- buckets
 
 
@@ -152,15 +186,8 @@ def test_a_failed_warm_up_is_raised_by_start(model):
 def test_greedy_through_padded_buckets_equals_gpt2_sample(model, checkpoint, tmp_path):
     """CUDA's buckets, run eagerly on the CPU: 4 rows padded to 4 then 2 and 1 as sequences finish, lengths
     crossing 16, 32, 64 and 128; each sequence's tokens are the first of `gpt2 sample`'s greedy ones."""
-    prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("\n".join(PROMPTS) + "\n")
-    flags = ["--prompts-file", prompts_file, "--temperature", "0", "--max-new-tokens", "100", "--ignore-eot"]
-    result = run_cli("sample", checkpoint, *flags, "--json")
-    assert result.returncode == 0, result.stderr.decode()
-    expected = {record["prompt"]: record["token_ids"] for record in map(json.loads, result.stdout.splitlines())}
-
-    tokenizer = get_tokenizer()
-    engine = Engine(model, tokenizer, max_batch=4, buckets=step_buckets("cuda", True, 4, 128))
+    expected = sampled_greedily(checkpoint, tmp_path, PROMPTS, "--max-new-tokens", "100")
+    engine = Engine(model, get_tokenizer(), max_batch=4, buckets=step_buckets("cuda", True, 4, 128))
     steps: list[tuple[int, int]] = []  # the (rows, length) of every step
     step = engine.step
 
@@ -169,18 +196,8 @@ def test_greedy_through_padded_buckets_equals_gpt2_sample(model, checkpoint, tmp
         return step(tokens, cache, positions, length)
 
     engine.step = counting_step
-    engine.start()
-    try:
-        lengths = [100, 20, 60, 5]  # finishing at different steps: rows leave, the last moves into their place
-        requests = [
-            (tokenizer.encode(prompt), SamplingOptions(max_new_tokens=n, temperature=0.0, ignore_eot=True), 0)
-            for prompt, n in zip(PROMPTS, lengths, strict=True)
-        ]
-        served = generate(engine, requests)
-    finally:
-        engine.stop()
-    for prompt, n, tokens in zip(PROMPTS, lengths, served, strict=True):
-        assert tokens == expected[prompt][:n], prompt
+    # finishing at different steps: rows leave, the last moves into their place
+    assert_served_greedily(engine, PROMPTS, [100, 20, 60, 5], expected)
     assert {rows for rows, _ in steps} >= {4, 2, 1} and {length for _, length in steps} >= {32, 64, 128}
     assert all((rows, length) in engine.buckets.shapes for rows, length in steps)
 
@@ -212,31 +229,9 @@ def test_a_seeded_sequence_samples_the_same_text_whatever_shares_its_batch(model
 
 def test_greedy_with_a_repetition_penalty_equals_gpt2_sample(model, checkpoint, tmp_path):
     """The penalty reads each row's history from the device buffer, kept across row moves and padded per row."""
-    prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("\n".join(PROMPTS) + "\n")
-    flags = ["--prompts-file", prompts_file, "--temperature", "0", "--max-new-tokens", "40", "--ignore-eot"]
-    result = run_cli("sample", checkpoint, *flags, "--repetition-penalty", "1.5", "--json")
-    assert result.returncode == 0, result.stderr.decode()
-    expected = {record["prompt"]: record["token_ids"] for record in map(json.loads, result.stdout.splitlines())}
-
-    tokenizer = get_tokenizer()
-    engine = Engine(model, tokenizer, max_batch=4, buckets=step_buckets("cuda", True, 4, 128))
-    engine.start()
-    try:
-        lengths = [40, 12, 30, 3]
-        requests = [
-            (
-                tokenizer.encode(prompt),
-                SamplingOptions(max_new_tokens=n, temperature=0.0, repetition_penalty=1.5, ignore_eot=True),
-                0,
-            )
-            for prompt, n in zip(PROMPTS, lengths, strict=True)
-        ]
-        served = generate(engine, requests)
-    finally:
-        engine.stop()
-    for prompt, n, tokens in zip(PROMPTS, lengths, served, strict=True):
-        assert tokens == expected[prompt][:n], prompt
+    expected = sampled_greedily(checkpoint, tmp_path, PROMPTS, "--max-new-tokens", "40", "--repetition-penalty", "1.5")
+    engine = Engine(model, get_tokenizer(), max_batch=4, buckets=step_buckets("cuda", True, 4, 128))
+    assert_served_greedily(engine, PROMPTS, [40, 12, 30, 3], expected, repetition_penalty=1.5)
 
 
 # ---------------------------------------------------------------- prompt lookup
@@ -249,12 +244,7 @@ def test_greedy_with_prompt_lookup_equals_gpt2_sample(model, checkpoint, tmp_pat
     import gpt2cli.serving.engine as engine_module
 
     prompts = ["one two three one two three one two three one two", *PROMPTS]
-    prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("\n".join(prompts) + "\n")
-    flags = ["--prompts-file", prompts_file, "--temperature", "0", "--max-new-tokens", "40", "--ignore-eot"]
-    result = run_cli("sample", checkpoint, *flags, "--json")
-    assert result.returncode == 0, result.stderr.decode()
-    expected = {record["prompt"]: record["token_ids"] for record in map(json.loads, result.stdout.splitlines())}
+    expected = sampled_greedily(checkpoint, tmp_path, prompts, "--max-new-tokens", "40")
 
     gains: list[int] = []  # tokens each verified draft gained its row
     verify = engine_module.choose_with_drafts
@@ -265,20 +255,9 @@ def test_greedy_with_prompt_lookup_equals_gpt2_sample(model, checkpoint, tmp_pat
         return gained
 
     monkeypatch.setattr(engine_module, "choose_with_drafts", recording_verify)
-    tokenizer = get_tokenizer()
-    engine = Engine(model, tokenizer, max_batch=4, buckets=step_buckets("cuda", True, 4, 128), prompt_lookup=3)
-    engine.start()
-    try:
-        lengths = [40, 30, 15, 40, 7]  # five sequences in four rows: one waits, rows leave and move
-        requests = [
-            (tokenizer.encode(prompt), SamplingOptions(max_new_tokens=n, temperature=0.0, ignore_eot=True), 0)
-            for prompt, n in zip(prompts, lengths, strict=True)
-        ]
-        served = generate(engine, requests)
-    finally:
-        engine.stop()
-    for prompt, n, tokens in zip(prompts, lengths, served, strict=True):
-        assert tokens == expected[prompt][:n], prompt
+    engine = Engine(model, get_tokenizer(), max_batch=4, buckets=step_buckets("cuda", True, 4, 128), prompt_lookup=3)
+    # five sequences in four rows: one waits, rows leave and move
+    assert_served_greedily(engine, prompts, [40, 30, 15, 40, 7], expected)
     assert gains and max(gains) == 4  # a whole draft of 3 kept, and the model's own token
 
 

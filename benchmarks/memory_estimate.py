@@ -11,7 +11,6 @@ as built, activation checkpointing). Tokens/s: the steps after the first.
                        batch 1 × 1024, the default dtype: full fine-tuning and `--lora-rank 16`, each with and without
                        `--activation-checkpointing`. gpt2-xl's full fine-tune with AdamW must be refused by the memory
                        check (its estimate is printed; the process's whole peak shows it refused before allocating).
-A case whose flag this `gpt2 train` lacks (LoRA and checkpointing arrive with their own change) is skipped, saying so.
 
     python benchmarks/memory_estimate.py                 # everything; ~20-30 min on two idle cores, ~30 GB of disk
     python benchmarks/memory_estimate.py --only pretrain  # the seven shapes, about a minute
@@ -42,7 +41,6 @@ MIB = 2**20
 class Case:
     label: str
     args: list[str]  # `gpt2 train` flags besides the data, the run folder and the step count
-    needs: tuple[str, ...] = ()  # settings fields (TrainSettings) the flags need
     checkpoint: str | None = None  # "124m" / "xl" / a smoke shape: --init-from the checkpoint written for it
     refused: bool = False  # the memory check must refuse it (run with the check on)
     steps: int = 3
@@ -87,12 +85,11 @@ def fine_tune_cases(model: str, seq_len: int, smoke: bool) -> list[Case]:
         for checkpointing in (False, True):
             method = "LoRA r16" if lora else "full AdamW"
             label = f"{model} {method}{' + checkpointing' if checkpointing else ''} B1 T{seq_len}"
-            needs = (("lora_rank",) if lora else ()) + (("activation_checkpointing",) if checkpointing else ())
             flags = [*batch, *(LORA if lora else []), *(CHECKPOINTING if checkpointing else [])]
             # 16+ bytes a parameter: ~26 GiB before activations. (--smoke: refused under a pretended 64 MiB limit.)
             refused = model == "xl" and not lora
             tags = {"model": model, "method": method, "checkpointing": "yes" if checkpointing else "no"}
-            cases.append(Case(label, flags, needs, model, refused, 2 if smoke else 3, model, tags))
+            cases.append(Case(label, flags, model, refused, 2 if smoke else 3, model, tags))
     return cases
 
 
@@ -213,15 +210,6 @@ def write_checkpoint(name: str, folder: Path, smoke: bool) -> Path:
     return path
 
 
-def available(case: Case) -> str | None:
-    """Why a case cannot run with this gpt2 train (a flag it lacks), else None."""
-    from gpt2cli.settings.sections import TrainSettings
-
-    missing = [name for name in case.needs if name not in TrainSettings.model_fields]
-    flags = ", ".join("--" + name.replace("_", "-") for name in missing)
-    return f"skipped: this gpt2 train has no {flags}" if missing else None
-
-
 def machine() -> dict[str, Any]:
     import torch
 
@@ -237,9 +225,7 @@ def machine() -> dict[str, Any]:
 
 def print_row(row: dict[str, Any]) -> None:
     label = f"{row['case']:<46}"
-    if "skipped" in row:
-        print(f"{label} {row['skipped']}", flush=True)
-    elif "error" in row:
+    if "error" in row:
         print(f"{label} failed: {' '.join(row['error'])}", flush=True)
     elif "refused" in row:
         outcome = "refused" if row["refused"] else "NOT REFUSED"
@@ -278,13 +264,9 @@ def main() -> None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         data = write_tokens(root / "tokens.bin", 200_000)
         for number, case in enumerate(cases):
-            skip = available(case)
-            if skip is not None:
-                row: dict[str, Any] = {"case": case.label, **case.tags, "skipped": skip}
-            else:
-                checkpoint = write_checkpoint(case.checkpoint, checkpoints, options.smoke) if case.checkpoint else None
-                (root / f"case-{number}").mkdir()
-                row = run_case(case, data, checkpoint, root / f"case-{number}", options.smoke)
+            checkpoint = write_checkpoint(case.checkpoint, checkpoints, options.smoke) if case.checkpoint else None
+            (root / f"case-{number}").mkdir()
+            row = run_case(case, data, checkpoint, root / f"case-{number}", options.smoke)
             rows.append(row)
             if not options.json:
                 print_row(row)

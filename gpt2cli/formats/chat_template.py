@@ -197,8 +197,7 @@ class ChatTemplate:
     @cached_property
     def has_generation_markers(self) -> bool:
         """Whether the template marks assistant replies (needed to train on them alone)."""
-        _, spans = self._render(self._probe_messages(), add_generation_prompt=False)
-        return bool(spans)
+        return bool(self._probe[1])
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
         import jinja2
@@ -232,12 +231,30 @@ class ChatTemplate:
         return [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": _PROBE_REPLY}]
 
     @cached_property
+    def _probe(self) -> tuple[str, list[tuple[int, int]]]:
+        """A one-reply conversation rendered once: its text and generation spans."""
+        return self._render(self._probe_messages(), add_generation_prompt=False)
+
+    @cached_property
+    def reply_prefix(self) -> str:
+        """What the template writes between its generation prompt and an assistant's content (the default
+        template: one space). The model generates it before the reply; it is taken off the reply, so that a client
+        that sends the reply back in the next messages renders the conversation the model saw."""
+        try:
+            prompt = self.render(self._probe_messages()[:1], add_generation_prompt=True)
+            whole = self._probe[0]
+        except ChatTemplateError:  # a template that cannot render this probe: keep replies as generated
+            return ""
+        rest = whole[len(prompt) :] if whole.startswith(prompt) else ""
+        return rest[: rest.index(_PROBE_REPLY)] if _PROBE_REPLY in rest else ""
+
+    @cached_property
     def end_of_turn(self) -> str:
         """What the template writes after an assistant's reply inside its generation span: generation stops there.
 
         Found by rendering a probe reply; a template without generation markers ends turns at `<|endoftext|>`.
         """
-        text, spans = self._render(self._probe_messages(), add_generation_prompt=False)
+        text, spans = self._probe
         for start, end in spans:
             body = text[start:end]
             if _PROBE_REPLY in body:
@@ -249,23 +266,6 @@ class ChatTemplate:
     @cached_property
     def end_of_turn_ids(self) -> list[int]:
         return get_tokenizer().encode(self.end_of_turn, allow_special=True)
-
-
-def reply_prefix(template: ChatTemplate) -> str:
-    """What a template writes between its generation prompt and an assistant's content (the default template: one
-    space). The model generates it before the reply; it is taken off the reply, so that a client that sends the
-    reply back in the next messages renders the conversation the model saw."""
-    probe = "gpt2cli-reply"
-    user = [{"role": "user", "content": "Hello."}]
-    try:
-        prompt = template.render(user, add_generation_prompt=True)
-        whole = template.render([*user, {"role": "assistant", "content": probe}])
-    except Exception:  # a template that cannot render this probe: keep replies as generated
-        return ""
-    if not whole.startswith(prompt) or probe not in whole[len(prompt) :]:
-        return ""
-    rest = whole[len(prompt) :]
-    return rest[: rest.index(probe)]
 
 
 def _overlap_mask(text: str, ids: list[int], spans: list[tuple[int, int]]) -> list[int]:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 from gpt2cli.data.tokenizer import EOT_ID
 from gpt2cli.errors import ChatTemplateError
-from gpt2cli.formats.chat_template import reply_prefix
 from gpt2cli.generation.records import SamplingOptions
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ class Conversation:
         self.template = template
         self.system = system or None
         self.messages: list[Message] = []  # user and assistant turns, oldest first
-        self.reply_prefix = reply_prefix(template)
+        self.reply_prefix = template.reply_prefix
 
     @property
     def block_size(self) -> int:

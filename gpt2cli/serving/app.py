@@ -20,7 +20,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt2cli.data.tokenizer import Tokenizer
-from gpt2cli.formats.chat_template import reply_prefix
 from gpt2cli.serving.engine import Engine, Event, Finished, PromptScored, Sequence, TokenGenerated
 from gpt2cli.serving.page import PAGE_HEADERS, page_html
 from gpt2cli.serving.protocol import (
@@ -167,7 +166,7 @@ def create_app(state: ServerState, log: Callable[[dict[str, Any]], None]) -> Fas
         prompt_ids = chat_prompt(template, body.messages)
         end_of_turn = None if template.end_of_turn == tokenizer.eot_text else template.end_of_turn
         plan = plan_chat(body, prompt_ids, end_of_turn, state.limits)
-        run = ChatRun(plan, engine, tokenizer, request, reply_prefix(template))
+        run = ChatRun(plan, engine, tokenizer, request, template.reply_prefix)
         if plan.stream:
             return StreamingResponse(run.stream(state.model_name), media_type="text/event-stream")
         return await run.collect(state.model_name)
@@ -373,7 +372,7 @@ class CompletionRun:
 class ChatChoice:
     """The message and log-probabilities (chat's shape) of one chat choice, built from its engine events.
 
-    `prefix`: what the template writes between its generation prompt and the reply (`chat_template.reply_prefix`),
+    `prefix`: what the template writes between its generation prompt and the reply (`ChatTemplate.reply_prefix`),
     taken off the start of the reply; streamed text that could still be it is held back until it is known."""
 
     def __init__(self, index: int, tokenizer: Tokenizer, logprobs: bool, prefix: str) -> None:

@@ -24,10 +24,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from gpt2cli.errors import Gpt2Error
 from gpt2cli.model.gpt2 import GPT2Config
+from gpt2cli.settings.types import OptimizerName
 from gpt2cli.training.loss import BLOCK_ELEMENTS
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ RUNTIME_BYTES = 256 * 2**20
 # Refuse when the estimate exceeds this share of the memory available: the estimate's error (see the benchmark),
 # the allocator's slack, and what the rest of the machine may take meanwhile.
 USABLE_SHARE = 0.85
-
-OptimizerName = Literal["adamw", "muon"]
 
 
 class NotEnoughMemory(Gpt2Error):

@@ -480,12 +480,15 @@ class Trainer:
         if not (self.world.is_main or self.sharded):
             return None
         keep = self.world.is_main
-        adapters = adapter_state(self.model) if self.lora is not None else None
-        model_tensors = gather_model_state(self.model, keep) if adapters is None else {}
+        adapters = model_tensors = None
+        if self.lora is None:
+            model_tensors = gather_model_state(self.model, keep)
+        else:
+            adapters = adapter_state(self.model)
         moments = optimizer_tensors(self.model, self.optimizer, keep)
         if not keep:
             return None
-        if self.lora is not None and adapters is not None:
+        if self.lora is not None:  # the merged model, into the base re-read at its stored precision
             adapters = {name: tensor.detach().cpu().contiguous() for name, tensor in adapters.items()}
             model_tensors = self.lora.merged_tensors(adapters)
         state = {

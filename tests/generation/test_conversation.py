@@ -168,7 +168,7 @@ def test_bad_settings_are_one_line_and_exit_2(checkpoint, tmp_path, flags, confi
 
 
 def test_trimming_drops_whole_turns_and_keeps_the_newest_message(generator, template):
-    from gpt2cli.generation.chat import Conversation, reply_prefix, reply_room
+    from gpt2cli.generation.chat import Conversation, reply_room
 
     conversation = Conversation(generator, template, system="Be brief.")
     long = "the cat sat on the mat " * 3
@@ -187,7 +187,7 @@ def test_trimming_drops_whole_turns_and_keeps_the_newest_message(generator, temp
     conversation.clear()
     assert conversation.messages == [] and conversation.system == "Be brief."
     assert reply_room(64, 1000) == 32 and reply_room(64, 8) == 8
-    assert reply_prefix(template) == " "  # what the default template writes between "Assistant:" and the content
+    assert template.reply_prefix == " "  # what the default template writes between "Assistant:" and the content
 
 
 CHATML = (
